@@ -1,0 +1,1 @@
+"""Domain and application service of the telehealth billing ledger (billing-rules.md)."""

@@ -1,0 +1,236 @@
+"""How units move for one session: hold ahead, charge due blocks, end at exhaustion, settle.
+
+Rules: billing-rules.md §3 (two phases, one block ahead, exhaustion, settlement, reversal) and §4
+(draw order). Every decision is a function of the session's event times, `as_of` and the
+Policy; `Work` only loads and collects the aggregates that must be saved together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from ledger.domain import Doctor, Patient, Pool, Session, Wallet
+from ledger.rules import Policy, block_end, presence_group
+
+TIMEOUT_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
+                             "max_duration", "balance_exhausted"})
+
+
+@dataclass
+class Work:
+    """Aggregates loaded for one decision; `touched` are saved together in one transaction."""
+
+    load: Callable[[UUID], Aggregate | None]
+    cache: dict[UUID, Aggregate | None] = field(default_factory=dict)
+    touched: dict[UUID, Aggregate] = field(default_factory=dict)
+
+    def get(self, aggregate_id: UUID) -> Aggregate | None:
+        if aggregate_id not in self.cache:
+            self.cache[aggregate_id] = self.load(aggregate_id)
+        return self.cache[aggregate_id]
+
+    def add(self, *aggregates: Aggregate) -> None:
+        for aggregate in aggregates:
+            self.cache[aggregate.id] = aggregate
+            self.touched[aggregate.id] = aggregate
+
+    def pool(self, pool_id: str) -> Pool:
+        pool = self.get(UUID(pool_id))
+        assert isinstance(pool, Pool), f"missing pool {pool_id}"
+        self.touched[pool.id] = pool
+        return pool
+
+    def to_save(self) -> list[Aggregate]:
+        return [a for a in self.touched.values() if a.pending_events]
+
+
+# ---------------------------------------------------------------------------------------- holds
+
+
+def choose_pool(work: Work, patient_id: str, bucket: str, instant: datetime) -> Pool | None:
+    """The usable pool that expires first for a hold at `instant`, or None (§4)."""
+    patient = work.get(Patient.create_id(patient_id))
+    if patient is None:
+        return None
+    pools = [work.get(UUID(pool_id)) for pool_id in patient.pool_ids]
+    usable = [p for p in pools if p is not None and p.usable_for(patient_id, bucket, instant)]
+    return min(usable, key=Pool.draw_order, default=None)
+
+
+def try_hold(work: Work, session: Session, block: int) -> bool:
+    """Hold one unit for `block`, judged at the block's start; False if none is usable."""
+    instant = block_end(session.started_at, block - 1)
+    pool = choose_pool(work, session.patient_id, session.bucket, instant)
+    if pool is None:
+        return False
+    pool.hold(session_id=session.session_id, block=block, bucket=session.bucket,
+              patient_id=session.patient_id, at=instant)
+    session.held(block=block, pool_id=str(pool.id), at=instant)
+    work.add(pool, session)
+    return True
+
+
+def block_needed(session: Session, block: int, policy: Policy) -> bool:
+    """Whether `block` can still be used: it starts before the end (reported or maximal)."""
+    limit = session.ended_at or (
+        session.started_at + timedelta(seconds=policy.max_duration_seconds))
+    return block_end(session.started_at, block - 1) < limit
+
+
+def hold_ahead(work: Work, session: Session, upto: int, policy: Policy) -> None:
+    """Try to hold every missing block up to `upto`, in order, stopping at the first failure."""
+    for block in range(session.held_through() + 1, upto + 1):
+        if not block_needed(session, block, policy) or not try_hold(work, session, block):
+            return
+
+
+# ------------------------------------------------------------------------------------ lifecycle
+
+
+def close_presence(work: Work, session: Session) -> None:
+    """A session is live until its first accepted Ended (§8)."""
+    patient = work.get(Patient.create_id(session.patient_id))
+    doctor = work.get(Doctor.create_id(session.doctor_id))
+    if patient is not None and patient.live.get(presence_group(session.kind)) == session.session_id:
+        patient.close_session(group=presence_group(session.kind), session_id=session.session_id)
+        work.add(patient)
+    if doctor is not None and session.session_id in doctor.live:
+        doctor.close_session(session_id=session.session_id)
+        work.add(doctor)
+
+
+def end_session(work: Work, session: Session, ended_at: datetime, by: str, reason: str,
+                received_at: datetime) -> bool:
+    """Record an end (earliest stands) and free the presence on the first one (§3, §8)."""
+    first = not session.ended
+    changed = session.end(ended_at=ended_at, by=by, reason=reason, received_at=received_at)
+    work.add(session)
+    if changed and first:
+        close_presence(work, session)
+    return changed
+
+
+def charge_block(work: Work, session: Session, n: int, as_of: datetime, policy: Policy) -> None:
+    """Charge block n from its hold, hold ahead, or end at the boundary when n+1 has no hold."""
+    if n not in session.holds and not try_hold(work, session, n):
+        end_session(work, session, block_end(session.started_at, n - 1), "system",
+                    "balance_exhausted", as_of)
+        return
+    pool = work.pool(session.holds[n])
+    pool.charge(session_id=session.session_id, block=n, bucket=session.bucket,
+                patient_id=session.patient_id)
+    session.auto_deducted(n=n, pool_id=session.holds[n], patient_id=session.patient_id,
+                          doctor_id=session.doctor_id, bucket=session.bucket,
+                          pay_minor=session.rate["pay_minor"], currency=session.rate["currency"])
+    work.add(session)
+    hold_ahead(work, session, n + 2, policy)
+    if block_needed(session, n + 1, policy) and session.held_through() <= n:
+        end_session(work, session, block_end(session.started_at, n), "system",
+                    "balance_exhausted", as_of)
+
+
+def settle(work: Work, session: Session, as_of: datetime, policy: Policy) -> None:
+    """Charge exactly owed − charged, reverse any excess, release every other hold (§3)."""
+    for _ in range(policy.max_blocks + 2):  # each pass either settles or moves the end earlier
+        owed = session.units_owed()
+        missing = [b for b in range(1, owed + 1) if b not in session.charges]
+        unheld = next((b for b in missing if b not in session.holds), None)
+        if unheld is None:
+            break
+        if not try_hold(work, session, unheld):
+            end_session(work, session, block_end(session.started_at, unheld - 1), "system",
+                        "balance_exhausted", as_of)
+    else:
+        raise AssertionError("settlement did not converge")
+    reverse = sorted((b for b in session.charges if b > owed), reverse=True)
+    release = sorted(b for b in session.holds if b not in missing)
+    for b in reverse:
+        work.pool(session.charges[b]).reverse(session_id=session.session_id, block=b,
+                                               patient_id=session.patient_id)
+    for b in missing:
+        work.pool(session.holds[b]).charge(session_id=session.session_id, block=b,
+                                           bucket=session.bucket, patient_id=session.patient_id)
+    for b in release:
+        work.pool(session.holds[b]).release(session_id=session.session_id, block=b,
+                                            patient_id=session.patient_id)
+    session.record_settlement(
+        at=as_of,
+        charged=[{"block": b, "pool_id": session.holds[b]} for b in missing],
+        reversed=[{"block": b, "pool_id": session.charges[b]} for b in reverse],
+        released=[{"block": b, "pool_id": session.holds[b]} for b in release])
+    work.add(session)
+    credit_wallet(work, session)
+
+
+def credit_wallet(work: Work, session: Session) -> None:
+    """Settled pay becomes available in the doctor's wallet for the stamped currency (§5)."""
+    amount = session.settlement["net_pay_minor"]
+    if amount <= 0:
+        return
+    currency = session.rate["currency"]
+    wallet = work.get(Wallet.create_id(session.doctor_id, currency))
+    if wallet is None:
+        wallet = Wallet(doctor_id=session.doctor_id, currency=currency)
+    wallet.credit(session_id=session.session_id, amount_minor=amount)
+    work.add(wallet)
+
+
+# ------------------------------------------------------------------------------------- the tick
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decision the tick can take for a session: `action` at instant `due`."""
+
+    action: str  # "charge" | "timeout" | "settle"
+    due: datetime
+    block: int = 0
+    reason: str = ""
+    ended_at: datetime | None = None
+
+
+def next_step(session: Session, policy: Policy) -> Step | None:
+    """The session's earliest pending decision and when it becomes actionable, or None.
+
+    A block n is charged at its end + skew if it is owed in full; a timeout is recorded at its
+    deadline + skew; settlement at max(ended_at, first Ended received) + grace (§3, §8).
+    """
+    if session.settled:
+        return None
+    skew = timedelta(seconds=policy.skew_seconds)
+    pending = session.pending_end(policy)
+    limit = session.ended_at or (pending[0] if pending else None)
+    steps = []
+    if session.started_at is not None:
+        n = session.charged_through + 1
+        boundary = block_end(session.started_at, n)
+        if limit is None or boundary <= limit:
+            steps.append(Step("charge", boundary + skew, block=n))
+    if pending is not None:
+        steps.append(Step("timeout", pending[0] + skew, reason=pending[1], ended_at=pending[0]))
+    if session.ended:
+        steps.append(Step("settle", session.settlement_due(policy)))
+    return min(steps, key=lambda s: s.due, default=None)
+
+
+def next_due_at(session: Session, policy: Policy) -> datetime | None:
+    """When the tick next has something to decide for this session (for the live view)."""
+    step = next_step(session, policy)
+    return step.due if step else None
+
+
+def apply_step(work: Work, session: Session, step: Step, as_of: datetime, policy: Policy) -> str:
+    """Carry out one decided step; returns a short description for the tick report."""
+    if step.action == "charge":
+        charge_block(work, session, step.block, as_of, policy)
+        return f"charged block {step.block}"
+    if step.action == "timeout":
+        end_session(work, session, step.ended_at, "system", step.reason, as_of)
+        return f"ended {step.reason} at {step.ended_at.isoformat()}"
+    settle(work, session, as_of, policy)
+    return f"settled {session.settlement['units_owed']} units"

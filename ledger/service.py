@@ -1,0 +1,465 @@
+"""The ledger application: idempotent ingestion of backend events, the tick, and reads.
+
+`Ledger.ingest(event_id, type, occurred_at, payload)` records one event exactly once (I8): the
+receipt aggregate `Receipt(event_id)` is saved in the same transaction as every aggregate the
+event changes, so a concurrent duplicate loses on the receipt's primary key and returns the
+stored result. A lost optimistic race is retried a bounded number of times, then answered with
+RetryLater; it is never reported as a business refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from ledger import errors
+from ledger.billing import Work, apply_step, end_session, hold_ahead, next_step, choose_pool
+from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
+from ledger.rules import KINDS, Policy, presence_group, utc_seconds
+from ledger.tariff import rate_at
+
+Clock = Callable[[], datetime]
+MAX_ATTEMPTS = 8  # optimistic retries per command before answering retry_later
+MAX_FUTURE = timedelta(minutes=5)
+MAX_AGE = timedelta(days=35)
+END_BY = ("patient", "doctor", "system")
+WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}  # legacy minimums (§7), configurable
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Result of one ingested event: `result` is the stored body; `replayed` on a re-post."""
+
+    result: dict
+    replayed: bool = False
+    position: int | None = None
+
+
+@dataclass
+class TickReport:
+    """What one tick did: lists of human-readable lines per category, and whether work is left."""
+
+    as_of: datetime
+    charged: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    conflicts: int = 0
+    more: bool = False
+
+    def as_dict(self) -> dict:
+        return {"as_of": self.as_of.isoformat(), "charged": self.charged, "ended": self.ended,
+                "settled": self.settled, "expired": self.expired, "conflicts": self.conflicts,
+                "more": self.more}
+
+
+def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
+    """SHA-256 of the canonical JSON of the event body; identifies 'the same event'."""
+    canonical = json.dumps({"type": event_type, "occurred_at": occurred_at.isoformat(),
+                            "payload": payload}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def session_view(session: Session) -> dict:
+    """The short answer about a session carried by every event result (§3: paid_until)."""
+    paid_until = session.paid_until()
+    return {"session_id": session.session_id, "state": session.state,
+            "paid_until": paid_until.isoformat() if paid_until else None}
+
+
+class Ledger(Application):
+    """Event-sourced billing ledger. `clock` returns aware UTC datetimes (acceptance time)."""
+
+    name = "Ledger"
+
+    def __init__(self, env: dict | None = None, *, clock: Clock, policy: Policy = Policy(),
+                 withdrawal_minimum_minor: dict[str, int] | None = None) -> None:
+        super().__init__(env=env)
+        self.clock = clock
+        self.policy = policy
+        self.withdrawal_minimum_minor = dict(withdrawal_minimum_minor or WITHDRAWAL_MINIMUM_MINOR)
+        self._handlers: dict[str, Callable[[Work, datetime, dict, datetime], dict]] = {
+            "doctor.registered": self._doctor_registered,
+            "doctor.country_changed": self._doctor_country_changed,
+            "subscription.granted": self._subscription_granted,
+            "payment.refunded": self._payment_refunded,
+            "member.added": self._member_added,
+            "member.removed": self._member_removed,
+            "session.requested": self._session_requested,
+            "session.patient_message": self._patient_message,
+            "text.activated": self._started,
+            "call.ringing": self._call_ringing,
+            "call.connected": self._started,
+            "call.declined": self._call_declined,
+            "session.activity": self._activity,
+            "session.ended": self._session_ended,
+            "withdrawal.requested": self._withdrawal_requested,
+            "withdrawal.completed": self._withdrawal_finished,
+            "withdrawal.rejected": self._withdrawal_finished,
+        }
+
+    @property
+    def event_types(self) -> tuple[str, ...]:
+        return tuple(self._handlers)
+
+    # ------------------------------------------------------------------------------ loading
+
+    def load(self, aggregate_id: UUID) -> Any:
+        """The aggregate with this id, or None."""
+        try:
+            return self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+
+    def get_session(self, session_id: str) -> Session:
+        """Raises UnknownSession."""
+        session = self.load(Session.create_id(session_id))
+        if session is None:
+            raise errors.UnknownSession(f"no session {session_id!r}")
+        return session
+
+    def get_receipt(self, event_id: str) -> Receipt | None:
+        return self.load(Receipt.create_id(event_id))
+
+    # ---------------------------------------------------------------------------- ingestion
+
+    def ingest(self, event_id: str, event_type: str, occurred_at: datetime,
+               payload: dict) -> Accepted:
+        """Record one backend event exactly once; returns its result (I8).
+
+        Raises IdempotencyConflict (same id, other body), OccurredAtOutOfRange, RetryLater and
+        the business refusals of each handler. A refused event records nothing.
+        """
+        occurred_at = utc_seconds(occurred_at)
+        digest = body_hash(event_type, occurred_at, payload)
+        for _ in range(MAX_ATTEMPTS):
+            receipt = self.get_receipt(event_id)
+            if receipt is not None:
+                if receipt.body_hash != digest:
+                    raise errors.IdempotencyConflict(f"event_id {event_id!r} was used with another body")
+                return Accepted(receipt.result, replayed=True)
+            now = utc_seconds(self.clock())
+            self._check_age(occurred_at, now)
+            handler = self._handlers.get(event_type)
+            if handler is None:
+                raise errors.InvalidEvent(f"unknown event type {event_type!r}")
+            work = Work(self.load)
+            outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+            result = {"event_id": event_id, "type": event_type, **outcome}
+            receipt = Receipt(event_id=event_id, body_hash=digest, event_type=event_type, result=result)
+            try:
+                recordings = self.save(*work.to_save(), receipt)
+            except IntegrityError:
+                continue  # a concurrent writer won; reload everything and decide again
+            return Accepted(result, position=recordings[-1].notification.id if recordings else None)
+        raise errors.RetryLater("too many concurrent writers; retry the same event")
+
+    @staticmethod
+    def _check_age(occurred_at: datetime, now: datetime) -> None:
+        if occurred_at > now + MAX_FUTURE or occurred_at < now - MAX_AGE:
+            raise errors.OccurredAtOutOfRange(
+                f"occurred_at {occurred_at.isoformat()} is outside [now − 35 days, now + 5 minutes]")
+
+    # ---------------------------------------------------------------------------- doctors
+
+    def _doctor_registered(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        doctor = work.get(Doctor.create_id(p["doctor_id"]))
+        if doctor is None:
+            work.add(Doctor(doctor_id=p["doctor_id"], country=p["country"], at=at))
+        elif doctor.country != p["country"]:
+            doctor.change_country(country=p["country"], at=at)
+            work.add(doctor)
+        return {"doctor_id": p["doctor_id"], "country": p["country"]}
+
+    def _doctor_country_changed(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        doctor = work.get(Doctor.create_id(p["doctor_id"]))
+        if doctor is None:
+            raise errors.UnknownDoctor(f"doctor {p['doctor_id']!r} is not registered")
+        if doctor.country != p["country"]:
+            doctor.change_country(country=p["country"], at=at)
+            work.add(doctor)
+        return {"doctor_id": p["doctor_id"], "country": p["country"]}
+
+    # ------------------------------------------------------------------------------ pools
+
+    def _subscription_granted(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        plan = p["plan"]
+        starts_at = utc_seconds(p["starts_at"]) if isinstance(p["starts_at"], datetime) \
+            else utc_seconds(datetime.fromisoformat(p["starts_at"]))
+        content = body_hash("grant", starts_at, {"owner_id": p["owner_id"], "plan": plan})
+        pool = work.get(Pool.create_id(p["payment_reference"]))
+        if pool is not None:
+            if pool.content_hash != content:
+                raise errors.PaymentConflict(
+                    f"payment {p['payment_reference']!r} already granted a different pool")
+            return self._pool_result(pool)
+        # The legacy one-time 7-day extension of 30-day plans, applied at grant (§4).
+        extension = 7 if int(plan["duration_days"]) == 30 else 0
+        end = starts_at + timedelta(days=int(plan["duration_days"]) + extension)
+        pool = Pool(payment_reference=p["payment_reference"], owner_id=p["owner_id"], plan=plan,
+                    starts_at=starts_at, effective_end=end, extension_days=extension,
+                    content_hash=content)
+        work.add(pool, self._link(work, p["owner_id"], pool))
+        return self._pool_result(pool)
+
+    @staticmethod
+    def _pool_result(pool: Pool) -> dict:
+        return {"pool_id": str(pool.id), "payment_reference": pool.payment_reference,
+                "effective_end": pool.effective_end.isoformat()}
+
+    @staticmethod
+    def _link(work: Work, patient_id: str, pool: Pool) -> Patient:
+        patient = work.get(Patient.create_id(patient_id)) or Patient(patient_id=patient_id)
+        patient.link_pool(pool_id=str(pool.id))
+        return patient
+
+    def _existing_pool(self, work: Work, payment_reference: str) -> Pool:
+        pool = work.get(Pool.create_id(payment_reference))
+        if pool is None:
+            raise errors.UnknownSubscription(f"no subscription for payment {payment_reference!r}")
+        return pool
+
+    def _payment_refunded(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        pool = self._existing_pool(work, p["payment_reference"])
+        pool.revoke()
+        work.add(pool)
+        return {**self._pool_result(pool), "revoked": dict(pool.revoked)}
+
+    def _member_added(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        pool = self._existing_pool(work, p["payment_reference"])
+        if pool.add_member(p["patient_id"], at):
+            work.add(pool, self._link(work, p["patient_id"], pool))
+        return {**self._pool_result(pool), "patient_id": p["patient_id"],
+                "seats_taken": pool.active_member_count()}
+
+    def _member_removed(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        pool = self._existing_pool(work, p["payment_reference"])
+        pool.remove_member(p["patient_id"], at)
+        work.add(pool)
+        return {**self._pool_result(pool), "patient_id": p["patient_id"]}
+
+    # --------------------------------------------------------------------------- sessions
+
+    def _session_requested(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        sid, kind, patient_id = p["session_id"], p["kind"], p["patient_id"]
+        if kind not in KINDS:
+            raise errors.InvalidEvent(f"kind must be one of {KINDS}")
+        if work.get(Session.create_id(sid)) is not None:
+            raise errors.SessionExists(f"session {sid!r} was already requested")
+        doctor = work.get(Doctor.create_id(p["doctor_id"]))
+        if doctor is None or not doctor.country:
+            raise errors.UnknownDoctor(f"doctor {p['doctor_id']!r} has no recorded country")
+        patient = work.get(Patient.create_id(patient_id))
+        group = presence_group(kind)
+        if patient is not None and group in patient.live:
+            raise errors.SessionConflict(
+                f"patient has live session {patient.live[group]!r} of the same kind")
+        if busy := doctor.busy_with_other_than(patient_id):
+            raise errors.SessionConflict(f"doctor has live session {busy!r} with another patient")
+        pool = choose_pool(work, patient_id, kind, at)
+        if pool is None:
+            raise errors.InsufficientUnits(f"no {kind} unit can be held for block 1")
+        session = Session(session_id=sid, kind=kind, patient_id=patient_id,
+                          doctor_id=p["doctor_id"], requested_at=at, pool_id=str(pool.id))
+        pool.hold(session_id=sid, block=1, bucket=kind, patient_id=patient_id, at=at)
+        patient.open_session(group=group, session_id=sid)
+        doctor.open_session(session_id=sid, patient_id=patient_id)
+        work.add(session, pool, patient, doctor)
+        return session_view(session)
+
+    def _live_session(self, work: Work, p: dict, at: datetime) -> Session:
+        session = work.get(Session.create_id(p["session_id"]))
+        if session is None:
+            raise errors.UnknownSession(f"no session {p['session_id']!r}")
+        session.check_open()
+        if not session.ended:
+            session.check_live_at(at, self.policy)
+        elif session.end_reason in _FINAL_REASONS or at >= session.ended_at:
+            # A report from before a backend-reported end still counts until settlement (§3).
+            raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}")
+        return session
+
+    def _patient_message(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = self._live_session(work, p, at)
+        if session.kind != "text":
+            raise errors.InvalidTransition("patient messages are for text sessions")
+        if session.first_message_at is None and session.started_at is None:
+            session.patient_messaged(at=at)
+        else:
+            session.record_activity(at=at)
+        work.add(session)
+        return session_view(session)
+
+    def _started(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = self._live_session(work, p, at)
+        wants_call = p["_type"] == "call.connected"
+        if session.is_call != wants_call:
+            raise errors.InvalidTransition(f"{p['_type']} does not apply to a {session.kind} session")
+        if session.started_at is None or at < session.started_at:
+            doctor = work.get(Doctor.create_id(session.doctor_id))
+            rate = rate_at(doctor.country, session.bucket, at)
+            session.start(at=at, rate={"tariff": rate.tariff, "amount_minor": rate.amount_minor,
+                                       "currency": rate.currency, "pay_minor": rate.pay_minor,
+                                       "commission_pct": rate.commission_pct, "country": doctor.country})
+            work.add(session)
+            hold_ahead(work, session, 2, self.policy)
+        return session_view(session)
+
+    def _call_ringing(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = self._live_session(work, p, at)
+        if not session.is_call:
+            raise errors.InvalidTransition("call.ringing is for voice and video sessions")
+        if session.ringing_at is None and session.started_at is None:
+            session.ring(at=at)
+            work.add(session)
+        return session_view(session)
+
+    def _call_declined(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = self._live_session(work, p, at)
+        if not session.is_call or session.started_at is not None:
+            raise errors.InvalidTransition("only a call that has not connected can be declined")
+        end_session(work, session, at, "doctor", "declined", now)
+        return session_view(session)
+
+    def _activity(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = self._live_session(work, p, at)
+        if not session.ended:
+            session.record_activity(at=at)
+            work.add(session)
+        return session_view(session)
+
+    def _session_ended(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        session = work.get(Session.create_id(p["session_id"]))
+        if session is None:
+            raise errors.UnknownSession(f"no session {p['session_id']!r}")
+        session.check_open()
+        by, reason = p.get("ended_by", "patient"), p.get("reason") or "completed"
+        if by not in END_BY:
+            raise errors.InvalidEvent(f"ended_by must be one of {END_BY}")
+        pending = session.pending_end(self.policy)
+        if pending is not None and pending[0] < at:
+            # A timeout had already ended the session by its own event times (§8).
+            at, by, reason = pending[0], "system", pending[1]
+        end_session(work, session, at, by, reason, now)
+        return {**session_view(session), "ended_at": session.ended_at.isoformat(),
+                "reason": session.end_reason}
+
+    # ---------------------------------------------------------------------------- wallets
+
+    def _withdrawal_requested(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        currency, amount = p["currency"], int(p["amount_minor"])
+        minimum = self.withdrawal_minimum_minor.get(currency, 0)
+        if amount < minimum:
+            raise errors.BelowMinimum(f"minimum withdrawal is {minimum} {currency} minor units")
+        wallet = work.get(Wallet.create_id(p["doctor_id"], currency))
+        if wallet is None:
+            raise errors.InsufficientFunds("no settled pay in this currency", available_minor=0)
+        wallet.request_withdrawal(p["request_id"], amount, at)
+        work.add(wallet)
+        return self._wallet_result(wallet, p["request_id"])
+
+    def _withdrawal_finished(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        wallet = work.get(Wallet.create_id(p["doctor_id"], p["currency"]))
+        if wallet is None:
+            raise errors.UnknownWithdrawal(f"unknown withdrawal {p['request_id']!r}")
+        completed = p["_type"] == "withdrawal.completed"
+        wallet.finish_withdrawal(p["request_id"], completed, p.get("reason", ""), at)
+        work.add(wallet)
+        return self._wallet_result(wallet, p["request_id"])
+
+    @staticmethod
+    def _wallet_result(wallet: Wallet, request_id: str) -> dict:
+        return {"request_id": request_id, "doctor_id": wallet.doctor_id,
+                "currency": wallet.currency, "status": wallet.withdrawals[request_id]["status"],
+                "available_minor": wallet.available_minor}
+
+    # ---------------------------------------------------------------------------- the tick
+
+    def tick(self, as_of: datetime, session_ids: Iterable[str], pool_ids: Iterable[str] = (),
+             max_steps: int = 20_000) -> TickReport:
+        """Decide everything due by `as_of` for the given sessions and pools, in time order.
+
+        Candidates come from the live view; each step is re-decided on a freshly loaded
+        session, so duplicate and concurrent ticks change nothing twice (I1, I9).
+        """
+        as_of = utc_seconds(as_of)
+        report = TickReport(as_of=as_of)
+        queue = self._initial_queue(as_of, session_ids, pool_ids)
+        steps = 0
+        while queue and steps < max_steps:
+            queue.sort(reverse=True)
+            due, kind, key = queue.pop()
+            steps += 1
+            if kind == "pool":
+                self._expire_pool(key, report)
+                continue
+            if (step_due := self._tick_session(key, as_of, report)) is not None:
+                queue.append((step_due, "session", key))
+        report.more = bool(queue)
+        return report
+
+    def _initial_queue(self, as_of: datetime, session_ids: Iterable[str],
+                       pool_ids: Iterable[str]) -> list[tuple[datetime, str, str]]:
+        queue = []
+        for sid in dict.fromkeys(session_ids):
+            session = self.load(Session.create_id(sid))
+            step = next_step(session, self.policy) if session else None
+            if step is not None and step.due <= as_of:
+                queue.append((step.due, "session", sid))
+        skew = timedelta(seconds=self.policy.skew_seconds)
+        for pool_id in dict.fromkeys(pool_ids):
+            pool = self.load(UUID(pool_id))
+            if pool is not None and not pool.expired and pool.effective_end + skew <= as_of:
+                queue.append((pool.effective_end + skew, "pool", pool_id))
+        return queue
+
+    def _tick_session(self, session_id: str, as_of: datetime, report: TickReport) -> datetime | None:
+        """Take one due step for a session; returns when its next step is due (≤ as_of) or None."""
+        for _ in range(MAX_ATTEMPTS):
+            work = Work(self.load)
+            session = work.get(Session.create_id(session_id))
+            step = next_step(session, self.policy)
+            if step is None or step.due > as_of:
+                return None
+            line = apply_step(work, session, step, as_of, self.policy)
+            try:
+                self.save(*work.to_save())
+            except IntegrityError:
+                report.conflicts += 1
+                continue
+            bucket = {"charge": report.charged, "timeout": report.ended,
+                      "settle": report.settled}[step.action]
+            if step.action == "charge" and session.end_reason == "balance_exhausted" \
+                    and session.ended_at and session.ended_at <= as_of:
+                report.ended.append(f"{session_id}: balance_exhausted at {session.ended_at.isoformat()}")
+            bucket.append(f"{session_id}: {line}")
+            following = next_step(session, self.policy)
+            return following.due if following and following.due <= as_of else None
+        report.conflicts += 1
+        return None
+
+    def _expire_pool(self, pool_id: str, report: TickReport) -> None:
+        for _ in range(MAX_ATTEMPTS):
+            pool = self.load(UUID(pool_id))
+            if pool is None or pool.expired:
+                return
+            pool.expire()
+            try:
+                self.save(pool)
+            except IntegrityError:
+                report.conflicts += 1
+                continue
+            report.expired.append(f"{pool.payment_reference}: forfeited {pool.forfeited}")
+            return
+
+
+# Reasons after which no billable start or activity is accepted any more (§8).
+_FINAL_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
+                            "max_duration", "balance_exhausted", "declined"})
