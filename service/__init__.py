@@ -1,0 +1,1 @@
+"""Composition root of the ledger service: settings, clocks, wiring, CLI and the simulation."""

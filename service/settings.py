@@ -1,0 +1,46 @@
+"""Typed configuration from `LEDGER_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger.rules import Policy
+
+DEV_API_KEYS = "dev-backend:backend,dev-auditor:auditor,dev-admin:admin"
+
+
+class Settings(BaseSettings):
+    """Service settings. Durations in seconds; `database_url` is `sqlite:///path` or
+    `postgresql://user[:password]@host[:port]/db[?schema=name]`."""
+
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore")
+
+    database_url: str = "sqlite:///./var/ledger.db"
+    api_keys: str = Field(DEV_API_KEYS, description="comma-separated key:role (backend|auditor|admin)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tick_enabled: bool = True
+    tick_seconds: int = Field(30, ge=1, le=3600)
+    clock: str = Field("system", pattern="^(system|manual)$")
+    skew_seconds: int = Field(60, ge=0, le=3600)
+    settlement_grace_seconds: int = Field(600, ge=0, le=86400)
+    max_duration_seconds: int = Field(3 * 3600, ge=600, le=86400)
+    batch_limit: int = Field(100, ge=1, le=100)
+    log_level: str = "info"
+
+    def policy(self) -> Policy:
+        """The billing Policy these settings select (billing-rules.md §3, §8)."""
+        return Policy(skew_seconds=self.skew_seconds,
+                      settlement_grace_seconds=self.settlement_grace_seconds,
+                      max_duration_seconds=self.max_duration_seconds)
+
+    def api_key_roles(self) -> dict[str, str]:
+        """Map of API key → role parsed from `api_keys`; raises ValueError on a bad entry."""
+        roles = {}
+        for item in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, role = item.rpartition(":")
+            if not key or role not in ("backend", "auditor", "admin"):
+                raise ValueError(f"bad LEDGER_API_KEYS entry {item!r}")
+            roles[key] = role
+        return roles
