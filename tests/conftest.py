@@ -88,3 +88,20 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return request.getfixturevalue("pg_url")
+
+
+_skipped_in_ci: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    """In CI a skipped test (PostgreSQL or otherwise) is a failure: remember it."""
+    if report.skipped and postgres_required():
+        _skipped_in_ci.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _skipped_in_ci:
+        print(f"\n{len(_skipped_in_ci)} test(s) skipped where skipping is not allowed:")
+        for nodeid in _skipped_in_ci:
+            print(f"  {nodeid}")
+        session.exitstatus = 1

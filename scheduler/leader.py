@@ -1,0 +1,60 @@
+"""Leader election for the tick: a PostgreSQL session advisory lock on a dedicated connection.
+
+Only the holder ticks, so several API workers don't repeat work. Correctness never depends on
+it: every tick decision is idempotent by construction (billing-rules.md I1, I9).
+"""
+
+from __future__ import annotations
+
+import logging
+
+LOCK_KEY = 0x1ED6E7  # advisory lock id reserved for the tick
+
+log = logging.getLogger(__name__)
+
+
+class AlwaysLeader:
+    """The embedded SQLite default runs one process: it is always the leader."""
+
+    def is_leader(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        return None
+
+
+class PostgresLeader:
+    """Holds `pg_try_advisory_lock(LOCK_KEY)` on its own connection while the process lives.
+
+    A dead process's connection closes and frees the lock, so another worker takes over.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._conn = None
+        self._held = False
+
+    def is_leader(self) -> bool:
+        """True if this process holds the lock (acquiring it if free); False on any DB error."""
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                self._held = bool(self._conn.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0])
+            elif not self._held:
+                self._held = bool(self._conn.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0])
+            else:
+                self._conn.execute("SELECT 1")  # the lock lives as long as this connection
+            return self._held
+        except psycopg.Error as exc:
+            log.warning("leader lock unavailable: %s", exc)
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._held = None, False

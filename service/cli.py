@@ -1,0 +1,149 @@
+"""The `ledger` command: serve, tick, replay --verify, export, simulate (typer + rich)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Event-sourced billing ledger for telehealth consultations.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+def _parse_instant(value: Optional[str]) -> Optional[datetime]:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise typer.BadParameter("--as-of needs a timezone, e.g. 2026-11-21T10:00:00Z")
+    return moment.astimezone(timezone.utc)
+
+
+def _open(settings: Settings):
+    """Ledger + Projector on the configured store, with the wall clock."""
+    from projections import Projector
+    from service.bootstrap import build_ledger
+    from service.clock import SystemClock
+
+    ledger = build_ledger(settings, SystemClock())
+    return ledger, Projector(ledger, settings.database_url, settings.policy())
+
+
+@app.command()
+def serve(host: Optional[str] = None, port: Optional[int] = None,
+          workers: int = typer.Option(1, min=1, max=16, help="uvicorn worker processes")) -> None:
+    """Run the HTTP API with its periodic tick (embedded SQLite unless LEDGER_DATABASE_URL)."""
+    import uvicorn
+
+    settings = Settings()
+    if workers > 1 and not settings.database_url.startswith("postgres"):
+        err.print("[yellow]several workers on SQLite serialise their writes; use PostgreSQL[/]")
+    console.print(f"ledger serving on http://{host or settings.host}:{port or settings.port} "
+                  f"(store: {settings.database_url}, tick every {settings.tick_seconds}s)")
+    uvicorn.run("api.app:create_app", factory=True, host=host or settings.host,
+                port=port or settings.port, workers=workers, log_level=settings.log_level)
+
+
+@app.command()
+def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 instant; default now"),
+         debug: bool = typer.Option(False, "--debug", help="print every decision")) -> None:
+    """Run one tick and print what it charged, ended, settled and expired."""
+    from scheduler.tick import run_tick
+
+    settings = Settings()
+    ledger, projector = _open(settings)
+    try:
+        report = run_tick(ledger, projector, _parse_instant(as_of) or ledger.clock())
+    finally:
+        projector.close()
+        ledger.close()
+    table = Table(title=f"tick as of {report.as_of.isoformat()}")
+    for column in ("charged", "ended", "settled", "expired", "conflicts", "more"):
+        table.add_column(column, justify="right")
+    table.add_row(str(len(report.charged)), str(len(report.ended)), str(len(report.settled)),
+                  str(len(report.expired)), str(report.conflicts), str(report.more))
+    console.print(table)
+    if debug:
+        for name in ("charged", "ended", "settled", "expired"):
+            for line in getattr(report, name):
+                console.print(f"{name:8} {line}")
+
+
+@app.command()
+def replay(verify: bool = typer.Option(True, "--verify/--no-verify",
+                                       help="compare the rebuilt projections with the live ones")) -> None:
+    """Rebuild every projection from position zero into a scratch store and compare."""
+    from rich.progress import Progress
+
+    from projections import replay_verify
+
+    settings = Settings()
+    ledger, projector = _open(settings)
+    try:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("replaying", total=None)
+            report = replay_verify(ledger, settings.database_url, settings.policy(),
+                                   progress=lambda done, total: progress.update(
+                                       task, completed=done, total=total))
+    finally:
+        projector.close()
+        ledger.close()
+    console.print(f"replayed {report.events} events; compared {report.accounts} accounts; "
+                  f"{len(report.differences)} differ")
+    for line in report.differences:
+        console.print(f"[red]DIFF[/] {line}")
+    if verify and not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                                 help="file to write; default stdout")) -> None:
+    """Write the whole event log as JSON lines, in ledger order."""
+    from projections import export_events
+
+    settings = Settings()
+    ledger, projector = _open(settings)
+    try:
+        if output is None:
+            count = export_events(ledger, sys.stdout)
+        else:
+            with output.open("w", encoding="utf-8") as out:
+                count = export_events(ledger, out)
+    finally:
+        projector.close()
+        ledger.close()
+    err.print(f"exported {count} events")
+
+
+@app.command()
+def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_000),
+             doctors: int = typer.Option(100, min=1, max=10_000),
+             sessions: int = typer.Option(3000, min=1, max=200_000),
+             workdir: Path = Path("var/sim"),
+             url: Optional[str] = typer.Option(None, help="drive an already running service")) -> None:
+    """Simulate a day of the platform against the service and check it against ground truth."""
+    from service.simulate import run_simulation
+
+    report = run_simulation(seed=seed, patients=patients, doctors=doctors, sessions=sessions,
+                            base_url=url, workdir=workdir, console=console)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
