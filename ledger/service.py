@@ -151,7 +151,12 @@ class Ledger(Application):
             if handler is None:
                 raise errors.InvalidEvent(f"unknown event type {event_type!r}")
             work = Work(self.load)
-            outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+            try:
+                outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+            except errors.LedgerError:
+                if self.get_receipt(event_id) is not None:
+                    continue  # a concurrent duplicate committed first: answer with its result
+                raise
             result = {"event_id": event_id, "type": event_type, **outcome}
             receipt = Receipt(event_id=event_id, body_hash=digest, event_type=event_type, result=result)
             try:

@@ -1,0 +1,11 @@
+"""Read models of the ledger: balances, wallets and live sessions/pools (billing-rules.md §4–§6).
+
+`Projector` keeps them exactly once beside the event store; `replay_verify` checks I7 (and I6);
+`export_events` writes the event log as JSON lines.
+"""
+
+from projections.export import export_events
+from projections.projector import Projector
+from projections.verify import VerifyReport, replay_verify
+
+__all__ = ["Projector", "VerifyReport", "export_events", "replay_verify"]

@@ -1,0 +1,204 @@
+"""RFC 9457 problem details: the one place that turns errors into `application/problem+json`.
+
+Every refusal the API gives is a problem object with `type` (a relative URI `/problems/<code>`),
+`title`, `status`, `detail`, the stable `code`, the request path as `instance`, and any extension
+members of the error (`LedgerError.extra`, e.g. `available_minor`; `errors` for validation).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ledger.errors import LedgerError
+
+log = logging.getLogger("api")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_BASE = "/problems/"
+
+
+class Problem(BaseModel):
+    """A problem details object (RFC 9457) with the ledger's `code` extension."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    type: str = Field(description="relative URI identifying the problem type: /problems/<code>",
+                      examples=["/problems/insufficient_units"])
+    title: str
+    status: int = Field(ge=100, le=599)
+    detail: str
+    code: str = Field(description="stable machine-readable code", examples=["insufficient_units"])
+    instance: str | None = None
+
+
+# ------------------------------------------------------------------------ API-level errors
+
+
+class ApiError(LedgerError):
+    """Refusals raised by the HTTP layer itself; same shape as the ledger's own."""
+
+    headers: dict[str, str] | None = None
+
+    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None,
+                 **extra: object) -> None:
+        super().__init__(detail, **extra)
+        if headers:
+            self.headers = headers
+
+
+def _api_error(name: str, code: str, status: int, title: str) -> type[ApiError]:
+    return type(name, (ApiError,), {"code": code, "status": status, "title": title,
+                                    "__doc__": f"{title} ({status} `{code}`)."})
+
+
+Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,
+                             "Missing or unknown API key")
+Forbidden = _api_error("Forbidden", "forbidden", 403, "The API key's role does not allow this")
+ValidationFailed = _api_error("ValidationFailed", "validation_error", 422,
+                              "Request body is invalid")
+AsOfOutOfRange = _api_error("AsOfOutOfRange", "as_of_out_of_range", 422,
+                            "as_of is later than the clock allows")
+ClockNotManual = _api_error("ClockNotManual", "clock_not_manual", 409,
+                            "The service does not run a manual clock")
+ServiceUnavailable = _api_error("ServiceUnavailable", "service_unavailable", 503,
+                                "The service is not ready")
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def problem_body(code: str, status: int, title: str, detail: str,
+                 instance: str | None = None, **extra: Any) -> dict:
+    body = {"type": PROBLEM_BASE + code, "title": title, "status": status,
+            "detail": detail, "code": code}
+    if instance is not None:
+        body["instance"] = instance
+    for key, value in extra.items():
+        body.setdefault(key, value)  # extensions never overwrite the standard members
+    return body
+
+
+def error_problem(exc: LedgerError, instance: str | None = None) -> dict:
+    """The problem object of a LedgerError (ledger refusals and ApiError alike)."""
+    return problem_body(exc.code, exc.status, exc.title, exc.detail, instance,
+                        **_jsonable(exc.extra))
+
+
+def problem_response(body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE,
+                        headers=headers)
+
+
+def error_response(exc: LedgerError, instance: str | None = None) -> JSONResponse:
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status == 503:
+        headers.setdefault("Retry-After", "1")
+    return problem_response(error_problem(exc, instance), headers or None)
+
+
+def validation_errors(errors: Any) -> list[dict]:
+    """Pydantic errors made JSON-safe and small: loc, msg, type (+ ctx), never the input."""
+    out = []
+    for err in errors:
+        item = {"loc": [p if isinstance(p, (str, int)) else str(p) for p in err.get("loc", ())],
+                "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+        if err.get("ctx"):
+            item["ctx"] = _jsonable(err["ctx"])
+        out.append(item)
+    return out
+
+
+def validation_problem(errors: Any, instance: str | None = None,
+                       detail: str = "The request body failed validation") -> dict:
+    return problem_body("validation_error", 422, ValidationFailed.title, detail, instance,
+                        errors=validation_errors(errors))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# ------------------------------------------------------------------------------ handlers
+
+
+def _ledger_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LedgerError)
+    return error_response(exc, request.url.path)
+
+
+def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return problem_response(validation_problem(exc.errors(), request.url.path))
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+               413: "payload_too_large", 415: "unsupported_media_type",
+               422: "validation_error", 429: "too_many_requests", 503: "service_unavailable"}
+
+
+def _http_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return problem_response(problem_body(code, status, title, detail, request.url.path),
+                            headers=getattr(exc, "headers", None))
+
+
+def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(problem_body(
+        "internal_error", 500, "Internal server error",
+        "An unexpected error occurred; it has been logged", request.url.path))
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LedgerError, _ledger_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)
+
+
+# ----------------------------------------------------------------------- OpenAPI declaration
+
+_DESCRIPTIONS = {400: "Bad request", 401: "Missing or unknown API key (`unauthenticated`)",
+                 403: "The key's role does not allow this (`forbidden`)",
+                 404: "Not found (`unknown_session`, …)",
+                 409: "Conflict (`insufficient_units`, `session_conflict`, `idempotency_conflict`, …)",
+                 422: "Validation failed (`validation_error`, `occurred_at_out_of_range`, …)",
+                 500: "Unexpected error (`internal_error`)",
+                 503: "Retry later (`retry_later`)"}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict]:
+    """`responses=` entries declaring `application/problem+json` for these statuses."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {status: {"description": _DESCRIPTIONS.get(status, "Problem"),
+                     "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}}}
+            for status in statuses}
+
+
+def add_problem_schema(openapi_schema: dict) -> dict:
+    """Put the Problem schema in components (the responses above refer to it by $ref)."""
+    schemas = openapi_schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    return openapi_schema

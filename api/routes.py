@@ -1,0 +1,268 @@
+"""HTTP endpoints. Plain `def` handlers: eventsourcing is synchronous (FastAPI runs them in
+its thread pool). Errors are raised as LedgerError subclasses and rendered by api/problems.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Annotated, Any, Literal, Union
+
+from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.auth import AdminRole, ReadRole, WriteRole
+from api.problems import (
+    AsOfOutOfRange,
+    ClockNotManual,
+    Problem,
+    ServiceUnavailable,
+    error_problem,
+    problem_body,
+    problem_response,
+    problem_responses,
+    validation_problem,
+)
+from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest
+from api.statements import session_resource
+from ledger.errors import LedgerError
+from ledger.rules import utc_seconds
+from scheduler.tick import run_tick
+
+log = logging.getLogger("api")
+
+MAX_TICK_AHEAD = timedelta(minutes=5)
+Ident = Annotated[str, Path(min_length=1, max_length=200)]
+
+router = APIRouter()
+
+
+# ----------------------------------------------------------------------- response models
+
+
+class EventResult(BaseModel):
+    """The result of an accepted event (its fields depend on the event type)."""
+
+    model_config = ConfigDict(extra="allow")
+    event_id: str
+    type: str
+
+
+class BatchAccepted(BaseModel):
+    event_id: str
+    status: Literal[200, 201] = Field(description="201 accepted now, 200 accepted earlier (replay)")
+    result: EventResult
+
+
+class BatchRefused(BaseModel):
+    event_id: str
+    status: int = Field(ge=400, le=599)
+    problem: Problem
+
+
+class BatchResult(BaseModel):
+    results: list[Union[BatchAccepted, BatchRefused]]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ClockState(BaseModel):
+    now: str
+    manual: bool
+
+
+class ClockSet(BaseModel):
+    now: str
+
+
+# ------------------------------------------------------------------------- dependencies
+
+
+def _state(request: Request, name: str) -> Any:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise ServiceUnavailable(f"{name} is not running")
+    return value
+
+
+def get_ledger(request: Request):
+    return _state(request, "ledger")
+
+
+def get_projector(request: Request):
+    return _state(request, "projector")
+
+
+def get_clock(request: Request):
+    return _state(request, "clock")
+
+
+LedgerDep = Annotated[Any, Depends(get_ledger)]
+ProjectorDep = Annotated[Any, Depends(get_projector)]
+ClockDep = Annotated[Any, Depends(get_clock)]
+
+
+def catch_up(request: Request) -> None:
+    """Bring the read models up to date after accepted writes (read-your-writes).
+
+    The write is already durable; a failure here is logged and the projections catch up at the
+    next write or tick.
+    """
+    projector = getattr(request.app.state, "projector", None)
+    if projector is None:
+        return
+    try:
+        projector.catch_up()  # the Projector serialises concurrent catch-ups itself
+    except Exception:  # noqa: BLE001 - never fail an accepted write
+        log.exception("projection catch-up failed after an accepted write")
+
+
+# ------------------------------------------------------------------------------- health
+
+
+@router.get("/healthz", response_model=Health, tags=["health"])
+def healthz() -> dict:
+    """Liveness: no key needed."""
+    return {"status": "ok"}
+
+
+# ------------------------------------------------------------------------------- events
+
+
+def _ingest(ledger, event) -> tuple[int, dict, bool]:
+    """(status, result, replayed) of one validated event; raises LedgerError on refusal."""
+    accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
+                             event.payload.model_dump(mode="json"))
+    return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
+
+
+_EVENT_RESPONSES: dict[int | str, dict] = {
+    201: {"description": "Event accepted now; the body is its result", "model": EventResult},
+    200: {"description": "A re-posted event (header `Idempotent-Replayed: true`, the original "
+                         "result), or a batch (`{\"results\": [...]}` in array order)",
+          "model": Union[EventResult, BatchResult],
+          "headers": {"Idempotent-Replayed": {"description": "`true` on a re-post",
+                                              "schema": {"type": "string", "enum": ["true"]}}}},
+    **problem_responses(401, 403, 404, 409, 422, 500, 503),
+}
+
+
+@router.post("/v1/events", tags=["events"], status_code=201, response_model=None,
+             responses=_EVENT_RESPONSES)
+def post_events(
+    request: Request,
+    role: WriteRole,
+    ledger: LedgerDep,
+    body: Annotated[EventsBody, Body(description="one event, or {\"events\": [...]} (1..100)")],
+) -> JSONResponse:
+    """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
+    if isinstance(body, EventBatch):
+        return _post_batch(request, ledger, body)
+    status, result, replayed = _ingest(ledger, body)
+    if not replayed:
+        catch_up(request)
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return JSONResponse(result, status_code=status, headers=headers)
+
+
+def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
+    limit = request.app.state.settings.batch_limit
+    if len(batch.events) > limit:
+        return problem_response(validation_problem(
+            [{"loc": ("body", "events"), "type": "too_long",
+              "msg": f"List should have at most {limit} items, not {len(batch.events)}"}],
+            request.url.path, detail=f"a batch holds at most {limit} events"))
+    results, accepted = [], False
+    for event in batch.events:  # array order; a refusal does not stop the others
+        try:
+            status, result, replayed = _ingest(ledger, event)
+        except LedgerError as exc:
+            results.append({"event_id": event.event_id, "status": exc.status,
+                            "problem": error_problem(exc)})
+            continue
+        except Exception:  # noqa: BLE001 - earlier events are durable; report this one
+            log.exception("unexpected error ingesting %s", event.event_id)
+            results.append({"event_id": event.event_id, "status": 500, "problem": problem_body(
+                "internal_error", 500, "Internal server error",
+                "An unexpected error occurred; it has been logged")})
+            continue
+        accepted = accepted or not replayed
+        results.append({"event_id": event.event_id, "status": status, "result": result})
+    if accepted:
+        catch_up(request)
+    return JSONResponse({"results": results}, status_code=200)
+
+
+# -------------------------------------------------------------------------------- reads
+
+
+@router.get("/v1/sessions/{session_id}", tags=["reads"],
+            responses=problem_responses(401, 403, 404, 422, 500, 503))
+def get_session(session_id: Ident, role: ReadRole, ledger: LedgerDep) -> dict:
+    """A session from its aggregate: facts, `paid_until`, rate and billing statement."""
+    session = ledger.get_session(session_id)  # raises UnknownSession (404)
+    events = list(ledger.events.get(session.id))
+    return session_resource(session, events)
+
+
+@router.get("/v1/patients/{patient_id}/balance", tags=["reads"],
+            responses=problem_responses(401, 403, 422, 500, 503))
+def get_patient_balance(patient_id: Ident, role: ReadRole, projector: ProjectorDep,
+                        clock: ClockDep) -> dict:
+    """Units per bucket usable now and per pool (projection)."""
+    return projector.patient_balance(patient_id, clock())
+
+
+@router.get("/v1/doctors/{doctor_id}/wallet", tags=["reads"],
+            responses=problem_responses(401, 403, 422, 500, 503))
+def get_doctor_wallet(doctor_id: Ident, role: ReadRole, projector: ProjectorDep) -> dict:
+    """Pending, available, held and withdrawn pay per currency (projection)."""
+    return projector.doctor_wallet(doctor_id)
+
+
+@router.get("/v1/projections", tags=["reads"], responses=problem_responses(401, 403, 500, 503))
+def get_projections(role: ReadRole, projector: ProjectorDep, ledger: LedgerDep) -> dict:
+    """Lag of each projection behind the event log, in events."""
+    return {"head": ledger.recorder.max_notification_id() or 0, "lag": projector.lag()}
+
+
+# ------------------------------------------------------------------------ ticks, clock
+
+
+@router.post("/v1/ticks", tags=["admin"],
+             responses=problem_responses(401, 403, 422, 500, 503))
+def post_tick(role: AdminRole, ledger: LedgerDep, projector: ProjectorDep,
+              clock: ClockDep, body: Annotated[TickRequest | None, Body()] = None) -> dict:
+    """Run one tick now: charge due blocks, apply timeouts, settle, expire pools."""
+    now = utc_seconds(clock())
+    as_of = body.as_of if body is not None and body.as_of is not None else now
+    if as_of > now + MAX_TICK_AHEAD:
+        raise AsOfOutOfRange(f"as_of {as_of.isoformat()} is later than the clock "
+                             f"({now.isoformat()}) + 5 minutes")
+    return run_tick(ledger, projector, as_of).as_dict()
+
+
+@router.get("/v1/clock", tags=["admin"], response_model=ClockState,
+            responses=problem_responses(401, 403, 500, 503))
+def get_clock_now(role: ReadRole, clock: ClockDep) -> dict:
+    """The service clock, and whether it is manual."""
+    return {"now": utc_seconds(clock()).isoformat(), "manual": _is_manual(clock)}
+
+
+@router.put("/v1/clock", tags=["admin"], response_model=ClockSet,
+            responses=problem_responses(401, 403, 409, 422, 500, 503))
+def put_clock(role: AdminRole, clock: ClockDep, body: ClockRequest) -> dict:
+    """Move a manual clock forward (never backwards); 409 `clock_not_manual` otherwise."""
+    if not _is_manual(clock):
+        raise ClockNotManual("the service runs the system clock; set LEDGER_CLOCK=manual")
+    current = clock()
+    if body.now > current:
+        clock.set(body.now)
+    return {"now": utc_seconds(clock()).isoformat()}
+
+
+def _is_manual(clock) -> bool:
+    return callable(getattr(clock, "set", None))

@@ -1,0 +1,247 @@
+"""The Projector: a polling catch-up loop that keeps the read models exactly once.
+
+For each projection it reads the notifications after its tracked position (topic-filtered, at
+most BATCH_EVENTS, never past the head read at the start of the call), and applies them plus
+the tracking update in ONE transaction. The tracking update is a compare-and-set from the
+position the batch was read at; if it changes no row another process already applied events
+after that position, so the whole transaction is rolled back and the batch is re-read. On
+PostgreSQL a per-projection `pg_advisory_xact_lock` makes concurrent catch-ups queue instead of
+racing; SQLite serialises writers with BEGIN IMMEDIATE. Positions resume from "greater than
+the last tracked id" (PostgreSQL ids have gaps); when a filtered read returns less than a full
+batch the position moves to the head, so irrelevant trailing events cost no lag.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+from ledger.rules import BUCKETS, Policy
+from projections import schema
+from projections.store import Store, open_store, utc
+from projections.views import Projection, build_projections
+
+BATCH_EVENTS = 500
+PATIENT_POOLS_LIMIT = 1000
+
+
+class _LostRace(Exception):
+    """The tracking row moved since the batch was read: roll back and re-read."""
+
+
+class Projector:
+    """Read models beside the ledger's event store (same SQLite file or PostgreSQL schema).
+
+    Views: `balances` (units per pool/bucket and patient/bucket), `wallets` (minor units per
+    doctor/currency), `live` (unsettled sessions with next_due_at, pools with effective_end).
+    Thread-safe: one connection guarded by a lock, released between batches.
+    """
+
+    def __init__(self, ledger: Any, database_url: str, policy: Policy) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self._store: Store = open_store(database_url)
+        self._projections: list[Projection] = build_projections(ledger, policy)
+        self._catching_up = threading.Lock()  # one catch-up at a time per instance
+        self.races_lost = 0  # batches rolled back because another process applied them first
+        self._setup()
+
+    def _setup(self) -> None:
+        """Create the tables and one tracking row (position 0) per projection, if absent."""
+        store = self._store
+        with store.locked(), store.transaction():
+            store.lock("ddl")
+            for statement in schema.ALL:
+                store.execute(statement.format(**store.ddl_types))
+            for projection in self._projections:
+                store.execute("INSERT INTO projection_tracking (name, notification_id) VALUES (?, 0) "
+                              "ON CONFLICT (name) DO NOTHING", (projection.name,))
+
+    # ------------------------------------------------------------------------ catching up
+
+    def catch_up(self, max_events: int = 50_000) -> int:
+        """Apply events up to the current head; returns events applied across projections.
+
+        Bounded: at most `max_events` events per call; call again while
+        `lag()` is non-zero to continue.
+        """
+        with self._catching_up:
+            return self._catch_up(max_events, stop=None)
+
+    def _catch_up(self, max_events: int, stop: int | dict[str, int] | None) -> int:
+        """`stop`: apply nothing past this id (one for all, or per projection name)."""
+        head = self._head() if stop is None else stop
+        heads = head if isinstance(head, dict) else {p.name: head for p in self._projections}
+        applied, pending = 0, list(self._projections)
+        rounds = 4 * (max_events // BATCH_EVENTS + 1) + 8 * len(pending)
+        for _ in range(rounds):
+            if not pending or applied >= max_events:
+                break
+            still = []
+            for projection in pending:
+                limit = min(BATCH_EVENTS, max_events - applied)
+                count = self._step(projection, heads.get(projection.name, 0), limit) \
+                    if limit > 0 else 0
+                if count is not None:
+                    applied += count
+                    still.append(projection)
+            pending = still
+        return applied
+
+    def _head(self) -> int:
+        return int(self.ledger.recorder.max_notification_id() or 0)
+
+    def _step(self, projection: Projection, head: int, limit: int) -> int | None:
+        """Apply one batch of `projection`; returns events applied, or None if caught up."""
+        position = self._positions().get(projection.name, 0)
+        if position >= head:
+            return None
+        notifications = self.ledger.recorder.select_notifications(
+            start=position, limit=limit, stop=head, topics=projection.topics,
+            inclusive_of_start=False)
+        new_position = notifications[-1].id if len(notifications) >= limit else head
+        events = [self.ledger.mapper.to_domain_event(n) for n in notifications]
+        try:
+            with self._store.locked(), self._store.transaction():
+                self._store.lock(projection.name)
+                if not self._advance(projection.name, position, new_position):
+                    raise _LostRace(projection.name)
+                projection.apply(self._store, events)
+        except _LostRace:
+            projection.reset()
+            self.races_lost += 1
+            return 0
+        except BaseException:
+            projection.reset()
+            raise
+        return len(events)
+
+    def _advance(self, name: str, old: int, new: int) -> bool:
+        """Compare-and-set the tracking row from `old` to `new` (> old); insert if absent."""
+        changed = self._store.execute(
+            "UPDATE projection_tracking SET notification_id = ? "
+            "WHERE name = ? AND notification_id = ? AND notification_id < ?", (new, name, old, new))
+        if changed == 0 and old == 0:
+            changed = self._store.execute(
+                "INSERT INTO projection_tracking (name, notification_id) VALUES (?, ?) "
+                "ON CONFLICT (name) DO NOTHING", (name, new))
+        return changed == 1
+
+    def _positions(self) -> dict[str, int]:
+        with self._store.locked():
+            rows = self._store.query("SELECT name, notification_id FROM projection_tracking")
+        return {name: int(position) for name, position in rows}
+
+    def lag(self) -> dict[str, int]:
+        """Projection name -> notifications behind `ledger.recorder.max_notification_id()`."""
+        head, positions = self._head(), self._positions()
+        return {p.name: max(0, head - positions.get(p.name, 0)) for p in self._projections}
+
+    # ------------------------------------------------------------------------------ reads
+
+    def patient_balance(self, patient_id: str, now: datetime) -> dict:
+        """Units of one patient (see module docs of the API for the shape).
+
+        buckets[b]: available = free units of pools the patient owns or is an active member of,
+        not expired/refunded; usable_now = those also valid at `now` (starts_at <= now <
+        effective_end); held/charged = units of the patient's own sessions.
+        """
+        now, store = utc(now), self._store
+        with store.locked(), store.snapshot():
+            pools = store.query(
+                "SELECT m.pool_id, m.role, m.active, m.added_at, p.payment_reference, p.starts_at, "
+                "p.effective_end, p.expired, p.refunded FROM balance_members m "
+                "JOIN balance_pools p ON p.pool_id = m.pool_id WHERE m.patient_id = ? "
+                "ORDER BY p.effective_end, p.starts_at, m.pool_id LIMIT ?",
+                (patient_id, PATIENT_POOLS_LIMIT))
+            counts = store.query(
+                "SELECT b.pool_id, b.bucket, b.granted, b.free, b.held, b.charged, b.reversed, "
+                "b.forfeited, b.revoked FROM balance_pool_buckets b JOIN balance_members m "
+                "ON m.pool_id = b.pool_id WHERE m.patient_id = ?", (patient_id,))
+            usage = store.query("SELECT bucket, held, charged FROM balance_patient_buckets "
+                                "WHERE patient_id = ?", (patient_id,))
+        return self._balance(patient_id, now, pools, counts, usage)
+
+    def _balance(self, patient_id: str, now: datetime, pools: list, counts: list,
+                 usage: list) -> dict:
+        per_pool: dict[str, dict] = {}
+        for pool_id, bucket, *values in counts:
+            per_pool.setdefault(pool_id, {})[bucket] = pool_bucket(values)
+        totals = {b: {"available": 0, "usable_now": 0, "held": 0, "charged": 0} for b in BUCKETS}
+        for bucket, held, charged in usage:
+            totals[bucket].update(held=int(held), charged=int(charged))
+        entries = []
+        for row in pools:
+            entry = self._pool_entry(row, per_pool.get(row[0], {}))
+            usable, usable_now = self._usability(entry, self._store.from_ts(row[3]), now)
+            for bucket, count in entry["buckets"].items():
+                totals[bucket]["available"] += count["available"] if usable else 0
+                totals[bucket]["usable_now"] += count["available"] if usable_now else 0
+            entries.append(entry)
+        return {"patient_id": patient_id, "as_of": now.isoformat(), "buckets": totals,
+                "pools": entries}
+
+    def _pool_entry(self, row: tuple, buckets: dict) -> dict:
+        pool_id, role, active, _added, reference, starts, end, expired, refunded = row
+        return {"pool_id": pool_id, "payment_reference": reference, "role": role,
+                "active": bool(active), "starts_at": self._store.from_ts(starts).isoformat(),
+                "effective_end": self._store.from_ts(end).isoformat(), "expired": bool(expired),
+                "refunded": bool(refunded),
+                "buckets": {b: buckets.get(b, pool_bucket([0] * 7)) for b in BUCKETS}}
+
+    @staticmethod
+    def _usability(entry: dict, added_at: datetime, now: datetime) -> tuple[bool, bool]:
+        """(counts in available, counts in usable_now) for the patient's link to this pool."""
+        usable = entry["active"] and not entry["expired"] and not entry["refunded"]
+        member_now = entry["role"] == "owner" or added_at <= now
+        valid_now = (datetime.fromisoformat(entry["starts_at"]) <= now
+                     < datetime.fromisoformat(entry["effective_end"]))
+        return usable, usable and member_now and valid_now
+
+    def doctor_wallet(self, doctor_id: str) -> dict:
+        """Minor units per currency: {"doctor_id", "wallets": [{"currency", "pending_minor", …}]}."""
+        with self._store.locked():
+            rows = self._store.query(
+                "SELECT currency, pending, available, held, withdrawn, credited, reversed "
+                "FROM wallet_balances WHERE doctor_id = ? ORDER BY currency", (doctor_id,))
+        keys = ("pending_minor", "available_minor", "held_minor", "withdrawn_minor",
+                "credited_minor", "reversed_minor")
+        return {"doctor_id": doctor_id,
+                "wallets": [{"currency": r[0], **{k: int(v) for k, v in zip(keys, r[1:])}}
+                            for r in rows]}
+
+    def due_sessions(self, as_of: datetime, limit: int = 1000) -> list[str]:
+        """session_id of unsettled sessions with next_due_at <= as_of, earliest first."""
+        with self._store.locked():
+            rows = self._store.query(
+                "SELECT session_id FROM live_sessions WHERE next_due_at <= ? "
+                "ORDER BY next_due_at, session_id LIMIT ?", (self._store.ts(as_of), limit))
+        return [r[0] for r in rows]
+
+    def due_pools(self, as_of: datetime, limit: int = 1000) -> list[str]:
+        """str(pool UUID) of pools not expired with effective_end + skew <= as_of, earliest first."""
+        cutoff = as_of - timedelta(seconds=self.policy.skew_seconds)
+        with self._store.locked():
+            rows = self._store.query(
+                "SELECT pool_id FROM live_pools WHERE expired = ? AND effective_end <= ? "
+                "ORDER BY effective_end, pool_id LIMIT ?", (False, self._store.ts(cutoff), limit))
+        return [r[0] for r in rows]
+
+    def live_session_ids(self, limit: int = 10_000) -> list[str]:
+        """session_id of every unsettled session (up to `limit`), in id order."""
+        with self._store.locked():
+            rows = self._store.query("SELECT session_id FROM live_sessions ORDER BY session_id "
+                                     "LIMIT ?", (limit,))
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        with self._store.locked():
+            self._store.close()
+
+
+def pool_bucket(values: list) -> dict:
+    """Counters of one pool/bucket in units; `available` is the pool's free units."""
+    granted, free, held, charged, reversed_, forfeited, revoked = (int(v) for v in values)
+    return {"granted": granted, "available": free, "held": held, "charged": charged,
+            "reversed": reversed_, "forfeited": forfeited, "revoked": revoked}

@@ -1,0 +1,222 @@
+"""The view store: one connection to SQLite or PostgreSQL, beside the event store.
+
+SQL is written once with `?` placeholders; the PostgreSQL store rewrites them to `%s`.
+Instants are `timestamptz` on PostgreSQL and fixed-width ISO-8601 UTC text on SQLite
+(`2026-11-02T08:00:00.000000+00:00`), so `<=`/`ORDER BY` work as instants on both.
+Key columns use byte order (`COLLATE "C"` on PostgreSQL, BINARY on SQLite), which is also
+Python's `str` order, so replay verification can merge two sorted streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
+
+BUSY_TIMEOUT_SECONDS = 30
+
+
+def utc(moment: datetime) -> datetime:
+    """The same instant in UTC; raises ValueError for a naive datetime (ambiguous)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("instants must be timezone-aware")
+    return moment.astimezone(timezone.utc)
+
+
+def iso_utc(moment: datetime) -> str:
+    """Fixed-width ISO-8601 UTC text of an aware datetime (lexical order = time order)."""
+    return utc(moment).isoformat(timespec="microseconds")
+
+
+class Store:
+    """One database connection for the views. Not shared between processes.
+
+    Use `with store.locked():` around every use from several threads, `transaction()` for
+    writes (one atomic unit) and `snapshot()` for consistent multi-statement reads.
+    """
+
+    kind = ""
+    ddl_types: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        self._mutex = threading.RLock()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._mutex:
+            yield
+
+    def ts(self, moment: datetime | None) -> Any:
+        """An instant as a query parameter."""
+        raise NotImplementedError
+
+    def from_ts(self, value: Any) -> datetime | None:
+        """An instant read from a column, as an aware UTC datetime."""
+        raise NotImplementedError
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def transaction(self):
+        """Context manager: one write transaction, rolled back on any exception."""
+        raise NotImplementedError
+
+    def snapshot(self):
+        """Context manager: a read-only transaction with one consistent snapshot."""
+        raise NotImplementedError
+
+    def lock(self, name: str) -> None:
+        """Serialise writers of projection `name` until the transaction ends (PG only)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SQLiteStore(Store):
+    """A separate `sqlite3` connection to the ledger's file: WAL, busy timeout, BEGIN IMMEDIATE."""
+
+    kind = "sqlite"
+    ddl_types = {"TS": "TEXT", "KEY": "TEXT", "BOOL": "INTEGER"}
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                    timeout=BUSY_TIMEOUT_SECONDS)
+        self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+
+    def ts(self, moment: datetime | None) -> str | None:
+        return None if moment is None else iso_utc(moment)
+
+    def from_ts(self, value: Any) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        if rows:
+            self.conn.executemany(sql, rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresStore(Store):
+    """A psycopg 3 connection whose search_path is the ledger's schema; TimeZone UTC."""
+
+    kind = "postgres"
+    ddl_types = {"TS": "timestamptz", "KEY": 'text COLLATE "C"', "BOOL": "boolean"}
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url, self.schema = url, postgres_parts(url)["schema"]
+        self._conn = self._connect()
+
+    def _connect(self) -> Any:
+        import psycopg
+        from psycopg import sql
+
+        conn = psycopg.connect(postgres_conninfo(self.url), autocommit=True)
+        schema = sql.Identifier(self.schema)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL("SET search_path TO {}").format(schema))
+        conn.execute("SET TIME ZONE 'UTC'")
+        return conn
+
+    @property
+    def conn(self) -> Any:
+        """The connection, re-opened if the previous one broke (server restart, network)."""
+        if self._conn.broken:
+            self._conn.close()
+            self._conn = self._connect()
+        return self._conn
+
+    @staticmethod
+    def _sql(statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def ts(self, moment: datetime | None) -> datetime | None:
+        return None if moment is None else utc(moment)
+
+    def from_ts(self, value: Any) -> datetime | None:
+        return None if value is None else value.astimezone(timezone.utc)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(self._sql(sql), params).rowcount
+
+    def executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.conn.execute(self._sql(sql), params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        conn = self.conn
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield
+
+    def lock(self, name: str) -> None:
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(self.schema, name),))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def advisory_key(schema: str, name: str) -> int:
+    """A signed 64-bit advisory-lock key for (schema, projection name)."""
+    digest = hashlib.sha256(f"projections:{schema}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def open_store(database_url: str) -> Store:
+    """`sqlite:///path` or `postgresql://…?schema=name` → a Store."""
+    if is_postgres(database_url):
+        return PostgresStore(database_url)
+    return SQLiteStore(sqlite_path(database_url))

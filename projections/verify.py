@@ -1,0 +1,243 @@
+"""I7: rebuild every view from position zero into a scratch store and compare with the live views.
+
+The scratch store is a temporary SQLite file, or the PostgreSQL schema `<schema>_replay`
+(dropped and recreated, then dropped). The same projection code runs on both; accounts are
+streamed in key order from both stores and merged. Live rows are also checked for I6
+(conservation) and I3 (no negative free units, no negative available money).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
+
+from ledger.rules import Policy
+from projections.projector import Projector
+from projections.store import Store
+from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts
+from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
+
+PAGE = 1000
+MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
+REPLAY_CHUNK = 50_000
+TS_COLUMNS = frozenset({"starts_at", "effective_end", "added_at", "removed_at", "next_due_at"})
+BOOL_COLUMNS = frozenset({"expired", "refunded", "active"})
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Account:
+    """One kind of account: a view table, its key columns and compared value columns."""
+
+    label: str
+    table: str
+    keys: tuple[str, ...]
+    values: tuple[str, ...]
+
+
+ACCOUNTS = (
+    Account("pool", "balance_pool_buckets", ("pool_id", "bucket"), POOL_FIELDS),
+    Account("pool", "balance_pools", ("pool_id",),
+            ("payment_reference", "owner_id", "starts_at", "effective_end", "expired", "refunded")),
+    Account("member", "balance_members", ("pool_id", "patient_id"),
+            ("role", "active", "added_at", "removed_at")),
+    Account("patient", "balance_patient_buckets", ("patient_id", "bucket"), PATIENT_FIELDS),
+    Account("wallet", "wallet_balances", ("doctor_id", "currency"), WALLET_FIELDS),
+    Account("wallet id", "wallet_ids", ("wallet_id",), ("doctor_id", "currency")),
+    Account("session", "live_sessions", ("session_id",),
+            ("patient_id", "doctor_id", "kind", "state", "next_due_at")),
+    Account("live pool", "live_pools", ("pool_id",), ("effective_end", "expired")),
+)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of replay_verify: `differences` name each account that disagrees."""
+
+    events: int = 0  # events applied by the replay, across projections
+    accounts: int = 0  # accounts (view rows) compared
+    position: int = 0  # notification id the live views were compared at
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    @property
+    def events_replayed(self) -> int:
+        return self.events
+
+    @property
+    def accounts_compared(self) -> int:
+        return self.accounts
+
+
+def replay_verify(ledger: Any, database_url: str, policy: Policy,
+                  progress: Progress | None = None) -> VerifyReport:
+    """Catch the live views up, replay every view from zero into scratch, compare (I7).
+
+    `progress(position, head)` is called after each replayed chunk (notification ids).
+    """
+    report = VerifyReport()
+    live = Projector(ledger, database_url, policy)
+    try:
+        _drain(live, live._head(), None)
+        positions = live._positions()
+        report.position = min(positions.values(), default=0)
+        with scratch_url(database_url) as url:
+            replay = Projector(ledger, url, policy)
+            try:
+                report.events = _drain(replay, positions, progress)
+                for account in ACCOUNTS:
+                    compare(account, live._store, replay._store, report)
+            finally:
+                replay.close()
+        if live._positions() != positions:
+            report.notes.append("live views advanced during verification; "
+                                "differences about recent accounts may be transient")
+    finally:
+        live.close()
+    return report
+
+
+def _drain(projector: Projector, stop: int | dict[str, int], progress: Progress | None) -> int:
+    """Catch `projector` up to `stop` in chunks; returns events applied."""
+    target = max(stop.values(), default=0) if isinstance(stop, dict) else stop
+    applied = 0
+    for _ in range(target // REPLAY_CHUNK + len(projector._projections) * 4 + 4):
+        applied += projector._catch_up(REPLAY_CHUNK, stop)
+        reached = min(projector._positions().values(), default=0)
+        if progress is not None:
+            progress(min(reached, target), target)
+        if _reached(projector._positions(), stop):
+            break
+    return applied
+
+
+def _reached(positions: dict[str, int], stop: int | dict[str, int]) -> bool:
+    stops = stop if isinstance(stop, dict) else {name: stop for name in positions}
+    return all(positions.get(name, 0) >= at for name, at in stops.items())
+
+
+@contextmanager
+def scratch_url(database_url: str) -> Iterator[str]:
+    """A throwaway database URL for the replay: temp SQLite file or `<schema>_replay`."""
+    if not is_postgres(database_url):
+        folder = tempfile.mkdtemp(prefix="ledger-replay-")
+        try:
+            yield f"sqlite:///{Path(folder) / 'replay.db'}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    schema = postgres_parts(database_url)["schema"] + "_replay"
+    _recreate_schema(database_url, schema, create=True)
+    parsed = urlparse(database_url)
+    query = {**parse_qs(parsed.query), "schema": [schema]}
+    try:
+        yield urlunparse(parsed._replace(query=urlencode(query, doseq=True)))
+    finally:
+        _recreate_schema(database_url, schema, create=False)
+
+
+def _recreate_schema(database_url: str, schema: str, create: bool) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(postgres_conninfo(database_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        if create:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+
+
+# ------------------------------------------------------------------------------ comparing
+
+
+def stream(store: Store, account: Account) -> Iterator[tuple[tuple, dict]]:
+    """(key, {column: normalised value}) for every row, in key (byte) order, page by page."""
+    keys, cols = ", ".join(account.keys), account.keys + account.values
+    after = f"({keys}) > ({', '.join('?' * len(account.keys))})"
+    last: tuple | None = None
+    for _ in range(MAX_PAGES):
+        where = "" if last is None else f"WHERE {after} "
+        with store.locked():
+            rows = store.query(f"SELECT {', '.join(cols)} FROM {account.table} {where}"
+                               f"ORDER BY {keys} LIMIT ?", (*(last or ()), PAGE))
+        for row in rows:
+            key = tuple(row[:len(account.keys)])
+            values = row[len(account.keys):]
+            yield key, {c: normalise(store, c, v) for c, v in zip(account.values, values)}
+        if len(rows) < PAGE:
+            return
+        last = tuple(rows[-1][:len(account.keys)])
+
+
+def normalise(store: Store, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if column in TS_COLUMNS:
+        return store.from_ts(value).isoformat()
+    if column in BOOL_COLUMNS:
+        return bool(value)
+    return value
+
+
+def compare(account: Account, live: Store, replay: Store, report: VerifyReport) -> None:
+    """Merge both key-ordered streams; append one line per differing account."""
+    left, right = stream(live, account), stream(replay, account)
+    a, b = next(left, None), next(right, None)
+    for _ in range(MAX_PAGES * PAGE):
+        if a is None and b is None:
+            return
+        report.accounts += 1
+        if b is None or (a is not None and a[0] < b[0]):
+            report.differences.append(f"{name(account, a[0])}: missing in replay")
+            check_invariants(account, a, report)
+            a = next(left, None)
+        elif a is None or b[0] < a[0]:
+            report.differences.append(f"{name(account, b[0])}: missing in live")
+            b = next(right, None)
+        else:
+            diff_values(account, a, b, report)
+            check_invariants(account, a, report)
+            a, b = next(left, None), next(right, None)
+
+
+def name(account: Account, key: tuple) -> str:
+    return f"{account.label} {'/'.join(str(k) for k in key)}"
+
+
+def diff_values(account: Account, a: tuple, b: tuple, report: VerifyReport) -> None:
+    changed = [c for c in account.values if a[1][c] != b[1][c]]
+    if changed:
+        live = " ".join(f"{c}={a[1][c]}" for c in changed)
+        replay = " ".join(f"{c}={b[1][c]}" for c in changed)
+        report.differences.append(f"{name(account, a[0])}: live {live} replay {replay}")
+
+
+def check_invariants(account: Account, row: tuple, report: VerifyReport) -> None:
+    """I6 conservation and I3 non-negativity on a live pool/bucket or wallet row."""
+    v = row[1]
+    if account.table == "balance_pool_buckets":
+        rest = v["free"] + v["held"] + v["charged"] + v["forfeited"] + v["revoked"]
+        if v["granted"] != rest:
+            report.differences.append(f"I6 {name(account, row[0])}: granted={v['granted']} "
+                                      f"free+held+charged+forfeited+revoked={rest}")
+        negative = [c for c in ("free", "held", "charged") if v[c] < 0]
+    elif account.table == "wallet_balances":
+        rest = v["pending"] + v["available"] + v["held"] + v["withdrawn"]
+        if v["credited"] - v["reversed"] != rest:
+            report.differences.append(f"I6 {name(account, row[0])}: credited-reversed="
+                                      f"{v['credited'] - v['reversed']} "
+                                      f"pending+available+held+withdrawn={rest}")
+        negative = [c for c in ("pending", "available", "held") if v[c] < 0]
+    else:
+        return
+    if negative:
+        report.differences.append(f"I3 {name(account, row[0])}: negative "
+                                  + " ".join(f"{c}={v[c]}" for c in negative))
