@@ -46,7 +46,8 @@ class Pool(Aggregate):
     """One subscription purchase: units per bucket, validity window, owner and members (§4).
 
     `free[bucket]` never goes below zero (I3); conservation per bucket (I6):
-    granted = free + held + (charged − reversed) + forfeited + revoked.
+    granted = free + held + net charged + forfeited + revoked, where `charged` holds the
+    net charges (a reversal removes its entry) and `reversed` counts the reversals.
     """
 
     @staticmethod

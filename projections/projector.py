@@ -55,8 +55,8 @@ class Projector:
             for statement in schema.ALL:
                 store.execute(statement.format(**store.ddl_types))
             for projection in self._projections:
-                store.execute("INSERT INTO projection_tracking (name, notification_id) VALUES (?, 0) "
-                              "ON CONFLICT (name) DO NOTHING", (projection.name,))
+                store.execute("INSERT INTO projection_tracking (name, notification_id) "
+                              "VALUES (?, 0) ON CONFLICT (name) DO NOTHING", (projection.name,))
 
     # ------------------------------------------------------------------------ catching up
 
@@ -141,11 +141,17 @@ class Projector:
     # ------------------------------------------------------------------------------ reads
 
     def patient_balance(self, patient_id: str, now: datetime) -> dict:
-        """Units of one patient (see module docs of the API for the shape).
+        """Units of one patient at `now` (aware datetime).
 
-        buckets[b]: available = free units of pools the patient owns or is an active member of,
+        {"patient_id", "as_of", "buckets": {b: {"available", "usable_now", "held", "charged"}},
+         "pools": [{"pool_id", "payment_reference", "role": "owner"|"member", "active",
+                    "starts_at", "effective_end", "expired", "refunded",
+                    "buckets": {b: {"granted", "available", "held", "charged", "reversed",
+                                    "forfeited", "revoked"}}}]}  for b in text, voice, video.
+        buckets[b].available = free units of pools the patient owns or is an active member of,
         not expired/refunded; usable_now = those also valid at `now` (starts_at <= now <
-        effective_end); held/charged = units of the patient's own sessions.
+        effective_end, member since); held/charged = units of the patient's own sessions.
+        Pools are listed earliest effective_end first (draw order), inactive links included.
         """
         now, store = utc(now), self._store
         with store.locked(), store.snapshot():
@@ -158,7 +164,8 @@ class Projector:
             counts = store.query(
                 "SELECT b.pool_id, b.bucket, b.granted, b.free, b.held, b.charged, b.reversed, "
                 "b.forfeited, b.revoked FROM balance_pool_buckets b JOIN balance_members m "
-                "ON m.pool_id = b.pool_id WHERE m.patient_id = ?", (patient_id,))
+                "ON m.pool_id = b.pool_id WHERE m.patient_id = ? LIMIT ?",
+                (patient_id, len(BUCKETS) * PATIENT_POOLS_LIMIT))
             usage = store.query("SELECT bucket, held, charged FROM balance_patient_buckets "
                                 "WHERE patient_id = ?", (patient_id,))
         return self._balance(patient_id, now, pools, counts, usage)
@@ -200,7 +207,11 @@ class Projector:
         return usable, usable and member_now and valid_now
 
     def doctor_wallet(self, doctor_id: str) -> dict:
-        """Minor units per currency: {"doctor_id", "wallets": [{"currency", "pending_minor", …}]}."""
+        """Minor units per currency.
+
+        {"doctor_id", "wallets": [{"currency", "pending_minor", "available_minor", "held_minor",
+        "withdrawn_minor", "credited_minor", "reversed_minor"}]}, ordered by currency.
+        """
         with self._store.locked():
             rows = self._store.query(
                 "SELECT currency, pending, available, held, withdrawn, credited, reversed "
@@ -220,7 +231,7 @@ class Projector:
         return [r[0] for r in rows]
 
     def due_pools(self, as_of: datetime, limit: int = 1000) -> list[str]:
-        """str(pool UUID) of pools not expired with effective_end + skew <= as_of, earliest first."""
+        """str(pool UUID) of unexpired pools with effective_end + skew <= as_of, earliest first."""
         cutoff = as_of - timedelta(seconds=self.policy.skew_seconds)
         with self._store.locked():
             rows = self._store.query(

@@ -53,7 +53,8 @@ class Deltas:
     def flush(self, store: Store) -> None:
         cols = self.keys + self.fields
         sets = ", ".join(f"{f} = {self.table}.{f} + excluded.{f}" for f in self.fields)
-        sql = (f"INSERT INTO {self.table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+        sql = (f"INSERT INTO {self.table} ({', '.join(cols)}) "
+               f"VALUES ({', '.join('?' * len(cols))}) "
                f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {sets}")
         store.executemany(sql, [key + tuple(vals) for key, vals in self.rows.items()])
         self.rows.clear()
@@ -170,7 +171,9 @@ class Balances(Projection):
 
 
 class Wallets(Projection):
-    """Per doctor/currency minor units. I6: credited − reversed = pending + available + held + withdrawn.
+    """Per doctor/currency minor units.
+
+    I6: credited − reversed = pending + available + held + withdrawn.
 
     Pay is credited (pending) per AutoDeducted, settled by Session.Settled; Wallet.Credited is
     the same money as Settled and is ignored.
@@ -220,7 +223,8 @@ class Wallets(Projection):
         if key not in self.accounts:
             if len(self.accounts) >= WALLET_CACHE_SIZE:
                 self.accounts.clear()
-            rows = store.query("SELECT doctor_id, currency FROM wallet_ids WHERE wallet_id = ?", (key,))
+            rows = store.query("SELECT doctor_id, currency FROM wallet_ids WHERE wallet_id = ?",
+                               (key,))
             if not rows:
                 raise LookupError(f"wallet {key} has no Opened event before its withdrawal")
             self.accounts[key] = (rows[0][0], rows[0][1])
@@ -294,7 +298,8 @@ class Live(Projection):
                     self.sessions.forget(e.originator_id)
             elif isinstance(e, Pool.Granted):
                 store.execute("INSERT INTO live_pools (pool_id, effective_end, expired) "
-                              "VALUES (?, ?, ?)", (str(e.originator_id), store.ts(e.effective_end), False))
+                              "VALUES (?, ?, ?)",
+                              (str(e.originator_id), store.ts(e.effective_end), False))
             elif isinstance(e, Pool.Expired):
                 store.execute("UPDATE live_pools SET expired = ? WHERE pool_id = ?",
                               (True, str(e.originator_id)))
@@ -311,8 +316,8 @@ class Live(Projection):
         store.executemany("DELETE FROM live_sessions WHERE session_id = ?",
                           [(sid,) for sid, row in rows.items() if row is None])
         store.executemany(
-            "INSERT INTO live_sessions (session_id, patient_id, doctor_id, kind, state, next_due_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
+            "INSERT INTO live_sessions (session_id, patient_id, doctor_id, kind, state, "
+            "next_due_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
             "state = excluded.state, next_due_at = excluded.next_due_at",
             [row for row in rows.values() if row is not None])
 

@@ -157,8 +157,10 @@ class _Builder:
         return d
 
     def emit(self, type_: str, occurred: datetime, payload: dict) -> Event:
+        """A non-session event, delivered promptly (in order with those of the same instant)."""
         ev = self.event(type_, occurred, payload)
-        self.deliver(ev, occurred + timedelta(seconds=self.rng.randint(0, 5)))
+        jitter = 0 if occurred <= self.setup + timedelta(minutes=5) else self.rng.randint(0, 5)
+        self.deliver(ev, occurred + timedelta(seconds=jitter))
         return ev
 
     # ---- doctors
@@ -404,7 +406,8 @@ class _Builder:
                 heapq.heappush(heap, (patient_free[(patient, group)] + timedelta(seconds=30), i, spec))
                 continue
             if patient is None:
-                patient = self.free_patient(group, t, patient_free)
+                patient = self.free_patient(group, t, patient_free,
+                                            with_units=spec["script"] == "call_late_end")
             if spec.get("expect") == "unknown_doctor":
                 self.add_session(spec, t, patient, f"{self.tag}-dX", "unknown_doctor",
                                  patient_free, doctor_free, commit=False)
@@ -426,9 +429,13 @@ class _Builder:
             plan = self.add_session(spec, t, patient, doctor, "", patient_free, doctor_free)
             live_plans[doctor] = plan
 
-    def free_patient(self, group: str, t: datetime, patient_free: dict) -> str:
-        for _ in range(50):
+    def free_patient(self, group: str, t: datetime, patient_free: dict,
+                     with_units: bool = False) -> str:
+        """A random patient without a live session of this group (with a plan, if asked)."""
+        for _ in range(100):
             p = self.rng.choice(self.patients)
+            if with_units and self.categories[p] not in ("single", "stacked", "premium"):
+                continue
             if patient_free.get((p, group), t) <= t:
                 return p
         return next(p for p in self.patients if patient_free.get((p, group), t) <= t)
@@ -497,7 +504,7 @@ class Script:
     def run(self) -> datetime:
         self.emit(0, "session.requested", {"kind": self.plan.kind,
                                            "patient_id": self.plan.patient_id,
-                                           "doctor_id": self.plan.doctor_id})
+                                           "doctor_id": self.plan.doctor_id}, late=False)
         timeout_at = getattr(self, self.plan.script)()
         ends = [x for x in (timeout_at, self.end_delivery) if x is not None]
         return min(ends) + timedelta(seconds=2 * TICK) if ends else self.t0 + timedelta(hours=4)
@@ -542,14 +549,12 @@ class Script:
     def _conversation(self, start: float, length: float, gap=(60, 480)) -> float:
         """Messages from either side every 1–8 minutes; returns the last message's offset."""
         t = start
-        while t + gap[1] <= start + length or t == start:
+        while True:
             step = self.rng.randint(*gap)
             if t + step > start + length:
-                break
+                return t
             t += step
-            kind = self.rng.choice(("session.patient_message", "session.activity"))
-            self.emit(t, kind)
-        return t
+            self.emit(t, self.rng.choice(("session.patient_message", "session.activity")))
 
     def _open_text(self) -> float:
         first = self.rng.randint(3, 60)
@@ -685,7 +690,7 @@ class Script:
         connected = self._connect()
         n = self.rng.randint(1, 3)
         duration = n * 600 - self.rng.randint(15, 120)
-        last = self._pings(connected, duration - 20)
+        self._pings(connected, duration - 20)
         self.emit(connected + duration - self.rng.randint(0, 15), "session.activity", late=False)
         occurred = self.t0 + timedelta(seconds=round(connected + duration))
         report = self.t0 + timedelta(seconds=round(connected + (n + 1) * 600 + self.rng.randint(125, 240)))
@@ -694,7 +699,6 @@ class Script:
                           self.plan.session_id)
         d = self.b.deliver(ev, report, late=int((report - occurred).total_seconds()))
         self.end_delivery = d.at
-        del last
 
     def call_long(self) -> datetime:
         connected = self._connect()

@@ -103,7 +103,7 @@ def voice_call(w: World, projector: Projector, sid: str = "call-1", patient: str
 
 def rich_scenario(w: World, projector: Projector) -> dict:
     """Family plan with a member, text and calls, a reversal, a refund with a hold, an expiry
-    with a hold, withdrawals. Returns the pool ids by payment reference."""
+    with a hold, withdrawals; everything settled. Returns pool ids by short name."""
     w.post("doctor.registered", w.at(), doctor_id="d1", country="MW")
     w.post("doctor.registered", w.at(), doctor_id="d2", country="ZM")
     pools = {"fam": w.grant("pay-fam", "p1", w.at()),
@@ -115,16 +115,29 @@ def rich_scenario(w: World, projector: Projector) -> dict:
     w.post("member.added", w.at(), payment_reference="pay-fam", patient_id="p2")
     ended = voice_call(w, projector)
     w.tick(projector, ended + timedelta(minutes=15))
-    # p2 (member) texts d2: activated at +2 min, ended at +14 min -> 2 units, USD.
-    w.post("session.requested", w.at(hours=1), session_id="text-1", kind="text", patient_id="p2",
+    member_text(w, projector, w.at(hours=1))
+    reversed_call(w, projector, w.at(hours=2))
+    refund_while_held(w, projector, w.at(hours=3))
+    expiry_while_held(w, projector, w.at(days=1))
+    withdrawals(w, w.at(days=1, hours=1))
+    projector.catch_up()
+    return pools
+
+
+def member_text(w: World, projector: Projector, start: datetime) -> None:
+    """p2 (member of pay-fam) texts d2: activated at +2 min, ended at +14 min -> 2 units USD."""
+    w.post("session.requested", start, session_id="text-1", kind="text", patient_id="p2",
            doctor_id="d2")
-    w.post("session.patient_message", w.at(hours=1, minutes=1), session_id="text-1")
-    w.post("text.activated", w.at(hours=1, minutes=2), session_id="text-1")
-    w.post("session.activity", w.at(hours=1, minutes=8), session_id="text-1")
-    w.post("session.ended", w.at(hours=1, minutes=14), session_id="text-1", ended_by="patient")
-    w.tick(projector, w.at(hours=1, minutes=40))
-    # p4 calls d2; two blocks charged, then an earlier end (5 min) arrives late -> reversal.
-    start = w.at(hours=2)
+    w.post("session.patient_message", start + timedelta(minutes=1), session_id="text-1")
+    w.post("text.activated", start + timedelta(minutes=2), session_id="text-1")
+    w.post("session.activity", start + timedelta(minutes=8), session_id="text-1")
+    w.post("session.ended", start + timedelta(minutes=14), session_id="text-1",
+           ended_by="patient")
+    w.tick(projector, start + timedelta(minutes=40))
+
+
+def reversed_call(w: World, projector: Projector, start: datetime) -> None:
+    """p4 calls d2; blocks 1-2 are charged, then an earlier end (5 min) arrives -> reversal."""
     w.post("session.requested", start, session_id="call-rev", kind="voice", patient_id="p4",
            doctor_id="d2")
     w.post("call.connected", start + timedelta(seconds=10), session_id="call-rev")
@@ -136,27 +149,34 @@ def rich_scenario(w: World, projector: Projector) -> dict:
     w.post("session.ended", start + timedelta(minutes=5, seconds=10), session_id="call-rev",
            ended_by="patient")
     w.tick(projector, start + timedelta(minutes=40))
-    # p4 requests a call (a unit held), the payment is refunded, the call is declined.
-    w.post("session.requested", w.at(hours=3), session_id="call-ref", kind="voice",
-           patient_id="p4", doctor_id="d1")
-    w.post("payment.refunded", w.at(hours=3, seconds=30), payment_reference="pay-ref")
-    w.post("call.declined", w.at(hours=3, seconds=60), session_id="call-ref")
-    w.tick(projector, w.at(hours=3, minutes=30))
-    # p3's 1-day pool: a text request holds a unit 5 min before expiry; never activated.
-    w.post("session.requested", w.at(days=1, minutes=-5), session_id="text-exp", kind="text",
-           patient_id="p3", doctor_id="d1")
-    w.tick(projector, w.at(days=1, minutes=30))
-    w.tick(projector, w.at(days=1, minutes=50))
-    # d1 withdraws part of the settled MWK pay; one request completes, one is rejected.
+
+
+def refund_while_held(w: World, projector: Projector, start: datetime) -> None:
+    """p4 requests a call (unit held), pay-ref is refunded, the call is declined: revoked."""
+    w.post("session.requested", start, session_id="call-ref", kind="voice", patient_id="p4",
+           doctor_id="d1")
+    w.post("payment.refunded", start + timedelta(seconds=30), payment_reference="pay-ref")
+    w.post("call.declined", start + timedelta(seconds=60), session_id="call-ref")
+    w.tick(projector, start + timedelta(minutes=30))
+
+
+def expiry_while_held(w: World, projector: Projector, expiry: datetime) -> None:
+    """p3 requests a text 5 min before pay-short expires; never activated: forfeited."""
+    w.post("session.requested", expiry - timedelta(minutes=5), session_id="text-exp",
+           kind="text", patient_id="p3", doctor_id="d1")
+    w.tick(projector, expiry + timedelta(minutes=30))
+    w.tick(projector, expiry + timedelta(minutes=50))
+
+
+def withdrawals(w: World, at: datetime) -> None:
+    """d1 withdraws part of the settled MWK pay: w1 completes, w2 is rejected."""
     for request_id, amount in (("w1", 500_000), ("w2", 200_000)):
-        w.post("withdrawal.requested", w.at(days=1, hours=1), doctor_id="d1", currency="MWK",
-               amount_minor=amount, request_id=request_id)
-    w.post("withdrawal.completed", w.at(days=1, hours=2), doctor_id="d1", currency="MWK",
+        w.post("withdrawal.requested", at, doctor_id="d1", currency="MWK", amount_minor=amount,
+               request_id=request_id)
+    w.post("withdrawal.completed", at + timedelta(hours=1), doctor_id="d1", currency="MWK",
            request_id="w1")
-    w.post("withdrawal.rejected", w.at(days=1, hours=2), doctor_id="d1", currency="MWK",
+    w.post("withdrawal.rejected", at + timedelta(hours=1), doctor_id="d1", currency="MWK",
            request_id="w2", reason="bank refused")
-    projector.catch_up()
-    return pools
 
 
 # ------------------------------------------------------------------------------ checkers
@@ -183,10 +203,12 @@ def assert_conservation(projector: Projector) -> None:
     pools, wallets = pool_rows(projector), wallet_rows(projector)
     assert pools and wallets
     for key, v in pools.items():
-        assert v["granted"] == v["free"] + v["held"] + v["charged"] + v["forfeited"] + v["revoked"], key
+        rest = v["free"] + v["held"] + v["charged"] + v["forfeited"] + v["revoked"]
+        assert v["granted"] == rest, key
         assert min(v["free"], v["held"], v["charged"]) >= 0, key
     for key, v in wallets.items():
-        assert v["credited"] - v["reversed"] == v["pending"] + v["available"] + v["held"] + v["withdrawn"], key
+        rest = v["pending"] + v["available"] + v["held"] + v["withdrawn"]
+        assert v["credited"] - v["reversed"] == rest, key
         assert min(v["pending"], v["available"], v["held"]) >= 0, key
 
 
@@ -283,6 +305,27 @@ def test_rich_scenario_conservation_and_write_model(world):
     assert expired["pools"][0]["expired"] and expired["buckets"]["text"]["available"] == 0
     assert projector.due_pools(w.at(days=99)) == sorted([pools["fam"], pools["ref"]])
     assert projector.live_session_ids() == []
+
+
+def test_withdrawal_hold_then_release(world):
+    w = world
+    projector = w.projector()
+    w.post("doctor.registered", w.at(), doctor_id="d1", country="MW")
+    w.grant("pay-1", "p1", w.at())
+    w.tick(projector, voice_call(w, projector) + timedelta(minutes=15))
+    w.post("withdrawal.requested", w.at(hours=1), doctor_id="d1", currency="MWK",
+           amount_minor=400_000, request_id="w1")
+    projector.catch_up()
+    [wallet] = projector.doctor_wallet("d1")["wallets"]
+    assert (wallet["available_minor"], wallet["held_minor"]) == (3 * MWK_UNIT - 400_000, 400_000)
+    assert_conservation(projector)
+    w.post("withdrawal.rejected", w.at(hours=2), doctor_id="d1", currency="MWK",
+           request_id="w1", reason="closed account")
+    projector.catch_up()
+    [wallet] = projector.doctor_wallet("d1")["wallets"]
+    assert (wallet["available_minor"], wallet["held_minor"], wallet["withdrawn_minor"]) == (
+        3 * MWK_UNIT, 0, 0)
+    assert projector.doctor_wallet("nobody") == {"doctor_id": "nobody", "wallets": []}
 
 
 def test_member_removal_and_usable_now(world):
@@ -434,9 +477,10 @@ def test_replay_verify_ok_then_names_corrupted_accounts(world):
     head = w.ledger.recorder.max_notification_id()
     assert progress and progress[-1] == (head, head)
     store = projector._store
-    store.execute("UPDATE balance_pool_buckets SET free = free + 1 WHERE pool_id = ? AND bucket = ?",
-                  (pools["fam"], "voice"))
-    store.execute("UPDATE wallet_balances SET available = available - 7 WHERE doctor_id = ?", ("d2",))
+    store.execute("UPDATE balance_pool_buckets SET free = free + 1 "
+                  "WHERE pool_id = ? AND bucket = ?", (pools["fam"], "voice"))
+    store.execute("UPDATE wallet_balances SET available = available - 7 WHERE doctor_id = ?",
+                  ("d2",))
     store.execute("DELETE FROM balance_members WHERE patient_id = ?", ("p2",))
     report = replay_verify(w.ledger, w.url, POLICY)
     assert not report.ok

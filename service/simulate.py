@@ -1,0 +1,706 @@
+"""`ledger simulate`: a realistic day driven against the running service, checked by an oracle.
+
+The driver walks the simulated day in steps of the tick interval (60 s). At each step it moves
+the service's manual clock to the step's end, posts every event the backend delivers during the
+step (batches of at most 100, with duplicates, late deliveries, swaps within a batch and client
+retries after a timeout) and runs the tick as of the step's end, repeating while the tick says
+there is more. The oracle (service/oracle.py) is fed exactly the same operations in the same
+order and predicts every post's outcome and every tick's work. After the day the clock runs on
+past every settlement grace; then every session, patient and doctor is read over HTTP and
+compared with the oracle, and the projections are replayed from zero (I7).
+
+`run_simulation(...)` returns a SimulationReport; `ok` is false on any difference or a failed
+replay.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.oracle import KINDS, Oracle, Outcome, utc
+from service.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
+
+ADMIN_KEY = "sim-admin"
+STEP = timedelta(seconds=60)
+BATCH = 100
+MAX_TICK_CALLS = 50  # per step: bound on POST /v1/ticks while "more"
+SETTLE_HORIZON = timedelta(hours=6)  # bound on the drain after the last delivery
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
+                        "seats_taken", "revoked", "status", "available_minor", "country")
+
+
+@dataclass
+class SimulationReport:
+    differences: list[str]
+    replay_ok: bool | None  # None: the replay audit could not run (no database URL)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences and self.replay_ok is not False
+
+
+# ------------------------------------------------------------------------- the service
+
+
+class ServiceProcess:
+    """`uvicorn api.app:create_app --factory` on a fresh SQLite file with a manual clock."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.db = workdir.resolve() / "ledger.db"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(self.db) + suffix).unlink(missing_ok=True)
+        self.database_url = f"sqlite:///{self.db}"
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir.resolve() / "service.log"
+        env = {**os.environ, "LEDGER_DATABASE_URL": self.database_url, "LEDGER_CLOCK": "manual",
+               "LEDGER_TICK_ENABLED": "false", "LEDGER_API_KEYS": f"{ADMIN_KEY}:admin",
+               "LEDGER_LOG_LEVEL": "warning",
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_seconds: float = 60) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}; "
+                                   f"see {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the service did not become healthy; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """The backend's and the operator's HTTP calls."""
+
+    def __init__(self, base_url: str, key: str = ADMIN_KEY) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
+                                 timeout=httpx.Timeout(120.0), limits=httpx.Limits(
+                                     max_connections=8, max_keepalive_connections=8))
+        self.requests = 0
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        self.requests += 1
+        if response.status_code >= 500:
+            raise RuntimeError(f"{response.request.method} {response.request.url.path}: "
+                               f"{response.status_code} {response.text[:500]}")
+        return response
+
+    def clock(self) -> datetime:
+        return utc(self._check(self.http.get("/v1/clock")).json()["now"])
+
+    def set_clock(self, now: datetime) -> None:
+        r = self._check(self.http.put("/v1/clock", json={"now": iso(now)}))
+        if r.status_code != 200:
+            raise RuntimeError(f"PUT /v1/clock: {r.status_code} {r.text[:300]}")
+
+    def tick(self, as_of: datetime) -> dict:
+        r = self._check(self.http.post("/v1/ticks", json={"as_of": iso(as_of)}))
+        if r.status_code != 200:
+            raise RuntimeError(f"POST /v1/ticks: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def post_batch(self, bodies: list[dict], timeout: httpx.Timeout | None = None) -> list[dict]:
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        r = self._check(self.http.post("/v1/events", json={"events": bodies}, **kwargs))
+        if r.status_code != 200:
+            raise RuntimeError(f"POST /v1/events (batch): {r.status_code} {r.text[:500]}")
+        return r.json()["results"]
+
+    def post_one(self, body: dict) -> httpx.Response:
+        return self._check(self.http.post("/v1/events", json=body))
+
+    def head(self) -> int:
+        return int(self._check(self.http.get("/v1/projections")).json()["head"])
+
+    def get(self, path: str) -> httpx.Response:
+        return self._check(self.http.get(path))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Stats:
+    posts: int = 0  # HTTP posts of events (batches and singles)
+    events_posted: int = 0  # event deliveries sent, duplicates and retries included
+    distinct_events: int = 0
+    duplicates: int = 0
+    late: int = 0
+    singles: int = 0
+    swaps: int = 0
+    timeout_retries: int = 0
+    dropped: int = 0  # events the backend no longer sent after a refusal
+    ticks: int = 0
+    tick_calls: int = 0
+    refusals: Counter = field(default_factory=Counter)
+    tick_work: Counter = field(default_factory=Counter)
+
+
+class Driver:
+    def __init__(self, scenario: Scenario, client: Client, console=None) -> None:
+        self.sc = scenario
+        self.client = client
+        self.oracle = Oracle()
+        self.console = console
+        self.rng = random.Random(scenario.seed * 7919 + 17)
+        self.stats = Stats()
+        self.differences: list[str] = []
+        self.plans = {p.session_id: p for p in scenario.sessions}
+        self.cancelled: set[str] = set()  # requests refused: the backend never started them
+        self.closed: set[str] = set()  # the ledger said the session ended: only ends are sent
+        self.seen: set[str] = set()
+        self.now = scenario.setup_at
+        forced = [scenario.day_start + timedelta(hours=h) for h in (9, 15, 20)]
+        self.forced_retries = sorted(forced)
+
+    def differ(self, message: str) -> None:
+        self.differences.append(message)
+        if self.console is not None and len(self.differences) <= 30:
+            self.console.print(f"[red]DIFF[/red] {message}", highlight=False)
+
+    # ---- the day
+
+    def run(self, progress=None, task=None) -> None:
+        deliveries = self.sc.deliveries
+        i, t = 0, self.sc.setup_at
+        stop_at = self.sc.last_delivery + SETTLE_HORIZON
+        while t <= stop_at:
+            self.now = t
+            self.client.set_clock(t)
+            batch: list[Delivery] = []
+            while i < len(deliveries) and deliveries[i].at <= t:
+                batch.append(deliveries[i])
+                i += 1
+            if batch:
+                self.deliver(batch)
+            self.tick(t)
+            if progress is not None:
+                progress.update(task, completed=min(i, len(deliveries)),
+                                description=f"simulated {t:%Y-%m-%d %H:%M} UTC")
+            if i >= len(deliveries) and not self.oracle.unsettled:
+                break
+            t += STEP
+        for _ in range(3):  # nothing may be left: the ledger must agree
+            t += STEP * 10
+            self.now = t
+            self.client.set_clock(t)
+            self.tick(t)
+
+    def deliver(self, batch: list[Delivery]) -> None:
+        items = []
+        for d in batch:
+            ev = d.event
+            sid = ev.session_id
+            if sid in self.cancelled or (sid in self.closed and ev.type != "session.ended"):
+                self.stats.dropped += 1
+                continue
+            if ev.withdraw_rule and ev.payload["amount_minor"] == 0:
+                self.resolve_withdrawal(ev)
+            items.append(d)
+        self.swap(items)
+        run: list[Delivery] = []
+        requested: set[str] = set()  # sessions whose request is in `run`, not yet answered
+        for d in items:
+            sid = d.event.session_id
+            if d.single or (sid in requested and d.event.type != "session.requested"):
+                # The backend waits for the request's answer before the session goes on.
+                self.post_batch(run)
+                run, requested = [], set()
+            if sid in self.cancelled or (sid in self.closed and d.event.type != "session.ended"):
+                self.stats.dropped += 1
+                continue
+            if d.single:
+                self.post_single(d)
+                continue
+            run.append(d)
+            if d.event.type == "session.requested":
+                requested.add(sid)
+            if len(run) == BATCH:
+                self.post_batch(run)
+                run, requested = [], set()
+        self.post_batch(run)
+
+    def resolve_withdrawal(self, ev) -> None:
+        """The doctor asks for a share of what their app shows as available (the oracle's)."""
+        p = ev.payload
+        available = self.oracle.available_minor(p["doctor_id"], p["currency"])
+        minimum = 5_000_000 if p["currency"] == "MWK" else 7_000
+        amount = {"all": available, "half": available // 2, "third": available // 3,
+                  "over": available + 100, "below_min": minimum - 1}[ev.withdraw_rule]
+        p["amount_minor"] = max(amount, minimum if ev.withdraw_rule != "below_min" else 1)
+
+    def swap(self, items: list[Delivery]) -> None:
+        """Swap a few adjacent, independent events (other sessions, patients and doctors)."""
+        k = 0
+        while k < len(items) - 1:
+            a, b = items[k], items[k + 1]
+            if self.rng.random() < 0.04 and self.independent(a, b):
+                items[k], items[k + 1] = b, a
+                self.stats.swaps += 1
+                k += 2
+            else:
+                k += 1
+
+    def independent(self, a: Delivery, b: Delivery) -> bool:
+        pa, pb = self.plans.get(a.event.session_id), self.plans.get(b.event.session_id)
+        if pa is None or pb is None or a.single or b.single or pa is pb:
+            return False
+        return pa.patient_id != pb.patient_id and pa.doctor_id != pb.doctor_id
+
+    # ---- posting
+
+    def count(self, d: Delivery) -> None:
+        self.stats.events_posted += 1
+        self.stats.duplicates += d.duplicate
+        self.stats.late += bool(d.late_seconds) and not d.duplicate
+        if d.event.event_id not in self.seen:
+            self.seen.add(d.event.event_id)
+            self.stats.distinct_events += 1
+
+    def post_batch(self, run: list[Delivery]) -> None:
+        if not run:
+            return
+        bodies = [d.event.body() for d in run]
+        retry = self.should_retry()
+        if retry:
+            self.timed_out_post(run, bodies)
+        self.stats.posts += 1
+        results = self.client.post_batch(bodies)
+        for d, body, result in zip(run, bodies, results):
+            self.count(d)
+            expected = self.oracle.post(body, self.now)
+            got = _batch_outcome(result)
+            self.check(d, expected, got, retried=retry)
+
+    def should_retry(self) -> bool:
+        if self.forced_retries and self.now >= self.forced_retries[0]:
+            self.forced_retries.pop(0)
+            return True
+        return self.rng.random() < 0.003
+
+    def timed_out_post(self, run: list[Delivery], bodies: list[dict]) -> None:
+        """The client gives up waiting; the server may still apply the batch. Then retry."""
+        self.stats.timeout_retries += 1
+        before = self.client.head()
+        try:
+            self.client.post_batch(bodies, timeout=httpx.Timeout(10.0, read=0.001))
+        except httpx.TimeoutException:
+            pass
+        time.sleep(1.0)
+        if self.client.head() != before:  # the server applied the first attempt
+            for body in bodies:
+                self.oracle.post(body, self.now)
+        self.stats.posts += 1
+
+    def post_single(self, d: Delivery) -> None:
+        self.stats.posts += 1
+        self.stats.singles += 1
+        body = d.event.body()
+        response = self.client.post_one(body)
+        self.count(d)
+        expected = self.oracle.post(body, self.now)
+        payload = response.json()
+        if response.status_code in (200, 201):
+            replayed = response.headers.get("Idempotent-Replayed") == "true"
+            if replayed != (response.status_code == 200):
+                self.differ(f"{d.event.event_id}: status {response.status_code} with "
+                            f"Idempotent-Replayed={response.headers.get('Idempotent-Replayed')}")
+            got = Outcome(True, replayed=replayed, result=payload)
+        else:
+            got = Outcome(False, code=payload.get("code", f"http_{response.status_code}"))
+        self.check(d, expected, got)
+
+    def check(self, d: Delivery, expected: Outcome, got: Outcome, retried: bool = False) -> None:
+        ev = d.event
+        label = f"post {ev.event_id} {ev.type} {ev.session_id or ''} at {self.now:%H:%M}".rstrip()
+        if not got.accepted:
+            self.stats.refusals[got.code] += 1
+            if ev.type == "session.requested":
+                self.cancelled.add(ev.session_id)
+            elif got.code in ("session_ended", "session_settled") and ev.session_id:
+                self.closed.add(ev.session_id)
+        elif got.result and got.result.get("state") in ("ended", "settled") and ev.session_id:
+            self.closed.add(ev.session_id)
+        if expected.accepted != got.accepted or expected.code != got.code:
+            want = "accepted" if expected.accepted else expected.code
+            have = "accepted" if got.accepted else got.code
+            self.differ(f"{label}: ledger {have}, oracle {want}")
+            return
+        if not got.accepted:
+            return
+        if expected.replayed != got.replayed and not retried:
+            self.differ(f"{label}: ledger replayed={got.replayed}, oracle replayed={expected.replayed}")
+        for key in COMPARED_RESULT_KEYS:
+            if expected.result and key in expected.result:
+                if (got.result or {}).get(key) != expected.result[key]:
+                    self.differ(f"{label}: result {key} ledger {(got.result or {}).get(key)!r}, "
+                                f"oracle {expected.result[key]!r}")
+
+    # ---- ticks
+
+    def tick(self, t: datetime) -> None:
+        work = Counter()
+        for _ in range(MAX_TICK_CALLS):
+            report = self.client.tick(t)
+            self.stats.tick_calls += 1
+            for name in ("charged", "ended", "settled", "expired"):
+                work[name] += len(report.get(name) or ())
+            if not report.get("more"):
+                break
+        self.stats.ticks += 1
+        predicted = self.oracle.tick(t)
+        expected = {"charged": predicted.charged, "ended": predicted.ended,
+                    "settled": predicted.settled, "expired": predicted.expired}
+        self.stats.tick_work.update(work)
+        if any(work[k] != v for k, v in expected.items()):
+            self.differ(f"tick {iso(t)}: ledger {dict(work)}, oracle {expected}")
+
+
+def _batch_outcome(item: dict) -> Outcome:
+    status = int(item.get("status", 0))
+    if status in (200, 201):
+        return Outcome(True, replayed=status == 200, result=item.get("result") or {})
+    problem = item.get("problem") or {}
+    return Outcome(False, code=problem.get("code", f"http_{status}"))
+
+
+# ---------------------------------------------------------------------------- comparing
+
+
+def compare_all(driver: Driver, client: Client, workers: int = 4) -> dict:
+    """Read every session, patient and doctor over HTTP and compare with the oracle."""
+    sc, oracle = driver.sc, driver.oracle
+    now = driver.now
+    with ThreadPoolExecutor(workers) as pool:
+        sessions = list(pool.map(lambda s: client.get(f"/v1/sessions/{s.session_id}"), sc.sessions))
+        patients = list(pool.map(lambda p: client.get(f"/v1/patients/{p}/balance"), sc.patients))
+        doctors = list(pool.map(lambda d: client.get(f"/v1/doctors/{d}/wallet"), sorted(sc.doctors)))
+    for plan, response in zip(sc.sessions, sessions):
+        compare_session(driver, plan.session_id, response)
+    for patient, response in zip(sc.patients, patients):
+        compare_patient(driver, patient, response, now)
+    money: dict[str, Counter] = {}
+    for doctor, response in zip(sorted(sc.doctors), doctors):
+        for wallet in compare_doctor(driver, doctor, response):
+            money.setdefault(wallet["currency"], Counter()).update(
+                {k: v for k, v in wallet.items() if k.endswith("_minor")})
+    del oracle
+    return {c: dict(v) for c, v in sorted(money.items())}
+
+
+def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
+    oracle = driver.oracle
+    if sid not in oracle.sessions:
+        if response.status_code != 404:
+            driver.differ(f"session {sid}: ledger has it ({response.status_code}), oracle refused it")
+        return
+    if response.status_code != 200:
+        driver.differ(f"session {sid}: ledger {response.status_code}, oracle has it")
+        return
+    got, want = response.json(), oracle.session_facts(sid)
+    statement = got.get("statement") or {}
+    settlement = statement.get("settlement") or {}
+    pay = statement.get("doctor_pay") or {}
+    blocks = statement.get("blocks") or []
+    have = {
+        "state": got.get("state"), "started_at": got.get("started_at"),
+        "ended_at": got.get("ended_at"), "end_reason": got.get("end_reason"),
+        "paid_until": got.get("paid_until"),
+        "charges": sorted(c["block"] for c in statement.get("charges", [])),
+        "reversals": sorted(c["block"] for c in statement.get("reversals", [])),
+        "holds": sorted(b["number"] for b in blocks if b.get("status") == "held"),
+        "units_owed": settlement.get("units_owed"),
+        "charge_pools": {c["block"]: c["pool_id"] for c in statement.get("charges", [])},
+        "pay_per_unit_minor": pay.get("per_unit_minor"), "currency": pay.get("currency"),
+    }
+    for key, value in want.items():
+        if have.get(key) != value:
+            driver.differ(f"session {sid}: {key} ledger {have.get(key)!r}, oracle {value!r}")
+
+
+def compare_patient(driver: Driver, patient: str, response: httpx.Response, now: datetime) -> None:
+    oracle = driver.oracle
+    if response.status_code != 200:
+        driver.differ(f"patient {patient}: balance {response.status_code}")
+        return
+    got = response.json()
+    units = oracle.patient_units(patient)
+    refs = oracle.patients.get(patient, {}).get("pools", [])
+    for bucket in KINDS:
+        have = (got.get("buckets") or {}).get(bucket, {})
+        want = {"held": units[bucket]["held"], "charged": units[bucket]["charged"],
+                "usable_now": oracle.usable_now(patient, bucket, now),
+                "available": sum(oracle.pools[r].free[bucket] for r in refs
+                                 if _counts_as_available(oracle.pools[r], patient, now))}
+        for key, value in want.items():
+            if have.get(key) != value:
+                driver.differ(f"patient {patient} {bucket}: {key} ledger {have.get(key)!r}, "
+                              f"oracle {value!r}")
+    pools_got = {p["pool_id"]: p for p in got.get("pools") or []}
+    pools_want = {oracle.pools[r].pid: r for r in refs}
+    if set(pools_got) != set(pools_want):
+        driver.differ(f"patient {patient}: pools ledger {sorted(pools_got)}, oracle {sorted(pools_want)}")
+    for pid, ref in pools_want.items():
+        if pid not in pools_got:
+            continue
+        want = oracle.pool_numbers(ref)
+        for bucket in KINDS:
+            have = pools_got[pid]["buckets"].get(bucket, {})
+            for key, value in want[bucket].items():
+                if have.get(key) != value:
+                    driver.differ(f"pool {ref} {bucket}: {key} ledger {have.get(key)!r}, "
+                                  f"oracle {value!r}")
+
+
+def _counts_as_available(pool, patient: str, now: datetime) -> bool:
+    """`available` (§4): free units of the pools the patient may draw on, usable yet or not."""
+    if pool.expired or pool.refunded:
+        return False
+    if patient == pool.owner:
+        return True
+    span = pool.members.get(patient)
+    return bool(span) and (span[1] is None or now < span[1])
+
+
+def compare_doctor(driver: Driver, doctor: str, response: httpx.Response) -> list[dict]:
+    if response.status_code != 200:
+        driver.differ(f"doctor {doctor}: wallet {response.status_code}")
+        return []
+    wallets = {w["currency"]: w for w in response.json().get("wallets") or []}
+    want = driver.oracle.wallet_numbers(doctor)
+    zero = {"pending_minor": 0, "available_minor": 0, "held_minor": 0, "withdrawn_minor": 0}
+    for currency in sorted(set(wallets) | set(want)):
+        have, expected = wallets.get(currency, {}), {**zero, **want.get(currency, {})}
+        for key, value in expected.items():
+            if have.get(key, 0) != value:
+                driver.differ(f"doctor {doctor} {currency}: {key} ledger {have.get(key, 0)!r}, "
+                              f"oracle {value!r}")
+    return list(wallets.values())
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarize(driver: Driver, money: dict, wall_seconds: float) -> dict:
+    oracle, stats = driver.oracle, driver.stats
+    outcomes: dict[str, Counter] = {k: Counter() for k in KINDS}
+    units = Counter()
+    reversals = exhaustions = 0
+    for plan in driver.sc.sessions:
+        s = oracle.sessions.get(plan.session_id)
+        if s is None:
+            outcomes[plan.kind]["(refused)"] += 1
+            continue
+        outcomes[plan.kind][s.end_reason or s.state] += 1
+        units[s.kind] += len(s.charges)
+        reversals += len(s.reversals)
+        exhaustions += s.end_reason == "balance_exhausted"
+    reasons = Counter(r for k in outcomes.values() for r in k.elements())
+    return {
+        "scenario": driver.sc.describe(),
+        "sessions_by_kind_and_outcome": {k: dict(sorted(v.items())) for k, v in outcomes.items()},
+        "units_charged": dict(units), "reversals": reversals,
+        "sessions_with_reversal": sum(1 for s in oracle.sessions.values() if s.reversals),
+        "exhaustions": exhaustions,
+        "exhausted_ever": sum(1 for s in oracle.sessions.values() if s.exhausted),
+        "contentions": oracle.contentions,
+        "timeouts": {r: reasons[r] for r in ("not_started", "doctor_no_response", "missed",
+                                             "idle_timeout", "max_duration", "declined")},
+        "refusals": dict(sorted(stats.refusals.items())),
+        "money": money,
+        "events_posted": stats.events_posted, "distinct_events": stats.distinct_events,
+        "http_posts": stats.posts, "duplicates": stats.duplicates, "late": stats.late,
+        "single_posts": stats.singles, "swaps": stats.swaps,
+        "timeout_retries": stats.timeout_retries, "dropped_after_refusal": stats.dropped,
+        "ticks": stats.ticks, "tick_calls": stats.tick_calls,
+        "tick_work": dict(stats.tick_work),
+        "wall_seconds": round(wall_seconds, 1),
+        "events_per_second": round(stats.events_posted / wall_seconds, 1) if wall_seconds else 0.0,
+    }
+
+
+def render(console, summary: dict, differences: list[str], replay: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="Sessions by kind and outcome")
+    reasons = sorted({r for v in summary["sessions_by_kind_and_outcome"].values() for r in v})
+    table.add_column("outcome")
+    for kind in KINDS:
+        table.add_column(kind, justify="right")
+    for reason in reasons:
+        table.add_row(reason, *(str(summary["sessions_by_kind_and_outcome"][k].get(reason, 0))
+                                for k in KINDS))
+    console.print(table)
+    facts = Table(title="Simulation")
+    facts.add_column("measure")
+    facts.add_column("value", justify="right")
+    rows = [
+        ("units charged (text/voice/video)", "/".join(str(summary["units_charged"].get(k, 0))
+                                                      for k in KINDS)),
+        ("reversed units", summary["reversals"]), ("balance exhausted", summary["exhaustions"]),
+        ("family-pool contentions", summary["contentions"]),
+        *((f"refused: {code}", n) for code, n in summary["refusals"].items()),
+        *((f"{cur} {k.removesuffix('_minor')}", f"{v / 100:,.2f}")
+          for cur, m in summary["money"].items() for k, v in sorted(m.items())
+          if k in ("pending_minor", "available_minor", "held_minor", "withdrawn_minor")),
+        ("events posted (distinct)", f"{summary['events_posted']} ({summary['distinct_events']})"),
+        ("HTTP posts", summary["http_posts"]), ("duplicates", summary["duplicates"]),
+        ("late deliveries", summary["late"]), ("swapped in batch", summary["swaps"]),
+        ("retries after a client timeout", summary["timeout_retries"]),
+        ("ticks", summary["ticks"]),
+        ("wall time", f"{summary['wall_seconds']} s"),
+        ("events/s", summary["events_per_second"]),
+        ("replay audit", replay.get("status", "")),
+        ("differences", len(differences)),
+    ]
+    for name, value in rows:
+        facts.add_row(str(name), str(value))
+    console.print(facts)
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def replay_audit(database_url: str) -> tuple[bool, dict]:
+    from projections import replay_verify
+    from service.bootstrap import build_ledger
+    from service.clock import SystemClock
+    from service.settings import Settings
+
+    settings = Settings(database_url=database_url)
+    ledger = build_ledger(settings, SystemClock())
+    try:
+        report = replay_verify(ledger, database_url, settings.policy())
+    finally:
+        closer = getattr(ledger, "close", None)
+        if callable(closer):
+            closer()
+    return report.ok, {"events": getattr(report, "events", None),
+                       "differences": list(report.differences)[:20],
+                       "notes": list(getattr(report, "notes", []))}
+
+
+def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
+                   sessions: int = 3000, base_url: str | None = None,
+                   database_url: str | None = None, workdir: Path = Path("var/sim"),
+                   console=None) -> SimulationReport:
+    """Simulate one day against the service (started here unless `base_url` is given)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    started = time.monotonic()
+    service = None
+    if base_url is None:
+        service = ServiceProcess(Path(workdir))
+        base_url, database_url = service.base_url, service.database_url
+    client = Client(base_url)
+    try:
+        if service is not None:
+            service.wait_ready()
+        day_start = next_midnight(client.clock())
+        scenario = build_scenario(seed=seed, patients=patients, doctors=doctors,
+                                  sessions=sessions, day_start=day_start)
+        described = scenario.describe()
+        console.print(f"Simulating {day_start:%Y-%m-%d} (seed {seed}): {described['patients']} "
+                      f"patients, {described['doctors']} doctors, {described['sessions']} sessions, "
+                      f"{described['events']} events + {described['duplicates']} duplicates "
+                      f"against {base_url}")
+        driver = Driver(scenario, client, console)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("setting up", total=len(scenario.deliveries))
+            driver.run(progress, task)
+        console.print(f"Day done at {driver.now:%Y-%m-%d %H:%M} UTC; comparing every session, "
+                      "patient and doctor")
+        money = compare_all(driver, client)
+    finally:
+        client.close()
+        if service is not None:
+            service.stop()
+    replay: dict = {"status": "skipped (no database URL)"}
+    replay_ok: bool | None = None
+    if database_url:
+        replay_ok, details = replay_audit(database_url)
+        replay = {"status": "ok" if replay_ok else "FAILED", **details}
+        for diff in details["differences"]:
+            console.print(f"[red]REPLAY[/red] {diff}", highlight=False)
+    wall = time.monotonic() - started
+    summary = summarize(driver, money, wall)
+    summary["replay"] = replay
+    render(console, summary, driver.differences, replay)
+    if driver.differences:
+        console.print(f"[red]{len(driver.differences)} differences[/red]")
+        for diff in driver.differences[30:60]:
+            console.print(f"[red]DIFF[/red] {diff}", highlight=False)
+    else:
+        console.print("[green]No differences between the ledger and the oracle.[/green]")
+    return SimulationReport(differences=driver.differences, replay_ok=replay_ok, summary=summary)
+
+
+def main() -> int:  # pragma: no cover - `python -m service.simulate`
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--doctors", type=int, default=100)
+    parser.add_argument("--sessions", type=int, default=3000)
+    parser.add_argument("--base-url")
+    parser.add_argument("--database-url")
+    parser.add_argument("--workdir", type=Path, default=Path("var/sim"))
+    args = parser.parse_args()
+    report = run_simulation(seed=args.seed, patients=args.patients, doctors=args.doctors,
+                            sessions=args.sessions, base_url=args.base_url,
+                            database_url=args.database_url, workdir=args.workdir)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
