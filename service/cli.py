@@ -42,8 +42,11 @@ def _open(settings: Settings):
 def serve(host: Optional[str] = None, port: Optional[int] = None,
           workers: int = typer.Option(1, min=1, max=16, help="uvicorn worker processes")) -> None:
     """Run the HTTP API with its periodic tick (embedded SQLite unless LEDGER_DATABASE_URL)."""
+    import logging
+
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
     if workers > 1 and not settings.database_url.startswith("postgres"):
         err.print("[yellow]several workers on SQLite serialise their writes; use PostgreSQL[/]")
