@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.routing import Match
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -160,8 +161,22 @@ def _http_handler(request: Request, exc: Exception) -> JSONResponse:
         title = "Error"
     code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else title
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     return problem_response(problem_body(code, status, title, detail, request.url.path),
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette only names the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        match_any, _ = route.matches(request.scope)
+        if match != Match.NONE or match_any != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -180,7 +195,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 # ----------------------------------------------------------------------- OpenAPI declaration
 
-_DESCRIPTIONS = {400: "Bad request", 401: "Missing or unknown API key (`unauthenticated`)",
+_DESCRIPTIONS = {400: "Body is not parseable JSON (`bad_request`)", 401: "Missing or unknown API key (`unauthenticated`)",
                  403: "The key's role does not allow this (`forbidden`)",
                  404: "Not found (`unknown_session`, …)",
                  409: "Conflict (`insufficient_units`, `session_conflict`, `idempotency_conflict`, …)",

@@ -146,7 +146,7 @@ _EVENT_RESPONSES: dict[int | str, dict] = {
           "model": Union[EventResult, BatchResult],
           "headers": {"Idempotent-Replayed": {"description": "`true` on a re-post",
                                               "schema": {"type": "string", "enum": ["true"]}}}},
-    **problem_responses(401, 403, 404, 409, 422, 500, 503),
+    **problem_responses(400, 401, 403, 404, 409, 422, 500, 503),
 }
 
 
@@ -233,7 +233,7 @@ def get_projections(role: ReadRole, projector: ProjectorDep, ledger: LedgerDep) 
 
 
 @router.post("/v1/ticks", tags=["admin"],
-             responses=problem_responses(401, 403, 422, 500, 503))
+             responses=problem_responses(400, 401, 403, 422, 500, 503))
 def post_tick(role: AdminRole, ledger: LedgerDep, projector: ProjectorDep,
               clock: ClockDep, body: Annotated[TickRequest | None, Body()] = None) -> dict:
     """Run one tick now: charge due blocks, apply timeouts, settle, expire pools."""
@@ -253,7 +253,7 @@ def get_clock_now(role: ReadRole, clock: ClockDep) -> dict:
 
 
 @router.put("/v1/clock", tags=["admin"], response_model=ClockSet,
-            responses=problem_responses(401, 403, 409, 422, 500, 503))
+            responses=problem_responses(400, 401, 403, 409, 422, 500, 503))
 def put_clock(role: AdminRole, clock: ClockDep, body: ClockRequest) -> dict:
     """Move a manual clock forward (never backwards); 409 `clock_not_manual` otherwise."""
     if not _is_manual(clock):
