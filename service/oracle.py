@@ -497,12 +497,13 @@ class Oracle:
         return {**self.view(session), "ended_at": session.ended_at.isoformat(),
                 "reason": session.end_reason}
 
-    def _end(self, session: OSession, at: datetime, by: str, reason: str, received: datetime) -> None:
+    def _end(self, session: OSession, at: datetime, by: str, reason: str,
+             received: datetime) -> None:
         """Record an end report: the earliest ended_at stands (§3); live until the first."""
         if session.ended_at is not None and at >= session.ended_at:
             return
-        if session.started_at is not None and at < session.started_at:
-            at = session.started_at
+        # An end before the billable start is kept as reported: d = max(0, …) (§1) makes the
+        # session zero-length, and an earlier start reported later still counts from there.
         first = session.ended_at is None
         session.ended_at, session.end_by, session.end_reason = at, by, reason
         if reason == "balance_exhausted":
@@ -571,7 +572,8 @@ class Oracle:
     def next_step(self, s: OSession) -> tuple | None:
         """(due, action, detail) of the session's next decision, or None.
 
-        Actions, earliest due first (a charge before a timeout before settlement when equal):
+        Actions, earliest due first; a timeout on the same instant as a charge goes first, as
+        an end report arriving before the tick would have been replaced by that timeout (I9):
         charge block n at its end + skew, if that end is not past the session's (known or
         pending) end; a timeout at its deadline + skew; settlement at
         max(ended_at, first end received) + grace.
@@ -586,9 +588,9 @@ class Oracle:
             n = max(s.charges, default=0) + 1
             boundary = s.block_start(n + 1)
             if boundary <= limit:
-                options.append((boundary + skew, 0, "charge", n))
+                options.append((boundary + skew, 1, "charge", n))
         if pending is not None:
-            options.append((pending[0] + skew, 1, "timeout", pending))
+            options.append((pending[0] + skew, 0, "timeout", pending))
         if s.ended_at is not None:
             due = max(s.ended_at, s.end_received_at) + timedelta(seconds=self.t.grace)
             options.append((due, 2, "settle", None))
@@ -744,16 +746,15 @@ class Oracle:
                 "pay_per_unit_minor": s.rate[0] if s.rate else None,
                 "currency": s.rate[1] if s.rate else None}
 
-    def patient_units(self, patient: str) -> dict:
-        """Per bucket: units held for and charged to this patient's sessions (net)."""
-        out = {b: {"held": 0, "charged": 0} for b in KINDS}
+    def patient_units(self) -> dict[str, dict]:
+        """Per patient and bucket: units held for and charged to their sessions (net)."""
+        out: dict[str, dict] = {}
         for pool in self.pools.values():
-            for (sid, _), b in pool.held.items():
-                if self.sessions[sid].patient == patient:
-                    out[b]["held"] += 1
-            for (sid, _), b in pool.charged.items():
-                if self.sessions[sid].patient == patient:
-                    out[b]["charged"] += 1
+            for field_name, table in (("held", pool.held), ("charged", pool.charged)):
+                for (sid, _), b in table.items():
+                    patient = self.sessions[sid].patient
+                    row = out.setdefault(patient, {k: {"held": 0, "charged": 0} for k in KINDS})
+                    row[b][field_name] += 1
         return out
 
     def pool_numbers(self, ref: str) -> dict:

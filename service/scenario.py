@@ -29,12 +29,22 @@ OTHER_COUNTRIES = ("ZM", "KE", "TZ", "ZA", "UG", "ZW", "NG", "MZ")
 LOCAL_LOAD = (0.15, 0.1, 0.08, 0.08, 0.1, 0.2, 0.45, 0.8, 1.2, 1.6, 1.7, 1.4,
               1.1, 1.0, 1.0, 1.0, 1.1, 1.3, 1.6, 1.7, 1.5, 1.1, 0.7, 0.35)
 UTC_OFFSET_HOURS = 2
-TEXT_SCRIPTS = {"text_completed": 0.66, "text_short": 0.04, "text_idle_walkaway": 0.06,
+TEXT_SCRIPTS = {"text_completed": 0.64, "text_short": 0.04, "text_idle_walkaway": 0.06,
                 "text_idle_gap": 0.03, "text_no_response": 0.08, "text_patient_cancel": 0.03,
-                "text_not_started": 0.05}
-CALL_SCRIPTS = {"call_completed": 0.69, "call_short": 0.05, "call_declined": 0.08,
-                "call_missed": 0.05, "call_idle": 0.05, "call_late_end": 0.03}
+                "text_not_started": 0.05, "text_boundary": 0.02}
+CALL_SCRIPTS = {"call_completed": 0.66, "call_short": 0.05, "call_declined": 0.08,
+                "call_missed": 0.05, "call_idle": 0.05, "call_late_end": 0.03,
+                "call_boundary": 0.03}
+# Billable durations right at the edges of §2 (0 s, the call grace, block boundaries).
+TEXT_BOUNDARIES = (0, 599, 600, 601, 1200, 1201)
+CALL_BOUNDARIES = (59, 60, 599, 600, 601, 1200, 1201)
 SCRIPT_MINIMUM = 2  # every script appears at least this often, so small runs exercise it
+# How late a late delivery is, per event type (seconds): a billable start stays within the skew
+# allowance, an end report within the settlement grace; other events a few minutes.
+LATE_SECONDS = {"text.activated": (20, 50), "call.connected": (20, 50),
+                "call.declined": (60, 120), "session.ended": (60, 300)}
+MINIMUMS = {"text_boundary": len(TEXT_BOUNDARIES), "call_boundary": len(CALL_BOUNDARIES),
+            "call_late_end": 4}
 
 
 def iso(moment: datetime) -> str:
@@ -139,6 +149,9 @@ class _Builder:
         self.pools_of: dict[str, list[dict]] = {}
         self.families: list[dict] = []
         self.sessions: list[SessionPlan] = []
+        self.boundary_uses = Counter()
+        self.mover: str | None = None  # the doctor whose country changes at noon
+        self.contended_people: set[str] = set()  # consult only in the contention episodes
 
     # ---- small helpers
 
@@ -176,6 +189,7 @@ class _Builder:
         movers = [d for d, c in self.doctors.items() if c != "MW"]
         if movers:
             mover = self.rng.choice(movers)
+            self.mover = mover
             self.emit("doctor.country_changed", self.at(12), {"doctor_id": mover, "country": "MW"})
             self.doctors[mover] = "MW"
 
@@ -187,7 +201,8 @@ class _Builder:
         price = rng.choice((1_500_000, 2_500_000, 4_000_000)) if currency == "MWK" else \
             rng.choice((1_000, 1_500, 2_500))
         if kind == "family":
-            units = {"text": rng.randint(8, 14), "voice": rng.randint(4, 8), "video": rng.randint(2, 5)}
+            units = {"text": rng.randint(8, 14), "voice": rng.randint(4, 8),
+                     "video": rng.randint(2, 5)}
             return {"name": "Family", "price_minor": price * 3, "currency": currency,
                     "units": units, "seats": rng.randint(3, 6), "duration_days": 30}
         if kind == "contended":
@@ -238,7 +253,8 @@ class _Builder:
         cursor = 0
         n_families = max(2, round(n * 0.03))
         for f in range(n_families):
-            plan = self.plan("contended" if f % 3 == 0 else "family")
+            contended = f % 3 == 0  # few units, members who consult together (see episodes)
+            plan = self.plan("contended" if contended else "family")
             seats = plan["seats"]
             size = seats if f % 4 != 1 else seats - 1  # some families keep a free seat
             people = order[cursor:cursor + size]
@@ -246,13 +262,16 @@ class _Builder:
             owner = people[0]
             self.categories[owner] = "family_owner"
             pool = self.grant(owner, plan, self.current_start(30), "family")
+            pool["contended"] = contended
+            if contended:
+                self.contended_people.update(people)
             for member in people[1:]:
                 self.categories[member] = "family_member"
-                self.emit("member.added", self.setup, {"payment_reference": pool["payment_reference"],
-                                                       "patient_id": member})
+                self.emit("member.added", self.setup,
+                          {"payment_reference": pool["payment_reference"], "patient_id": member})
                 pool["members"].append(member)
                 self.pools_of.setdefault(member, []).append(pool)
-                if rng.random() < 0.3:  # some members also hold a plan of their own
+                if not contended and rng.random() < 0.3:  # some also hold a plan of their own
                     plan_own = self.plan("individual")
                     self.grant(member, plan_own, self.current_start(plan_own["duration_days"]),
                                "individual")
@@ -290,7 +309,8 @@ class _Builder:
             self.grant(patient, plan, end - timedelta(days=days), "expiring")
             if rng.random() < 0.5:
                 second = self.plan("individual")
-                self.grant(patient, second, self.current_start(second["duration_days"]), "individual")
+                self.grant(patient, second, self.current_start(second["duration_days"]),
+                           "individual")
         else:
             plan = self.plan("individual")
             self.grant(patient, plan, self.current_start(plan["duration_days"]), "individual")
@@ -304,7 +324,8 @@ class _Builder:
                       {"payment_reference": pool["payment_reference"]})
             pool["refunded"] = True
         members = [(f, m) for f in self.families for m in f["members"]]
-        for family, member in rng.sample(members, min(len(members), max(2, self.n_patients // 250))):
+        removals = min(len(members), max(2, self.n_patients // 250))
+        for family, member in rng.sample(members, removals):
             self.emit("member.removed", self.at(rng.uniform(8, 18)),
                       {"payment_reference": family["payment_reference"], "patient_id": member})
         singles_people = [p for p, c in self.categories.items() if c == "single"]
@@ -339,7 +360,7 @@ class _Builder:
     def script_list(self, table: dict[str, float], count: int) -> list[str]:
         names = []
         for name, share in table.items():
-            names += [name] * max(SCRIPT_MINIMUM, round(share * count))
+            names += [name] * max(MINIMUMS.get(name, SCRIPT_MINIMUM), round(share * count))
         self.rng.shuffle(names)
         main = next(iter(table))
         while len(names) < count:
@@ -356,17 +377,21 @@ class _Builder:
             specs.append({"t": self.at(rng.uniform(7, 14)), "kind": kind,
                           "script": "text_long" if kind == "text" else "call_long",
                           "patient": premium[i % len(premium)]})
-        for family in self.families[: max(2, len(self.families) // 2)]:
+        families = sorted(self.families, key=lambda f: not f["contended"])
+        for family in families[: max(2, len(self.families) // 2)]:
             people = [family["owner_id"]] + family["members"]
-            t = self.at(rng.uniform(7, 20))
+            # Contended families consult early, before anything else drained their pool.
+            t = self.at(rng.uniform(5, 8) if family["contended"] else rng.uniform(7, 20))
             kind = rng.choice(("text", "voice"))
             for person in rng.sample(people, min(len(people), rng.randint(2, 3))):
                 specs.append({"t": t + timedelta(seconds=rng.randint(0, 90)), "kind": kind,
                               "script": "text_contended" if kind == "text" else "call_contended",
                               "patient": person})
         for _ in range(max(2, self.n_sessions // 500)):
-            specs.append({"t": self.at(rng.uniform(8, 20)), "kind": rng.choice(("text", "voice")),
-                          "script": "text_completed", "expect": "doctor_conflict"})
+            kind = rng.choice(("text", "voice"))
+            specs.append({"t": self.at(rng.uniform(8, 20)), "kind": kind,
+                          "script": f"{'text' if kind == 'text' else 'call'}_completed",
+                          "expect": "doctor_conflict"})
         for _ in range(max(1, self.n_sessions // 1000)):
             specs.append({"t": self.at(rng.uniform(8, 20)), "kind": "text",
                           "script": "text_completed", "expect": "patient_conflict"})
@@ -403,7 +428,8 @@ class _Builder:
                                      "session_conflict", patient_free, doctor_free, commit=False)
                 continue
             if patient is not None and patient_free.get((patient, group), t) > t:
-                heapq.heappush(heap, (patient_free[(patient, group)] + timedelta(seconds=30), i, spec))
+                later = patient_free[(patient, group)] + timedelta(seconds=30)
+                heapq.heappush(heap, (later, i, spec))
                 continue
             if patient is None:
                 patient = self.free_patient(group, t, patient_free,
@@ -436,6 +462,8 @@ class _Builder:
             p = self.rng.choice(self.patients)
             if with_units and self.categories[p] not in ("single", "stacked", "premium"):
                 continue
+            if p in self.contended_people:
+                continue
             if patient_free.get((p, group), t) <= t:
                 return p
         return next(p for p in self.patients if patient_free.get((p, group), t) <= t)
@@ -457,10 +485,14 @@ class _Builder:
     def withdrawals(self) -> None:
         rng = self.rng
         doctors = sorted(self.doctors)
-        chosen = rng.sample(doctors, max(2, round(len(doctors) * 0.3)))
+        chosen = rng.sample(doctors, min(len(doctors), max(4, round(len(doctors) * 0.3))))
+        mw = [d for d in chosen if self.doctors[d] == "MW" and d != self.mover]
+        if mw:  # the first full withdrawal is in MWK: enough pay for the minimum in a small run
+            chosen.remove(mw[0])
+            chosen.insert(2, mw[0])
         for n, doctor in enumerate(chosen):
             currency = "MWK" if self.doctors[doctor] == "MW" else "USD"
-            rule = "over" if n == 0 else "below_min" if n == 1 else \
+            rule = "over" if n == 0 else "below_min" if n == 1 else "all" if n == 2 else \
                 rng.choice(("all", "all", "half", "half", "third"))
             when = self.at(23.5) + timedelta(seconds=rng.randint(0, 1500))
             request = f"{self.tag}-w{n:04d}"
@@ -469,7 +501,7 @@ class _Builder:
                              "amount_minor": 0}, rule=rule)
             self.deliver(ev, when + timedelta(seconds=rng.randint(0, 5)))
             done = when + timedelta(seconds=rng.randint(300, 1200))
-            if rng.random() < 0.7:
+            if n == 2 or (n != 3 and rng.random() < 0.7):
                 self.emit("withdrawal.completed", done,
                           {"request_id": request, "doctor_id": doctor, "currency": currency})
             else:
@@ -478,15 +510,32 @@ class _Builder:
                            "reason": "bank account closed"})
 
     def duplicates(self) -> None:
-        """About 3 % of events are posted again later, a third of them alone."""
+        """About 3 % of events are posted again later, a third of them alone; a few re-posts
+        reuse an event id with another body (a buggy backend), refused as a conflict (I8)."""
         rng = self.rng
-        originals = [d for d in self.deliveries]
+        originals = [d for d in self.deliveries if d.event.withdraw_rule is None]
         for d in originals:
             if rng.random() < 0.03:
                 self.seq += 1
                 again = Delivery(d.at + timedelta(seconds=rng.randint(0, 400)), self.seq, d.event,
                                  duplicate=True, single=rng.random() < 0.35)
                 self.deliveries.append(again)
+        sessions = [d for d in originals if d.event.type == "session.activity"]
+        for d in rng.sample(sessions, min(len(sessions), max(2, self.n_sessions // 1000))):
+            ev = d.event
+            other = Event(ev.event_id, ev.type, ev.occurred_at + timedelta(seconds=1), ev.payload,
+                          ev.session_id)
+            self.seq += 1
+            self.deliveries.append(Delivery(d.at + timedelta(seconds=rng.randint(60, 300)),
+                                            self.seq, other, duplicate=True, single=True))
+
+    def out_of_range(self) -> None:
+        """Events dated outside [clock − 35 days, clock + 5 minutes]: refused, never stored."""
+        when = self.at(self.rng.uniform(9, 18))
+        ev = self.event("session.activity", when - timedelta(days=40), {"session_id": "old"})
+        self.deliver(ev, when)
+        ev = self.event("session.activity", when + timedelta(minutes=20), {"session_id": "early"})
+        self.deliver(ev, when)
 
 
 # --------------------------------------------------------------------------- scripts
@@ -509,19 +558,18 @@ class Script:
         ends = [x for x in (timeout_at, self.end_delivery) if x is not None]
         return min(ends) + timedelta(seconds=2 * TICK) if ends else self.t0 + timedelta(hours=4)
 
-    def emit(self, offset: float, type_: str, extra: dict | None = None, late: bool = True) -> datetime:
-        """An event `offset` seconds after the request; delivered in order, ~2 % late."""
+    def emit(self, offset: float, type_: str, extra: dict | None = None,
+             late: bool = True) -> datetime:
+        """An event `offset` seconds after the request; delivered in order, ~3 % late."""
         occurred = self.t0 + timedelta(seconds=round(offset))
         ev = self.b.event(type_, occurred, {"session_id": self.plan.session_id, **(extra or {})},
                           self.plan.session_id)
         delivery = max(occurred + timedelta(seconds=self.rng.randint(0, 8)), self.last_delivery)
         self.last_delivery = delivery
         delay = 0
-        if late and self.rng.random() < 0.02:
-            delay = {"text.activated": self.rng.randint(20, 50),
-                     "call.connected": self.rng.randint(20, 50),
-                     "call.declined": self.rng.randint(60, 120),
-                     "session.ended": self.rng.randint(60, 300)}.get(type_, self.rng.randint(60, 240))
+        if late and self.rng.random() < 0.03:
+            low, high = LATE_SECONDS.get(type_, (60, 240))
+            delay = self.rng.randint(low, high)
         d = self.b.deliver(ev, delivery + timedelta(seconds=delay), late=delay)
         if type_ in ("session.ended", "call.declined") and self.end_delivery is None:
             self.end_delivery = d.at
@@ -535,6 +583,10 @@ class Script:
             late: bool = True) -> None:
         self.emit(offset, "session.ended", {"ended_by": by or self.rng.choice(
             ("patient", "patient", "doctor")), "reason": reason}, late=late)
+        if self.plan.kind != "text" and self.rng.random() < 0.05:
+            # The provider's room-ended report: another source, a few seconds apart (§3).
+            self.emit(max(1, offset + self.rng.randint(-20, 20)), "session.ended",
+                      {"ended_by": "system", "reason": "room_ended"}, late=late)
 
     # ---- text
 
@@ -572,6 +624,18 @@ class Script:
     def text_short(self) -> None:
         activated = self._open_text()
         self.end(activated + self.rng.randint(20, 170))
+
+    def boundary(self, values: tuple[int, ...]) -> int:
+        """The next edge duration, in turn, so that a small run still meets each one."""
+        key = values
+        self.b.boundary_uses[key] += 1
+        return values[(self.b.boundary_uses[key] - 1) % len(values)]
+
+    def text_boundary(self) -> None:
+        activated = self._open_text()
+        length = self.boundary(TEXT_BOUNDARIES)
+        self._conversation(activated, length - 1)
+        self.end(activated + length, late=False)
 
     def text_contended(self) -> None:
         """A family member's long conversation, started together with the others'."""
@@ -639,6 +703,8 @@ class Script:
         self.emit(ringing, "call.ringing", late=False)
         connected = ringing + self.rng.randint(4, 40)
         self.emit(connected, "call.connected")
+        if self.rng.random() < 0.05:  # the video provider reports it too (its own clock)
+            self.emit(max(ringing + 1, connected + self.rng.randint(-8, 8)), "call.connected")
         return connected
 
     def _pings(self, start: float, length: float, gap=(180, 300)) -> float:
@@ -665,6 +731,12 @@ class Script:
     def call_short(self) -> None:
         connected = self._connect()
         self.end(connected + self.rng.randint(30, 59))
+
+    def call_boundary(self) -> None:
+        connected = self._connect()
+        duration = self.boundary(CALL_BOUNDARIES)
+        self._pings(connected, duration)
+        self.end(connected + duration, late=False)
 
     def call_declined(self) -> None:
         ringing = self.rng.randint(0, 3)
@@ -693,7 +765,8 @@ class Script:
         self._pings(connected, duration - 20)
         self.emit(connected + duration - self.rng.randint(0, 15), "session.activity", late=False)
         occurred = self.t0 + timedelta(seconds=round(connected + duration))
-        report = self.t0 + timedelta(seconds=round(connected + (n + 1) * 600 + self.rng.randint(125, 240)))
+        after = (n + 1) * 600 + self.rng.randint(125, 240)  # past the tick charging block n+1
+        report = self.t0 + timedelta(seconds=round(connected + after))
         ev = self.b.event("session.ended", occurred, {"session_id": self.plan.session_id,
                                                       "ended_by": "patient", "reason": "completed"},
                           self.plan.session_id)
@@ -723,6 +796,7 @@ def build_scenario(seed: int = 7, patients: int = 1000, doctors: int = 100, sess
     b.build_patients()
     b.schedule()
     b.withdrawals()
+    b.out_of_range()
     b.duplicates()
     b.deliveries.sort()
     return Scenario(seed=seed, tag=b.tag, day_start=day_start, setup_at=b.setup,

@@ -21,13 +21,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -40,6 +40,7 @@ BATCH = 100
 MAX_TICK_CALLS = 50  # per step: bound on POST /v1/ticks while "more"
 SETTLE_HORIZON = timedelta(hours=6)  # bound on the drain after the last delivery
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PRINTED_DIFFERENCES = 500  # printed in full up to this many; all are in the report
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
 
@@ -73,7 +74,8 @@ class ServiceProcess:
         env = {**os.environ, "LEDGER_DATABASE_URL": self.database_url, "LEDGER_CLOCK": "manual",
                "LEDGER_TICK_ENABLED": "false", "LEDGER_API_KEYS": f"{ADMIN_KEY}:admin",
                "LEDGER_LOG_LEVEL": "warning",
-               "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+               "PYTHONPATH": os.pathsep.join(
+                   filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host",
@@ -111,6 +113,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServiceError(RuntimeError):
+    """The service answered 5xx (or not as its contract says)."""
+
+
 class Client:
     """The backend's and the operator's HTTP calls."""
 
@@ -119,43 +125,81 @@ class Client:
                                  timeout=httpx.Timeout(120.0), limits=httpx.Limits(
                                      max_connections=8, max_keepalive_connections=8))
         self.requests = 0
+        self.transport_retries = 0  # requests sent again after a dropped connection
+        self.last_retried = False  # whether the latest request needed that
+        self.seconds: Counter = Counter()  # wall time per kind of call
+        self._lock = threading.Lock()
 
-    def _check(self, response: httpx.Response) -> httpx.Response:
+    def _send(self, method: str, path: str, attempts: int = 3, **kwargs) -> httpx.Response:
+        """One request; sent again (bounded) when a kept-alive connection was dropped, as
+        after a 500. Event posts are idempotent by event id; the rest are reads, the clock
+        (monotonic) and the tick (I9)."""
+        self.last_retried = False
+        for attempt in range(attempts):
+            try:
+                return self.http.request(method, path, **kwargs)
+            except (httpx.TimeoutException, httpx.UnsupportedProtocol):
+                raise
+            except httpx.TransportError:
+                if attempt == attempts - 1:
+                    raise
+                self.transport_retries += 1
+                self.last_retried = True
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _check(self, response: httpx.Response, raise_5xx: bool = True) -> httpx.Response:
         self.requests += 1
-        if response.status_code >= 500:
-            raise RuntimeError(f"{response.request.method} {response.request.url.path}: "
+        request = response.request
+        kind = request.url.path.split("/")[2] if request.url.path.startswith("/v1/") else "other"
+        with self._lock:
+            self.seconds[f"{request.method} {kind}"] += response.elapsed.total_seconds()
+        if raise_5xx and response.status_code >= 500:
+            raise ServiceError(f"{response.request.method} {response.request.url.path}: "
                                f"{response.status_code} {response.text[:500]}")
         return response
 
     def clock(self) -> datetime:
-        return utc(self._check(self.http.get("/v1/clock")).json()["now"])
+        """The service clock; the simulation needs it manual (LEDGER_CLOCK=manual)."""
+        r = self._check(self._send("GET", "/v1/clock"))
+        if r.status_code != 200:
+            raise RuntimeError(f"GET /v1/clock: {r.status_code} {r.text[:300]}")
+        body = r.json()
+        if not body.get("manual", False):
+            raise RuntimeError("the service runs the system clock: start it with "
+                               "LEDGER_CLOCK=manual and LEDGER_TICK_ENABLED=false")
+        return utc(body["now"])
 
     def set_clock(self, now: datetime) -> None:
-        r = self._check(self.http.put("/v1/clock", json={"now": iso(now)}))
+        r = self._check(self._send("PUT", "/v1/clock", json={"now": iso(now)}))
         if r.status_code != 200:
             raise RuntimeError(f"PUT /v1/clock: {r.status_code} {r.text[:300]}")
 
     def tick(self, as_of: datetime) -> dict:
-        r = self._check(self.http.post("/v1/ticks", json={"as_of": iso(as_of)}))
+        r = self._check(self._send("POST", "/v1/ticks", json={"as_of": iso(as_of)}))
         if r.status_code != 200:
-            raise RuntimeError(f"POST /v1/ticks: {r.status_code} {r.text[:300]}")
+            raise ServiceError(f"POST /v1/ticks: {r.status_code} {r.text[:300]}")
         return r.json()
 
     def post_batch(self, bodies: list[dict], timeout: httpx.Timeout | None = None) -> list[dict]:
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        r = self._check(self.http.post("/v1/events", json={"events": bodies}, **kwargs))
+        if timeout is not None:  # the deliberate client timeout: never re-sent here
+            r = self._check(self._send("POST", "/v1/events", attempts=1,
+                                       json={"events": bodies}, timeout=timeout))
+        else:
+            r = self._check(self._send("POST", "/v1/events", json={"events": bodies}))
         if r.status_code != 200:
             raise RuntimeError(f"POST /v1/events (batch): {r.status_code} {r.text[:500]}")
         return r.json()["results"]
 
     def post_one(self, body: dict) -> httpx.Response:
-        return self._check(self.http.post("/v1/events", json=body))
+        return self._check(self._send("POST", "/v1/events", json=body), raise_5xx=False)
 
     def head(self) -> int:
-        return int(self._check(self.http.get("/v1/projections")).json()["head"])
+        return int(self._check(self._send("GET", "/v1/projections")).json()["head"])
 
     def get(self, path: str) -> httpx.Response:
-        return self._check(self.http.get(path))
+        """A read; a 5xx is returned, not raised (the comparison reports it)."""
+        return self._check(self._send("GET", path), raise_5xx=False)
 
     def close(self) -> None:
         self.http.close()
@@ -174,10 +218,13 @@ class Stats:
     singles: int = 0
     swaps: int = 0
     timeout_retries: int = 0
+    timeout_applied: int = 0  # of those, how often the server had applied the first attempt
     dropped: int = 0  # events the backend no longer sent after a refusal
     ticks: int = 0
     tick_calls: int = 0
+    tick_errors: int = 0
     refusals: Counter = field(default_factory=Counter)
+    refusals_by_type: Counter = field(default_factory=Counter)
     tick_work: Counter = field(default_factory=Counter)
 
 
@@ -194,6 +241,7 @@ class Driver:
         self.cancelled: set[str] = set()  # requests refused: the backend never started them
         self.closed: set[str] = set()  # the ledger said the session ended: only ends are sent
         self.seen: set[str] = set()
+        self.late_ends: set[str] = set()  # sessions whose end report was delivered late
         self.now = scenario.setup_at
         forced = [scenario.day_start + timedelta(hours=h) for h in (9, 15, 20)]
         self.forced_retries = sorted(forced)
@@ -298,6 +346,8 @@ class Driver:
         self.stats.events_posted += 1
         self.stats.duplicates += d.duplicate
         self.stats.late += bool(d.late_seconds) and not d.duplicate
+        if d.late_seconds and d.event.type == "session.ended":
+            self.late_ends.add(d.event.session_id)
         if d.event.event_id not in self.seen:
             self.seen.add(d.event.event_id)
             self.stats.distinct_events += 1
@@ -311,6 +361,7 @@ class Driver:
             self.timed_out_post(run, bodies)
         self.stats.posts += 1
         results = self.client.post_batch(bodies)
+        retry = retry or self.client.last_retried
         for d, body, result in zip(run, bodies, results):
             self.count(d)
             expected = self.oracle.post(body, self.now)
@@ -329,13 +380,26 @@ class Driver:
         before = self.client.head()
         try:
             self.client.post_batch(bodies, timeout=httpx.Timeout(10.0, read=0.001))
-        except httpx.TimeoutException:
+        except httpx.TransportError:  # timed out (or the connection dropped): retry below
             pass
-        time.sleep(1.0)
-        if self.client.head() != before:  # the server applied the first attempt
+        if self.settled_head() != before:  # the server applied the first attempt
+            self.stats.timeout_applied += 1
             for body in bodies:
                 self.oracle.post(body, self.now)
         self.stats.posts += 1
+
+    def settled_head(self, quiet_seconds: float = 0.25, limit_seconds: float = 10.0) -> int:
+        """The event log's head once it stopped moving: the abandoned request is done."""
+        head, since = self.client.head(), time.monotonic()
+        deadline = since + limit_seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now_head = self.client.head()
+            if now_head != head:
+                head, since = now_head, time.monotonic()
+            elif time.monotonic() - since >= quiet_seconds:
+                break
+        return head
 
     def post_single(self, d: Delivery) -> None:
         self.stats.posts += 1
@@ -347,19 +411,20 @@ class Driver:
         payload = response.json()
         if response.status_code in (200, 201):
             replayed = response.headers.get("Idempotent-Replayed") == "true"
-            if replayed != (response.status_code == 200):
+            if replayed != (response.status_code == 200) and not self.client.last_retried:
                 self.differ(f"{d.event.event_id}: status {response.status_code} with "
                             f"Idempotent-Replayed={response.headers.get('Idempotent-Replayed')}")
             got = Outcome(True, replayed=replayed, result=payload)
         else:
             got = Outcome(False, code=payload.get("code", f"http_{response.status_code}"))
-        self.check(d, expected, got)
+        self.check(d, expected, got, retried=self.client.last_retried)
 
     def check(self, d: Delivery, expected: Outcome, got: Outcome, retried: bool = False) -> None:
         ev = d.event
         label = f"post {ev.event_id} {ev.type} {ev.session_id or ''} at {self.now:%H:%M}".rstrip()
         if not got.accepted:
             self.stats.refusals[got.code] += 1
+            self.stats.refusals_by_type[f"{ev.type}: {got.code}"] += 1
             if ev.type == "session.requested":
                 self.cancelled.add(ev.session_id)
             elif got.code in ("session_ended", "session_settled") and ev.session_id:
@@ -374,7 +439,8 @@ class Driver:
         if not got.accepted:
             return
         if expected.replayed != got.replayed and not retried:
-            self.differ(f"{label}: ledger replayed={got.replayed}, oracle replayed={expected.replayed}")
+            self.differ(f"{label}: ledger replayed={got.replayed}, "
+                        f"oracle replayed={expected.replayed}")
         for key in COMPARED_RESULT_KEYS:
             if expected.result and key in expected.result:
                 if (got.result or {}).get(key) != expected.result[key]:
@@ -386,7 +452,13 @@ class Driver:
     def tick(self, t: datetime) -> None:
         work = Counter()
         for _ in range(MAX_TICK_CALLS):
-            report = self.client.tick(t)
+            try:
+                report = self.client.tick(t)
+            except ServiceError as exc:  # reported; the day goes on so the damage shows
+                self.stats.tick_errors += 1
+                if self.stats.tick_errors <= 20:
+                    self.differ(f"tick {iso(t)}: {exc}")
+                break
             self.stats.tick_calls += 1
             for name in ("charged", "ended", "settled", "expired"):
                 work[name] += len(report.get(name) or ())
@@ -419,17 +491,18 @@ def compare_all(driver: Driver, client: Client, workers: int = 4) -> dict:
     with ThreadPoolExecutor(workers) as pool:
         sessions = list(pool.map(lambda s: client.get(f"/v1/sessions/{s.session_id}"), sc.sessions))
         patients = list(pool.map(lambda p: client.get(f"/v1/patients/{p}/balance"), sc.patients))
-        doctors = list(pool.map(lambda d: client.get(f"/v1/doctors/{d}/wallet"), sorted(sc.doctors)))
+        doctors = list(pool.map(lambda d: client.get(f"/v1/doctors/{d}/wallet"),
+                                sorted(sc.doctors)))
     for plan, response in zip(sc.sessions, sessions):
         compare_session(driver, plan.session_id, response)
+    units = oracle.patient_units()
     for patient, response in zip(sc.patients, patients):
-        compare_patient(driver, patient, response, now)
+        compare_patient(driver, patient, response, now, units)
     money: dict[str, Counter] = {}
     for doctor, response in zip(sorted(sc.doctors), doctors):
         for wallet in compare_doctor(driver, doctor, response):
             money.setdefault(wallet["currency"], Counter()).update(
                 {k: v for k, v in wallet.items() if k.endswith("_minor")})
-    del oracle
     return {c: dict(v) for c, v in sorted(money.items())}
 
 
@@ -437,7 +510,8 @@ def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
     oracle = driver.oracle
     if sid not in oracle.sessions:
         if response.status_code != 404:
-            driver.differ(f"session {sid}: ledger has it ({response.status_code}), oracle refused it")
+            driver.differ(f"session {sid}: ledger has it ({response.status_code}), "
+                          "oracle refused it")
         return
     if response.status_code != 200:
         driver.differ(f"session {sid}: ledger {response.status_code}, oracle has it")
@@ -463,13 +537,14 @@ def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
             driver.differ(f"session {sid}: {key} ledger {have.get(key)!r}, oracle {value!r}")
 
 
-def compare_patient(driver: Driver, patient: str, response: httpx.Response, now: datetime) -> None:
+def compare_patient(driver: Driver, patient: str, response: httpx.Response, now: datetime,
+                    all_units: dict) -> None:
     oracle = driver.oracle
     if response.status_code != 200:
         driver.differ(f"patient {patient}: balance {response.status_code}")
         return
     got = response.json()
-    units = oracle.patient_units(patient)
+    units = all_units.get(patient) or {b: {"held": 0, "charged": 0} for b in KINDS}
     refs = oracle.patients.get(patient, {}).get("pools", [])
     for bucket in KINDS:
         have = (got.get("buckets") or {}).get(bucket, {})
@@ -484,7 +559,8 @@ def compare_patient(driver: Driver, patient: str, response: httpx.Response, now:
     pools_got = {p["pool_id"]: p for p in got.get("pools") or []}
     pools_want = {oracle.pools[r].pid: r for r in refs}
     if set(pools_got) != set(pools_want):
-        driver.differ(f"patient {patient}: pools ledger {sorted(pools_got)}, oracle {sorted(pools_want)}")
+        driver.differ(f"patient {patient}: pools ledger {sorted(pools_got)}, "
+                      f"oracle {sorted(pools_want)}")
     for pid, ref in pools_want.items():
         if pid not in pools_got:
             continue
@@ -546,20 +622,28 @@ def summarize(driver: Driver, money: dict, wall_seconds: float) -> dict:
         "sessions_by_kind_and_outcome": {k: dict(sorted(v.items())) for k, v in outcomes.items()},
         "units_charged": dict(units), "reversals": reversals,
         "sessions_with_reversal": sum(1 for s in oracle.sessions.values() if s.reversals),
+        "reversals_after_late_end": sum(
+            1 for sid in driver.late_ends
+            if sid in oracle.sessions and oracle.sessions[sid].reversals),
         "exhaustions": exhaustions,
         "exhausted_ever": sum(1 for s in oracle.sessions.values() if s.exhausted),
         "contentions": oracle.contentions,
         "timeouts": {r: reasons[r] for r in ("not_started", "doctor_no_response", "missed",
                                              "idle_timeout", "max_duration", "declined")},
         "refusals": dict(sorted(stats.refusals.items())),
+        "refusals_by_event_type": dict(sorted(stats.refusals_by_type.items())),
         "money": money,
         "events_posted": stats.events_posted, "distinct_events": stats.distinct_events,
         "http_posts": stats.posts, "duplicates": stats.duplicates, "late": stats.late,
         "single_posts": stats.singles, "swaps": stats.swaps,
-        "timeout_retries": stats.timeout_retries, "dropped_after_refusal": stats.dropped,
-        "ticks": stats.ticks, "tick_calls": stats.tick_calls,
+        "timeout_retries": stats.timeout_retries, "timeout_applied": stats.timeout_applied,
+        "dropped_after_refusal": stats.dropped,
+        "ticks": stats.ticks, "tick_calls": stats.tick_calls, "tick_errors": stats.tick_errors,
+        "transport_retries": getattr(driver.client, "transport_retries", 0),
         "tick_work": dict(stats.tick_work),
         "wall_seconds": round(wall_seconds, 1),
+        "http_seconds": {k: round(v, 1) for k, v in sorted(driver.client.seconds.items())}
+        if hasattr(driver.client, "seconds") else {},
         "events_per_second": round(stats.events_posted / wall_seconds, 1) if wall_seconds else 0.0,
     }
 
@@ -582,7 +666,9 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
     rows = [
         ("units charged (text/voice/video)", "/".join(str(summary["units_charged"].get(k, 0))
                                                       for k in KINDS)),
-        ("reversed units", summary["reversals"]), ("balance exhausted", summary["exhaustions"]),
+        ("reversed units", summary["reversals"]),
+        ("  after a late end report", summary["reversals_after_late_end"]),
+        ("balance exhausted", summary["exhaustions"]),
         ("family-pool contentions", summary["contentions"]),
         *((f"refused: {code}", n) for code, n in summary["refusals"].items()),
         *((f"{cur} {k.removesuffix('_minor')}", f"{v / 100:,.2f}")
@@ -594,6 +680,10 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
         ("retries after a client timeout", summary["timeout_retries"]),
         ("ticks", summary["ticks"]),
         ("wall time", f"{summary['wall_seconds']} s"),
+        *((f"  {name}", f"{seconds} s")
+          for name, seconds in summary.get("phase_seconds", {}).items()),
+        *((f"  HTTP {name}", f"{seconds} s")
+          for name, seconds in summary.get("http_seconds", {}).items()),
         ("events/s", summary["events_per_second"]),
         ("replay audit", replay.get("status", "")),
         ("differences", len(differences)),
@@ -628,8 +718,13 @@ def replay_audit(database_url: str) -> tuple[bool, dict]:
 def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
                    sessions: int = 3000, base_url: str | None = None,
                    database_url: str | None = None, workdir: Path = Path("var/sim"),
-                   console=None) -> SimulationReport:
-    """Simulate one day against the service (started here unless `base_url` is given)."""
+                   console=None, api_key: str | None = None) -> SimulationReport:
+    """Simulate one day against the service (started here unless `base_url` is given).
+
+    A service given by `base_url` must run a manual clock with the in-process tick disabled
+    (the driver ticks) and accept `api_key` (default `$LEDGER_SIM_API_KEY` or `sim-admin`) as
+    an admin key; `database_url` (its database) enables the replay audit.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -639,7 +734,8 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     if base_url is None:
         service = ServiceProcess(Path(workdir))
         base_url, database_url = service.base_url, service.database_url
-    client = Client(base_url)
+    client = Client(base_url, api_key or os.environ.get("LEDGER_SIM_API_KEY", ADMIN_KEY))
+    phases: dict[str, float] = {}
     try:
         if service is not None:
             service.wait_ready()
@@ -648,18 +744,22 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
                                   sessions=sessions, day_start=day_start)
         described = scenario.describe()
         console.print(f"Simulating {day_start:%Y-%m-%d} (seed {seed}): {described['patients']} "
-                      f"patients, {described['doctors']} doctors, {described['sessions']} sessions, "
+                      f"patients, {described['doctors']} doctors, "
+                      f"{described['sessions']} sessions, "
                       f"{described['events']} events + {described['duplicates']} duplicates "
                       f"against {base_url}")
         driver = Driver(scenario, client, console)
+        phases["setup"] = time.monotonic() - started
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("setting up", total=len(scenario.deliveries))
             driver.run(progress, task)
+        phases["day"] = time.monotonic() - started - sum(phases.values())
         console.print(f"Day done at {driver.now:%Y-%m-%d %H:%M} UTC; comparing every session, "
                       "patient and doctor")
         money = compare_all(driver, client)
+        phases["compare"] = time.monotonic() - started - sum(phases.values())
     finally:
         client.close()
         if service is not None:
@@ -671,14 +771,19 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         replay = {"status": "ok" if replay_ok else "FAILED", **details}
         for diff in details["differences"]:
             console.print(f"[red]REPLAY[/red] {diff}", highlight=False)
+    phases["replay"] = time.monotonic() - started - sum(phases.values())
     wall = time.monotonic() - started
     summary = summarize(driver, money, wall)
+    summary["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
     summary["replay"] = replay
     render(console, summary, driver.differences, replay)
     if driver.differences:
-        console.print(f"[red]{len(driver.differences)} differences[/red]")
-        for diff in driver.differences[30:60]:
+        for diff in driver.differences[30:PRINTED_DIFFERENCES]:
             console.print(f"[red]DIFF[/red] {diff}", highlight=False)
+        hidden = len(driver.differences) - PRINTED_DIFFERENCES
+        console.print(f"[red]{len(driver.differences)} differences[/red]"
+                      + (f" ({hidden} not printed; see SimulationReport.differences)"
+                         if hidden > 0 else ""))
     else:
         console.print("[green]No differences between the ledger and the oracle.[/green]")
     return SimulationReport(differences=driver.differences, replay_ok=replay_ok, summary=summary)

@@ -1,0 +1,125 @@
+"""`ledger simulate`: a small simulated day through the real HTTP service, checked by the oracle.
+
+The end-to-end test starts the service as a subprocess (uvicorn, manual clock, SQLite file in a
+temporary folder), drives a small but complete day against it and requires zero differences
+from the oracle and a clean replay audit. It also asserts that the day exercised the paths
+the oracle exists to check, so it cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from rich.console import Console
+
+from service.oracle import Oracle, owed_units, pool_id_of
+from service.scenario import build_scenario
+from service.simulate import run_simulation
+
+DAY = datetime(2026, 11, 2, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 2, 8, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------- the oracle on its own
+
+
+@pytest.mark.parametrize(("kind", "seconds", "units"), [
+    ("text", 0, 1), ("text", 480, 1), ("text", 720, 2), ("text", 1500, 3), ("text", 1200, 2),
+    ("text", 1201, 3), ("voice", 59, 0), ("voice", 60, 1), ("video", 599, 1), ("video", 600, 1),
+    ("voice", 601, 2), ("voice", 1500, 3), ("video", 3600, 6),
+])
+def test_oracle_units_owed_match_the_examples_of_section_2(kind, seconds, units):
+    assert owed_units(kind, T0, T0 + timedelta(seconds=seconds)) == units
+    assert owed_units(kind, None, T0 + timedelta(seconds=seconds)) == 0
+
+
+def _post(oracle: Oracle, n: int, type_: str, at: datetime, now: datetime | None = None, **payload):
+    event = {"event_id": f"e{n}", "type": type_, "occurred_at": at.isoformat(), "payload": payload}
+    return oracle.post(event, now or at)
+
+
+def test_oracle_reverses_a_block_charged_before_a_late_end_report():
+    o = Oracle()
+    _post(o, 1, "doctor.registered", T0, doctor_id="d1", country="MW")
+    plan = {"name": "P", "price_minor": 1, "currency": "MWK", "units": {"voice": 5},
+            "seats": 1, "duration_days": 30}
+    _post(o, 2, "subscription.granted", T0, payment_reference="pay1", owner_id="p1", plan=plan,
+          starts_at=T0.isoformat())
+    assert _post(o, 3, "session.requested", T0, session_id="s1", kind="voice", patient_id="p1",
+                 doctor_id="d1").accepted
+    _post(o, 4, "call.connected", T0, session_id="s1")
+    _post(o, 5, "session.activity", T0 + timedelta(seconds=590), session_id="s1")
+    o.tick(T0 + timedelta(seconds=1260))  # blocks 1 and 2 charged: the end is not known yet
+    assert sorted(o.sessions["s1"].charges) == [1, 2]
+    late = _post(o, 6, "session.ended", T0 + timedelta(seconds=595), T0 + timedelta(seconds=1270),
+                 session_id="s1", ended_by="patient", reason="completed")
+    assert late.accepted and late.result["ended_at"] == (T0 + timedelta(seconds=595)).isoformat()
+    o.tick(T0 + timedelta(seconds=1270 + 600))
+    s = o.sessions["s1"]
+    assert s.settled and sorted(s.charges) == [1] and sorted(s.reversals) == [2]
+    assert o.pool_numbers("pay1")["voice"] == {"granted": 5, "available": 4, "held": 0,
+                                               "charged": 1, "reversed": 1, "forfeited": 0,
+                                               "revoked": 0}
+    assert o.wallet_numbers("d1") == {"MWK": {"pending_minor": 0, "available_minor": 350_000,
+                                              "held_minor": 0, "withdrawn_minor": 0}}
+    assert _post(o, 7, "session.activity", T0, session_id="s1").code == "session_settled"
+
+
+def test_oracle_draws_from_the_pool_that_expires_first():
+    o = Oracle()
+    _post(o, 1, "doctor.registered", T0, doctor_id="d1", country="KE")
+    for n, (ref, days, start) in enumerate([("old", 30, T0 - timedelta(days=25)),
+                                            ("new", 14, T0 - timedelta(days=2))]):
+        plan = {"name": "P", "price_minor": 1, "currency": "USD", "units": {"text": 3},
+                "seats": 1, "duration_days": days}
+        _post(o, 10 + n, "subscription.granted", T0, payment_reference=ref, owner_id="p1",
+              plan=plan, starts_at=start.isoformat())
+    _post(o, 20, "session.requested", T0, session_id="s1", kind="text", patient_id="p1",
+          doctor_id="d1")
+    # "old" ends at T0 + 12 days (30 + 7 − 25), "new" at T0 + 12 days too: then starts_at wins.
+    assert o.sessions["s1"].holds == {1: "old"}
+    assert pool_id_of("old") == o.pools["old"].pid
+
+
+def test_scenario_is_deterministic_and_sized():
+    a = build_scenario(seed=3, patients=60, doctors=10, sessions=200, day_start=DAY)
+    b = build_scenario(seed=3, patients=60, doctors=10, sessions=200, day_start=DAY)
+    assert [(d.at, d.event.body()) for d in a.deliveries] == \
+        [(d.at, d.event.body()) for d in b.deliveries]
+    facts = a.describe()
+    assert facts["patients"] == 60 and facts["doctors"] == 10 and facts["sessions"] >= 195
+    assert facts["duplicates"] > 0 and facts["late"] > 0 and facts["family_pools"] >= 2
+    assert all(d.at >= d.event.occurred_at for d in a.deliveries if d.event.session_id)
+
+
+# ------------------------------------------------------------- end to end, over HTTP
+
+
+@pytest.mark.timeout(240)
+def test_simulated_day_matches_the_oracle_over_http(tmp_path):
+    out = io.StringIO()
+    report = run_simulation(seed=7, patients=60, doctors=10, sessions=200, workdir=tmp_path,
+                            console=Console(file=out, width=140))
+    assert report.differences == [], out.getvalue()[-6000:]
+    assert report.replay_ok is True, report.summary.get("replay")
+    assert report.ok
+    s = report.summary
+    timeouts = s["timeouts"]
+    # The day really went through every path the oracle is there to check.
+    assert s["exhaustions"] > 0, "no session ran out of units"
+    assert s["reversals_after_late_end"] > 0, "no late end report led to a reversal"
+    assert s["contentions"] > 0, "no family-pool contention for the last unit"
+    assert s["duplicates"] > 0 and s["late"] > 0 and s["swaps"] > 0
+    assert s["timeout_retries"] > 0 and s["single_posts"] > 0
+    for reason in ("not_started", "doctor_no_response", "missed", "idle_timeout", "max_duration",
+                   "declined"):
+        assert timeouts[reason] > 0, f"no {reason}"
+    refusals = s["refusals"]
+    for code in ("insufficient_units", "session_conflict", "session_ended", "session_settled"):
+        assert refusals.get(code, 0) > 0, f"no {code} refusal"
+    assert s["tick_work"].get("expired", 0) > 0, "no pool expired during the day"
+    assert sum(s["units_charged"].values()) > 100
+    assert any(m.get("withdrawn_minor", 0) > 0 for m in s["money"].values()), "no withdrawal"
+    assert all(m.get("pending_minor", 0) == 0 for m in s["money"].values())
