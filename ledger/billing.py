@@ -28,11 +28,26 @@ class Work:
     load: Callable[[UUID], Aggregate | None]
     cache: dict[UUID, Aggregate | None] = field(default_factory=dict)
     touched: dict[UUID, Aggregate] = field(default_factory=dict)
+    read_versions: dict[UUID, int | None] = field(default_factory=dict)
 
     def get(self, aggregate_id: UUID) -> Aggregate | None:
         if aggregate_id not in self.cache:
-            self.cache[aggregate_id] = self.load(aggregate_id)
+            aggregate = self.load(aggregate_id)
+            self.cache[aggregate_id] = aggregate
+            self.read_versions[aggregate_id] = aggregate.version if aggregate else None
         return self.cache[aggregate_id]
+
+    def stale(self) -> bool:
+        """Whether an aggregate read for this decision has moved on in the store since it was
+        read. Aggregates are loaded one by one, so a concurrent writer can leave this Work with
+        an inconsistent snapshot (a session from before a charge, its pool from after it); a
+        domain guard tripping on such a snapshot is a lost race, to be retried like an
+        IntegrityError, not a bug."""
+        for aggregate_id, version in self.read_versions.items():
+            current = self.load(aggregate_id)
+            if (current.version if current else None) != version:
+                return True
+        return False
 
     def add(self, *aggregates: Aggregate) -> None:
         for aggregate in aggregates:
@@ -215,7 +230,11 @@ def next_step(session: Session, policy: Policy) -> Step | None:
         steps.append(Step("timeout", pending[0] + skew, reason=pending[1], ended_at=pending[0]))
     if session.ended:
         steps.append(Step("settle", session.settlement_due(policy)))
-    return min(steps, key=lambda s: s.due, default=None)
+    # A timeout that falls exactly on a block boundary is decided before that block's charge:
+    # the session ends there for the timeout, and block n+1 is then not needed, so it is not
+    # "balance_exhausted". This is also what an end report arriving before the tick records
+    # (the timeout it is replaced with), so the outcome does not depend on the tick (I9).
+    return min(steps, key=lambda s: (s.due, s.action != "timeout"), default=None)
 
 
 def next_due_at(session: Session, policy: Policy) -> datetime | None:

@@ -238,6 +238,7 @@ class Session(Aggregate):
         self.ended_at: datetime | None = None
         self.end_by: str | None = None
         self.end_reason: str | None = None
+        self.end_reasons: list[str] = []  # every accepted end's reason, in order
         self.end_received_at: datetime | None = None
         self.settled = False
         self.settlement: dict | None = None
@@ -379,8 +380,9 @@ class Session(Aggregate):
         self.check_open()
         if self.ended and ended_at >= self.ended_at:
             return False
-        if self.started_at is not None and ended_at < self.started_at:
-            ended_at = self.started_at
+        # The reported instant is kept as is, even before the billable start: d = max(0, …)
+        # (§1) already makes such a session zero-length, and clamping it to the start known now
+        # would bill the gap if an earlier billable start is reported later.
         self._ended(ended_at=ended_at, by=by, reason=reason, received_at=received_at,
                     first=not self.ended, patient_id=self.patient_id, doctor_id=self.doctor_id)
         return True
@@ -389,6 +391,7 @@ class Session(Aggregate):
     def _ended(self, ended_at: datetime, by: str, reason: str, received_at: datetime, first: bool,
                patient_id: str, doctor_id: str) -> None:
         self.ended_at, self.end_by, self.end_reason = ended_at, by, reason
+        self.end_reasons.append(reason)
         if first:
             self.end_received_at = received_at
 

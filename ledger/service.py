@@ -157,6 +157,10 @@ class Ledger(Application):
                 if self.get_receipt(event_id) is not None:
                     continue  # a concurrent duplicate committed first: answer with its result
                 raise
+            except (AssertionError, KeyError):
+                if work.stale():
+                    continue  # decided on a snapshot another writer has moved: a lost race
+                raise
             result = {"event_id": event_id, "type": event_type, **outcome}
             receipt = Receipt(event_id=event_id, body_hash=digest, event_type=event_type, result=result)
             try:
@@ -286,8 +290,10 @@ class Ledger(Application):
         session.check_open()
         if not session.ended:
             session.check_live_at(at, self.policy)
-        elif session.end_reason in _FINAL_REASONS or at >= session.ended_at:
-            # A report from before a backend-reported end still counts until settlement (§3).
+        elif _FINAL_REASONS.intersection(session.end_reasons) or at >= session.ended_at:
+            # A report from before a backend-reported end still counts until settlement (§3);
+            # a recorded timeout (or decline) stays final even if an earlier end report has
+            # since replaced the end's time and reason (§8).
             raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}")
         return session
 
@@ -433,7 +439,13 @@ class Ledger(Application):
             step = next_step(session, self.policy)
             if step is None or step.due > as_of:
                 return None
-            line = apply_step(work, session, step, as_of, self.policy)
+            try:
+                line = apply_step(work, session, step, as_of, self.policy)
+            except (AssertionError, KeyError):
+                if not work.stale():
+                    raise
+                report.conflicts += 1  # decided on a snapshot another writer has moved
+                continue
             try:
                 self.save(*work.to_save())
             except IntegrityError:

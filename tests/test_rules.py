@@ -137,7 +137,8 @@ JUST_BEFORE = NEW_TARIFF_AT - timedelta(seconds=1)
 def test_tariff_legacy_2025(bucket: str, mwk: int, usd: int) -> None:
     """legacy-2025: 4000/5000/6000.00 MWK for MW, 4/5/6.00 USD otherwise."""
     mw = rate_at("MW", bucket, JUST_BEFORE)
-    assert (mw.tariff, mw.amount_minor, mw.currency, mw.pay_minor) == ("legacy-2025", mwk, "MWK", mwk)
+    assert (mw.tariff, mw.amount_minor, mw.currency, mw.pay_minor) == (
+        "legacy-2025", mwk, "MWK", mwk)
     for country in ("ZM", "KE", "US"):
         other = rate_at(country, bucket, JUST_BEFORE)
         assert (other.tariff, other.amount_minor, other.currency) == ("legacy-2025", usd, "USD")
@@ -148,9 +149,11 @@ def test_tariff_legacy_2025(bucket: str, mwk: int, usd: int) -> None:
 def test_tariff_2026_01_12(bucket: str, at: datetime) -> None:
     """2026-01-12 from 2026-01-12T00:00:00Z: MW 3500.00 MWK, other 3.00 USD, every bucket."""
     mw = rate_at("MW", bucket, at)
-    assert (mw.tariff, mw.amount_minor, mw.currency, mw.pay_minor) == ("2026-01-12", 350000, "MWK", 350000)
+    assert (mw.tariff, mw.amount_minor, mw.currency, mw.pay_minor) == (
+        "2026-01-12", 350000, "MWK", 350000)
     ke = rate_at("KE", bucket, at)
-    assert (ke.tariff, ke.amount_minor, ke.currency, ke.pay_minor) == ("2026-01-12", 300, "USD", 300)
+    assert (ke.tariff, ke.amount_minor, ke.currency, ke.pay_minor) == (
+        "2026-01-12", 300, "USD", 300)
 
 
 def test_tariff_versions_are_ordered_and_frozen() -> None:
