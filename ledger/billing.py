@@ -17,10 +17,6 @@ from eventsourcing.domain import Aggregate
 from ledger.domain import Doctor, Patient, Pool, Session, Wallet
 from ledger.rules import Policy, block_end, presence_group
 
-TIMEOUT_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
-                             "max_duration", "balance_exhausted"})
-
-
 @dataclass
 class Work:
     """Aggregates loaded for one decision; `touched` are saved together in one transaction."""
@@ -219,7 +215,7 @@ def next_step(session: Session, policy: Policy) -> Step | None:
         return None
     skew = timedelta(seconds=policy.skew_seconds)
     pending = session.pending_end(policy)
-    limit = session.ended_at or (pending[0] if pending else None)
+    limit = min((t for t in (session.ended_at, pending and pending[0]) if t), default=None)
     steps = []
     if session.started_at is not None:
         n = session.charged_through + 1

@@ -33,6 +33,10 @@ from ledger.rules import (
 )
 
 NS = uuid5(NAMESPACE_URL, "urn:telehealth-ledger")
+# Ends after which no billable start or activity is accepted any more (§8): the timeouts, the
+# exhaustion decided by the ledger, and a declined call.
+FINAL_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
+                           "max_duration", "balance_exhausted", "declined"})
 
 
 def _key(session_id: str, block: int) -> str:
@@ -281,15 +285,28 @@ class Session(Aggregate):
             return None
         return block_end(self.started_at, self.held_through())
 
+    @property
+    def ended_finally(self) -> bool:
+        """A final end was ever recorded (a timeout, exhaustion or decline): nothing reopens it."""
+        return bool(FINAL_REASONS.intersection(self.end_reasons))
+
     def pending_end(self, policy: Policy) -> tuple[datetime, str] | None:
-        """The end a live session reaches if nothing else is reported: (ended_at, reason) (§8)."""
-        if self.ended:
+        """The timeout the session reaches if nothing else is reported: (deadline, reason) (§8).
+
+        Also for a session ended by a report, when the deadline comes before that end: the
+        tick records it at deadline + skew, so reports arriving within the skew still count.
+        """
+        if self.settled or self.ended_finally:
             return None
         if self.started_at is None:
-            return self._not_started_end(policy)
-        idle_end = self.last_activity_at + timedelta(seconds=policy.idle_seconds(self.kind))
-        max_end = self.started_at + timedelta(seconds=policy.max_duration_seconds)
-        return min((idle_end, "idle_timeout"), (max_end, "max_duration"))
+            deadline = self._not_started_end(policy)
+        else:
+            idle_end = self.last_activity_at + timedelta(seconds=policy.idle_seconds(self.kind))
+            max_end = self.started_at + timedelta(seconds=policy.max_duration_seconds)
+            deadline = min((idle_end, "idle_timeout"), (max_end, "max_duration"))
+        if self.ended and deadline[0] >= self.ended_at:
+            return None
+        return deadline
 
     def _not_started_end(self, policy: Policy) -> tuple[datetime, str]:
         if self.is_call:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
@@ -25,6 +26,7 @@ from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.rules import KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
+log = logging.getLogger("ledger")
 Clock = Callable[[], datetime]
 MAX_ATTEMPTS = 8  # optimistic retries per command before answering retry_later
 MAX_FUTURE = timedelta(minutes=5)
@@ -51,13 +53,14 @@ class TickReport:
     ended: list[str] = field(default_factory=list)
     settled: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     conflicts: int = 0
     more: bool = False
 
     def as_dict(self) -> dict:
         return {"as_of": self.as_of.isoformat(), "charged": self.charged, "ended": self.ended,
-                "settled": self.settled, "expired": self.expired, "conflicts": self.conflicts,
-                "more": self.more}
+                "settled": self.settled, "expired": self.expired, "failed": self.failed,
+                "conflicts": self.conflicts, "more": self.more}
 
 
 def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
@@ -288,13 +291,12 @@ class Ledger(Application):
         if session is None:
             raise errors.UnknownSession(f"no session {p['session_id']!r}")
         session.check_open()
-        if not session.ended:
-            session.check_live_at(at, self.policy)
-        elif _FINAL_REASONS.intersection(session.end_reasons) or at >= session.ended_at:
+        if session.ended and (session.ended_finally or at >= session.ended_at):
             # A report from before a backend-reported end still counts until settlement (§3);
             # a recorded timeout (or decline) stays final even if an earlier end report has
             # since replaced the end's time and reason (§8).
             raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}")
+        session.check_live_at(at, self.policy)
         return session
 
     def _patient_message(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
@@ -341,9 +343,8 @@ class Ledger(Application):
 
     def _activity(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         session = self._live_session(work, p, at)
-        if not session.ended:
-            session.record_activity(at=at)
-            work.add(session)
+        session.record_activity(at=at)  # before a reported end it can still defer a timeout
+        work.add(session)
         return session_view(session)
 
     def _session_ended(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
@@ -354,10 +355,8 @@ class Ledger(Application):
         by, reason = p.get("ended_by", "patient"), p.get("reason") or "completed"
         if by not in END_BY:
             raise errors.InvalidEvent(f"ended_by must be one of {END_BY}")
-        pending = session.pending_end(self.policy)
-        if pending is not None and pending[0] < at:
-            # A timeout had already ended the session by its own event times (§8).
-            at, by, reason = pending[0], "system", pending[1]
+        # A timeout deadline before `at` is not applied here but by the tick at deadline + skew
+        # (the earliest end stands), so a start or activity reported late within the skew counts.
         end_session(work, session, at, by, reason, now)
         return {**session_view(session), "ended_at": session.ended_at.isoformat(),
                 "reason": session.end_reason}
@@ -411,7 +410,13 @@ class Ledger(Application):
             if kind == "pool":
                 self._expire_pool(key, report)
                 continue
-            if (step_due := self._tick_session(key, as_of, report)) is not None:
+            try:
+                step_due = self._tick_session(key, as_of, report)
+            except Exception as exc:  # one broken session must not stop everyone's billing
+                log.exception("tick failed for session %s", key)
+                report.failed.append(f"{key}: {type(exc).__name__}: {exc}")
+                continue
+            if step_due is not None:
                 queue.append((step_due, "session", key))
         report.more = bool(queue)
         return report
@@ -476,7 +481,3 @@ class Ledger(Application):
             report.expired.append(f"{pool.payment_reference}: forfeited {pool.forfeited}")
             return
 
-
-# Reasons after which no billable start or activity is accepted any more (§8).
-_FINAL_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
-                            "max_duration", "balance_exhausted", "declined"})

@@ -35,10 +35,11 @@ class TickJob:
         except Exception:  # a failed tick is retried whole at the next interval
             log.exception("tick failed")
             return
-        if report.charged or report.ended or report.settled or report.expired:
-            log.info("tick as_of=%s charged=%d ended=%d settled=%d expired=%d conflicts=%d",
-                     report.as_of.isoformat(), len(report.charged), len(report.ended),
-                     len(report.settled), len(report.expired), report.conflicts)
+        if report.charged or report.ended or report.settled or report.expired or report.failed:
+            log.info("tick as_of=%s charged=%d ended=%d settled=%d expired=%d failed=%d "
+                     "conflicts=%d", report.as_of.isoformat(), len(report.charged),
+                     len(report.ended), len(report.settled), len(report.expired),
+                     len(report.failed), report.conflicts)
 
 
 class SchedulerHandle:

@@ -70,15 +70,20 @@ def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 ins
         projector.close()
         ledger.close()
     table = Table(title=f"tick as of {report.as_of.isoformat()}")
-    for column in ("charged", "ended", "settled", "expired", "conflicts", "more"):
+    for column in ("charged", "ended", "settled", "expired", "failed", "conflicts", "more"):
         table.add_column(column, justify="right")
     table.add_row(str(len(report.charged)), str(len(report.ended)), str(len(report.settled)),
-                  str(len(report.expired)), str(report.conflicts), str(report.more))
+                  str(len(report.expired)), str(len(report.failed)), str(report.conflicts),
+                  str(report.more))
     console.print(table)
+    for line in report.failed:
+        err.print(f"[red]failed[/]   {line}")
     if debug:
         for name in ("charged", "ended", "settled", "expired"):
             for line in getattr(report, name):
                 console.print(f"{name:8} {line}")
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -181,6 +181,7 @@ class OSession:
     auto_charged: int = 0  # blocks charged by the tick (AutoDeducted)
     settle_charged: int = 0  # blocks charged at settlement
     exhausted: bool = False  # ever ended with balance_exhausted
+    final: bool = False  # a final end (timeout, exhaustion, decline) was ever recorded
 
     @property
     def settled(self) -> bool:
@@ -423,12 +424,11 @@ class Oracle:
             raise Refused("unknown_session")
         if session.settled:
             raise Refused("session_settled")
-        if session.ended_at is None:
-            pending = self.pending_end(session)
-            if pending is not None and at > pending[0]:
-                raise Refused("session_ended")  # a timeout has passed by the event's own time
-        elif session.end_reason in FINAL_REASONS or at >= session.ended_at:
-            raise Refused("session_ended")
+        if session.ended_at is not None and (session.final or at >= session.ended_at):
+            raise Refused("session_ended")  # ended by then, or a final end was recorded
+        pending = self.pending_end(session)
+        if pending is not None and at > pending[0]:
+            raise Refused("session_ended")  # a timeout has passed by the event's own time
         return session
 
     def _message(self, at, p, now, _type) -> dict:
@@ -477,8 +477,7 @@ class Oracle:
 
     def _activity(self, at, p, now, _type) -> dict:
         session = self._live(p, at)
-        if session.ended_at is None:
-            self._touch(session, at)
+        self._touch(session, at)  # before a reported end it can still defer a timeout
         return self.view(session)
 
     def _ended(self, at, p, now, _type) -> dict:
@@ -490,9 +489,7 @@ class Oracle:
         by, reason = p.get("ended_by", "patient"), p.get("reason") or "completed"
         if by not in ("patient", "doctor", "system"):
             raise Refused("invalid_event")
-        pending = self.pending_end(session)
-        if pending is not None and pending[0] < at:
-            at, by, reason = pending[0], "system", pending[1]  # the timeout came first (§8)
+        # A timeout before `at` is left to the tick (deadline + skew); the earliest end stands.
         self._end(session, at, by, reason, now)
         return {**self.view(session), "ended_at": session.ended_at.isoformat(),
                 "reason": session.end_reason}
@@ -506,6 +503,7 @@ class Oracle:
         # session zero-length, and an earlier start reported later still counts from there.
         first = session.ended_at is None
         session.ended_at, session.end_by, session.end_reason = at, by, reason
+        session.final = session.final or reason in FINAL_REASONS
         if reason == "balance_exhausted":
             session.exhausted = True
         if first:
@@ -555,9 +553,16 @@ class Oracle:
     # ------------------------------------------------------------------------- deadlines
 
     def pending_end(self, s: OSession) -> tuple[datetime, str] | None:
-        """(instant, reason) a live session ends at if nothing else is reported (§8)."""
-        if s.ended_at is not None:
+        """(instant, reason) of the timeout a session reaches if nothing else is reported (§8);
+        for a session ended by a report, only a deadline before that end; none after a final end."""
+        if s.settled or s.final:
             return None
+        deadline = self._deadline(s)
+        if s.ended_at is not None and deadline[0] >= s.ended_at:
+            return None
+        return deadline
+
+    def _deadline(self, s: OSession) -> tuple[datetime, str]:
         t = self.t
         if s.started_at is None:
             if s.kind != "text":
@@ -582,7 +587,7 @@ class Oracle:
             return None
         skew = timedelta(seconds=self.t.skew)
         pending = self.pending_end(s)
-        limit = s.ended_at if s.ended_at is not None else pending[0]
+        limit = min((t for t in (s.ended_at, pending and pending[0]) if t is not None), default=None)
         options = []
         if s.started_at is not None:
             n = max(s.charges, default=0) + 1

@@ -599,7 +599,8 @@ def test_unknown_route_and_method_are_problems(api):
 def test_admin_tick_defaults_to_now_and_refuses_far_future(api):
     report = api.tick()
     assert report["as_of"] == T0.isoformat()
-    assert set(report) == {"as_of", "charged", "ended", "settled", "expired", "conflicts", "more"}
+    assert set(report) == {"as_of", "charged", "ended", "settled", "expired", "failed",
+                           "conflicts", "more"}
     assert api.tick(T0 + timedelta(minutes=5))["as_of"] == (T0 + timedelta(minutes=5)).isoformat()
     response = api.client.post("/v1/ticks", json={"as_of": (T0 + timedelta(minutes=6))
                                                   .isoformat()}, headers=ADMIN)

@@ -1145,3 +1145,56 @@ def test_occurred_at_out_of_range_is_refused(desk: Desk) -> None:
     assert err.status == 422
     refused(errors.OccurredAtOutOfRange, desk.request, "s1", "voice",
             at=T0 - timedelta(days=35) - S)
+
+
+def test_late_start_within_skew_counts_after_an_end_report(desk: Desk) -> None:
+    """The doctor's first reply (280 s) arrives after the patient's end report (320 s) but
+    before the no-reply deadline (310 s) + skew: same outcome as on-time delivery (§3, I9)."""
+    desk.grant(text=2)
+    desk.request("s1", "text")
+    desk.message("s1", desk.at(T0 + 10 * S))
+    desk.end("s1", desk.at(T0 + 320 * S))
+    desk.at(T0 + 330 * S)  # the reply is delivered now, 50 s late
+    desk.activate("s1", T0 + 280 * S)
+    desk.tick(T0 + 30 * MIN)
+    s = desk.session("s1")
+    assert (s.started_at, s.ended_at, s.end_reason) == (T0 + 280 * S, T0 + 320 * S, "completed")
+    assert desk.settled("s1").units_owed == 1 and desk.net_charged("s1") == 1
+
+
+def test_end_report_after_a_timeout_deadline_ends_at_the_deadline(desk: Desk) -> None:
+    """No reply by 310 s; the patient's end at 400 s is recorded, then the tick applies the
+    earlier doctor_no_response deadline (earliest end stands, §3), and it is final (§8)."""
+    desk.grant(text=2)
+    desk.request("s1", "text")
+    desk.message("s1", desk.at(T0 + 10 * S))
+    desk.end("s1", desk.at(T0 + 400 * S))
+    refused(errors.SessionEnded, desk.activate, "s1", T0 + 390 * S)  # past the deadline
+    desk.tick(T0 + 310 * S + MIN)
+    s = desk.session("s1")
+    assert (s.ended_at, s.end_reason) == (T0 + 310 * S, "doctor_no_response")
+    refused(errors.SessionEnded, desk.activate, "s1", T0 + 300 * S)  # final once recorded
+    desk.tick(T0 + 30 * MIN)
+    assert desk.settled("s1").units_owed == 0 and desk.pool().free["text"] == 2
+
+
+def test_one_failing_session_does_not_stop_the_tick(desk: Desk, monkeypatch) -> None:
+    """A session whose step raises is reported in `failed`; every other session is billed."""
+    import ledger.service as service
+
+    desk.grant(voice=5)
+    desk.grant("pay-2", owner="p2", voice=5)
+    desk.doctor("d2")
+    desk.call("s1", T0)
+    desk.call("s2", T0, patient="p2", doctor="d2")
+    real = service.apply_step
+
+    def broken(work, session, step, as_of, policy):
+        if session.session_id == "s1":
+            raise RuntimeError("poisoned")
+        return real(work, session, step, as_of, policy)
+
+    monkeypatch.setattr(service, "apply_step", broken)
+    report = desk.tick(T0 + 11 * MIN)
+    assert [line.split(":")[0] for line in report.failed] == ["s1"]
+    assert desk.deducted("s2") == [1] and desk.deducted("s1") == []
