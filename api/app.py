@@ -57,14 +57,16 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from service.bootstrap import build_ledger
+        from service.bootstrap import build_ledger, ddl_lock
 
         state = app.state
         state.clock = clock if clock is not None else _build_clock(settings)
         state.ledger = state.projector = state.scheduler = None
         try:
-            state.ledger = build_ledger(settings, state.clock)
-            state.projector = make_projector(state.ledger, settings.database_url, settings.policy())
+            with ddl_lock(settings.database_url):
+                state.ledger = build_ledger(settings, state.clock)
+                state.projector = make_projector(state.ledger, settings.database_url,
+                                                 settings.policy())
             try:
                 state.projector.catch_up()
             except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries

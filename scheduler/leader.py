@@ -7,8 +7,12 @@ it: every tick decision is idempotent by construction (billing-rules.md I1, I9).
 from __future__ import annotations
 
 import logging
+import zlib
 
-LOCK_KEY = 0x1ED6E7  # advisory lock id reserved for the tick
+
+def lock_key(schema: str) -> int:
+    """Advisory lock id of the tick of the ledger in `schema` (one leader per ledger, not per DB)."""
+    return zlib.crc32(f"ledger-tick:{schema}".encode())
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +28,14 @@ class AlwaysLeader:
 
 
 class PostgresLeader:
-    """Holds `pg_try_advisory_lock(LOCK_KEY)` on its own connection while the process lives.
+    """Holds `pg_try_advisory_lock(key)` on its own connection while the process lives.
 
     A dead process's connection closes and frees the lock, so another worker takes over.
     """
 
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, key: int) -> None:
         self._conninfo = conninfo
+        self._key = key
         self._conn = None
         self._held = False
 
@@ -42,10 +47,10 @@ class PostgresLeader:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
                 self._held = bool(self._conn.execute(
-                    "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0])
+                    "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
             elif not self._held:
                 self._held = bool(self._conn.execute(
-                    "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0])
+                    "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
             else:
                 self._conn.execute("SELECT 1")  # the lock lives as long as this connection
             return self._held

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from scheduler.leader import AlwaysLeader, PostgresLeader
+from scheduler.leader import AlwaysLeader, PostgresLeader, lock_key
 from scheduler.tick import run_tick
-from service.bootstrap import is_postgres, postgres_conninfo
+from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts
 
 log = logging.getLogger("ledger.tick")
 
@@ -56,8 +56,9 @@ class SchedulerHandle:
 def start_scheduler(state) -> SchedulerHandle:
     """Start the interval tick (coalescing, one instance at a time, 30 s misfire grace)."""
     settings = state.settings
-    leader = (PostgresLeader(postgres_conninfo(settings.database_url))
-              if is_postgres(settings.database_url) else AlwaysLeader())
+    url = settings.database_url
+    leader = (PostgresLeader(postgres_conninfo(url), lock_key(postgres_parts(url)["schema"]))
+              if is_postgres(url) else AlwaysLeader())
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         timezone="UTC")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, unquote, urlparse
@@ -69,3 +71,22 @@ def build_ledger(settings: Settings, clock: Callable[[], datetime]) -> Ledger:
     """The Ledger application for these settings, with `clock` injected."""
     env = persistence_env(settings.database_url)
     return Ledger(env=env, clock=clock, policy=settings.policy())
+
+
+@contextmanager
+def ddl_lock(url: str):
+    """Serialise table creation across processes: several workers starting at once on a fresh
+    PostgreSQL schema otherwise race in CREATE … IF NOT EXISTS ("tuple concurrently updated").
+    A no-op for SQLite."""
+    if not is_postgres(url):
+        yield
+        return
+    import psycopg
+
+    key = zlib.crc32(f"ledger-ddl:{postgres_parts(url)['schema']}".encode())
+    with psycopg.connect(postgres_conninfo(url), autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))

@@ -31,11 +31,12 @@ def _parse_instant(value: Optional[str]) -> Optional[datetime]:
 def _open(settings: Settings):
     """Ledger + Projector on the configured store, with the wall clock."""
     from projections import Projector
-    from service.bootstrap import build_ledger
+    from service.bootstrap import build_ledger, ddl_lock
     from service.clock import SystemClock
 
-    ledger = build_ledger(settings, SystemClock())
-    return ledger, Projector(ledger, settings.database_url, settings.policy())
+    with ddl_lock(settings.database_url):
+        ledger = build_ledger(settings, SystemClock())
+        return ledger, Projector(ledger, settings.database_url, settings.policy())
 
 
 @app.command()
