@@ -18,7 +18,7 @@ from starlette.routing import Match
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, error_type
 
 log = logging.getLogger("api")
 
@@ -56,8 +56,7 @@ class ApiError(LedgerError):
 
 
 def _api_error(name: str, code: str, status: int, title: str) -> type[ApiError]:
-    return type(name, (ApiError,), {"code": code, "status": status, "title": title,
-                                    "__doc__": f"{title} ({status} `{code}`)."})
+    return error_type(name, code, status, title, base=ApiError)
 
 
 Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,

@@ -19,9 +19,14 @@ class LedgerError(Exception):
         self.extra = extra
 
 
-def _error(name: str, code: str, status: int, title: str) -> type[LedgerError]:
-    return type(name, (LedgerError,), {"code": code, "status": status, "title": title,
-                                       "__doc__": f"{title} ({status} `{code}`)."})
+def error_type(name: str, code: str, status: int, title: str,
+               base: type[LedgerError] = LedgerError) -> type[LedgerError]:
+    """A LedgerError subclass with a stable `code`, HTTP `status` and `title`."""
+    return type(name, (base,), {"code": code, "status": status, "title": title,
+                                "__doc__": f"{title} ({status} `{code}`)."})
+
+
+_error = error_type
 
 
 InsufficientUnits = _error("InsufficientUnits", "insufficient_units", 409, "No unit can be held")
