@@ -127,6 +127,13 @@ class Desk:
         self.request(sid, kind, patient, doctor)
         self.connect(sid)
 
+    def consult(self, sid: str, kind: str, start: datetime, minutes: int) -> None:
+        """Request and start a `kind` session at `start`, ping it, and end it `minutes` later."""
+        self.request(sid, kind)
+        (self.activate if kind == "text" else self.connect)(sid)
+        self.pings(sid, start, start + minutes * MIN)
+        self.end(sid, self.at(start + minutes * MIN))
+
     def pings(self, sid: str, start: datetime, until: datetime, every: timedelta = 5 * MIN) -> None:
         """Activity reports every `every` from start (exclusive) to until (inclusive)."""
         t = start + every
@@ -670,13 +677,7 @@ def test_doctor_pay_per_unit_at_rate_stamped_at_billable_start(
     desk = Desk(clock)
     desk.doctor("d1", country)
     desk.grant(voice=5, text=5, video=5)
-    desk.request("s1", kind)
-    if kind == "text":
-        desk.activate("s1")
-    else:
-        desk.connect("s1")
-    desk.pings("s1", T0, T0 + 25 * MIN)
-    desk.end("s1", desk.at(T0 + 25 * MIN))
+    desk.consult("s1", kind, T0, 25)
     desk.tick(T0 + 60 * MIN)
     stamped = desk.session("s1").rate
     assert (stamped["tariff"], stamped["pay_minor"], stamped["currency"]) == (
@@ -696,13 +697,7 @@ def test_doctor_pay_legacy_2025_stamped_before_the_switch(country, kind, currenc
     desk = Desk(FakeClock(t0))
     desk.doctor("d1", country)
     desk.grant(voice=5, text=5, video=5)
-    desk.request("s1", kind)
-    if kind == "text":
-        desk.activate("s1")
-    else:
-        desk.connect("s1")
-    desk.pings("s1", t0, t0 + 25 * MIN)
-    desk.end("s1", desk.at(t0 + 25 * MIN))
+    desk.consult("s1", kind, t0, 25)
     desk.tick(t0 + 60 * MIN)
     s1 = desk.session("s1")
     assert (s1.rate["tariff"], s1.rate["pay_minor"]) == ("legacy-2025", rate)

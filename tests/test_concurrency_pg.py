@@ -20,32 +20,13 @@ from conftest import T0, make_ledger
 from ledger import errors
 from ledger.domain import Pool
 from ledger.service import Ledger
+from service.clock import ManualClock
 from test_billing import MIN, S, Desk, named
 from test_invariants import check_all, events_of, fold
 
 pytestmark = pytest.mark.postgres
 
 WORKERS = 4
-
-
-class SharedClock:
-    """The acceptance clock shared by every worker; only the test's main thread moves it."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def set(self, moment: datetime) -> datetime:
-        with self._lock:
-            self.now = max(self.now, moment)
-            return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        return self.set(self.now + timedelta(seconds=seconds))
 
 
 def at_once(fns: list[Callable[[], object]]) -> list[object]:
@@ -75,7 +56,7 @@ def no_crash(results: list[object], allowed: tuple[str, ...] = ()) -> list[objec
 
 @pytest.fixture
 def workers(pg_url):
-    clock = SharedClock(T0)
+    clock = ManualClock(T0)  # shared by every worker; only the main thread moves it
     main = make_ledger(pg_url, clock)
     ledgers = [make_ledger(pg_url, clock) for _ in range(WORKERS)]
     yield clock, main, ledgers

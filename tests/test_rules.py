@@ -5,6 +5,8 @@ Every example of §2 is one parametrised case; nothing here touches storage.
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -158,9 +160,9 @@ def test_tariff_2026_01_12(bucket: str, at: datetime) -> None:
 
 def test_tariff_versions_are_ordered_and_frozen() -> None:
     assert [t.version for t in TARIFFS] == ["legacy-2025", "2026-01-12"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TARIFFS[0].version = "edited"  # type: ignore[misc]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         rate_at("MW", "text", NEW_TARIFF_AT).amount_minor = 1  # type: ignore[misc]
 
 
@@ -234,5 +236,5 @@ def test_policy_accepts_edges(kwargs: dict) -> None:
 
 
 def test_policy_is_immutable() -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Policy().skew_seconds = 5  # type: ignore[misc]

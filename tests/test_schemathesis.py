@@ -6,16 +6,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 import schemathesis
 
-from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api.app import create_app  # noqa: E402
-from conftest import FakeClock  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from api.app import create_app
+from conftest import FakeClock
+from service.settings import Settings
 
 _DB = Path(tempfile.mkdtemp(prefix="ledger-fuzz-")) / "ledger.db"
 APP = create_app(Settings(database_url=f"sqlite:///{_DB}", tick_enabled=False,
