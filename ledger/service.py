@@ -296,6 +296,9 @@ class Ledger(Application):
             # a recorded timeout (or decline) stays final even if an earlier end report has
             # since replaced the end's time and reason (§8).
             raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}")
+        if at < session.requested_at:
+            raise errors.InvalidTransition(
+                f"occurred_at {at.isoformat()} precedes the session's request")
         session.check_live_at(at, self.policy)
         return session
 

@@ -426,6 +426,8 @@ class Oracle:
             raise Refused("session_settled")
         if session.ended_at is not None and (session.final or at >= session.ended_at):
             raise Refused("session_ended")  # ended by then, or a final end was recorded
+        if at < session.requested_at:
+            raise Refused("invalid_transition")  # would bill time before the request
         pending = self.pending_end(session)
         if pending is not None and at > pending[0]:
             raise Refused("session_ended")  # a timeout has passed by the event's own time

@@ -1193,3 +1193,12 @@ def test_one_failing_session_does_not_stop_the_tick(desk: Desk, monkeypatch) -> 
     report = desk.tick(T0 + 11 * MIN)
     assert [line.split(":")[0] for line in report.failed] == ["s1"]
     assert desk.deducted("s2") == [1] and desk.deducted("s1") == []
+
+
+def test_session_events_before_the_request_are_refused(desk: Desk) -> None:
+    """A billable start or activity stamped before the request would bill unrequested time."""
+    desk.grant(voice=2)
+    desk.request("s1", "voice", at=desk.at(T0 + MIN))
+    refused(errors.InvalidTransition, desk.connect, "s1", T0)
+    refused(errors.InvalidTransition, desk.activity, "s1", T0 + 30 * S)
+    assert desk.connect("s1", T0 + MIN)["state"] == "active"
