@@ -41,7 +41,6 @@ class Accepted:
 
     result: dict
     replayed: bool = False
-    position: int | None = None
 
 
 @dataclass
@@ -167,10 +166,10 @@ class Ledger(Application):
             result = {"event_id": event_id, "type": event_type, **outcome}
             receipt = Receipt(event_id=event_id, body_hash=digest, event_type=event_type, result=result)
             try:
-                recordings = self.save(*work.to_save(), receipt)
+                self.save(*work.to_save(), receipt)
             except IntegrityError:
                 continue  # a concurrent writer won; reload everything and decide again
-            return Accepted(result, position=recordings[-1].notification.id if recordings else None)
+            return Accepted(result)
         raise errors.RetryLater("too many concurrent writers; retry the same event")
 
     @staticmethod
