@@ -26,12 +26,6 @@ log = logging.getLogger("api")
 ProjectorFactory = Callable[[Any, str, Any], Any]  # (ledger, database_url, policy) -> Projector
 
 
-def _default_projector_factory(ledger, database_url: str, policy) -> Any:
-    from projections import Projector
-
-    return Projector(ledger, database_url, policy)
-
-
 def _build_clock(settings: Settings):
     if settings.clock == "manual":
         return ManualClock(datetime.now(timezone.utc).replace(microsecond=0))
@@ -53,20 +47,16 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     `projector_factory(ledger, database_url, policy)` overrides `projections.Projector`."""
     settings = settings or Settings()
     api_keys = settings.api_key_roles()  # fail fast on a malformed LEDGER_API_KEYS
-    make_projector = projector_factory or _default_projector_factory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from service.bootstrap import build_ledger, ddl_lock
+        from service.bootstrap import open_ledger
 
         state = app.state
         state.clock = clock if clock is not None else _build_clock(settings)
         state.ledger = state.projector = state.scheduler = None
         try:
-            with ddl_lock(settings.database_url):
-                state.ledger = build_ledger(settings, state.clock)
-                state.projector = make_projector(state.ledger, settings.database_url,
-                                                 settings.policy())
+            state.ledger, state.projector = open_ledger(settings, state.clock, projector_factory)
             try:
                 state.projector.catch_up()
             except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import zlib
 
+log = logging.getLogger(__name__)
+
 
 def lock_key(schema: str) -> int:
-    """Advisory lock id of the tick of the ledger in `schema` (one leader per ledger, not per DB)."""
+    """Advisory lock id of the tick of the ledger in `schema`: one leader per ledger, not per DB."""
     return zlib.crc32(f"ledger-tick:{schema}".encode())
-
-log = logging.getLogger(__name__)
 
 
 class AlwaysLeader:
@@ -46,13 +46,12 @@ class PostgresLeader:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
-                self._held = bool(self._conn.execute(
-                    "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
-            elif not self._held:
-                self._held = bool(self._conn.execute(
-                    "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
-            else:
+                self._held = False
+            if self._held:
                 self._conn.execute("SELECT 1")  # the lock lives as long as this connection
+            else:
+                self._held = bool(self._conn.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
             return self._held
         except psycopg.Error as exc:
             log.warning("leader lock unavailable: %s", exc)

@@ -90,3 +90,18 @@ def ddl_lock(url: str):
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def open_ledger(settings: Settings, clock: Callable[[], datetime],
+                projector_factory: Callable | None = None):
+    """(Ledger, Projector) on the configured store; table creation is serialised across
+    processes (ddl_lock). `projector_factory(ledger, url, policy)` defaults to Projector."""
+    if projector_factory is None:
+        from projections import Projector as projector_factory
+    with ddl_lock(settings.database_url):
+        ledger = build_ledger(settings, clock)
+        try:
+            return ledger, projector_factory(ledger, settings.database_url, settings.policy())
+        except BaseException:
+            ledger.close()
+            raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -28,15 +29,18 @@ def _parse_instant(value: Optional[str]) -> Optional[datetime]:
     return moment.astimezone(timezone.utc)
 
 
-def _open(settings: Settings):
-    """Ledger + Projector on the configured store, with the wall clock."""
-    from projections import Projector
-    from service.bootstrap import build_ledger, ddl_lock
+@contextmanager
+def _opened(settings: Settings):
+    """(Ledger, Projector) on the configured store with the wall clock; closed afterwards."""
+    from service.bootstrap import open_ledger
     from service.clock import SystemClock
 
-    with ddl_lock(settings.database_url):
-        ledger = build_ledger(settings, SystemClock())
-        return ledger, Projector(ledger, settings.database_url, settings.policy())
+    ledger, projector = open_ledger(settings, SystemClock())
+    try:
+        yield ledger, projector
+    finally:
+        projector.close()
+        ledger.close()
 
 
 @app.command()
@@ -64,12 +68,8 @@ def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 ins
     from scheduler.tick import run_tick
 
     settings = Settings()
-    ledger, projector = _open(settings)
-    try:
+    with _opened(settings) as (ledger, projector):
         report = run_tick(ledger, projector, _parse_instant(as_of) or ledger.clock())
-    finally:
-        projector.close()
-        ledger.close()
     table = Table(title=f"tick as of {report.as_of.isoformat()}")
     for column in ("charged", "ended", "settled", "expired", "failed", "conflicts", "more"):
         table.add_column(column, justify="right")
@@ -96,16 +96,12 @@ def replay(verify: bool = typer.Option(True, "--verify/--no-verify",
     from projections import replay_verify
 
     settings = Settings()
-    ledger, projector = _open(settings)
-    try:
-        with Progress(console=err, transient=True) as progress:
-            task = progress.add_task("replaying", total=None)
-            report = replay_verify(ledger, settings.database_url, settings.policy(),
-                                   progress=lambda done, total: progress.update(
-                                       task, completed=done, total=total))
-    finally:
-        projector.close()
-        ledger.close()
+    with _opened(settings) as (ledger, projector), \
+            Progress(console=err, transient=True) as progress:
+        task = progress.add_task("replaying", total=None)
+        report = replay_verify(ledger, settings.database_url, settings.policy(),
+                               progress=lambda done, total: progress.update(
+                                   task, completed=done, total=total))
     console.print(f"replayed {report.events} events; compared {report.accounts} accounts; "
                   f"{len(report.differences)} differ")
     for line in report.differences:
@@ -121,16 +117,12 @@ def export(output: Optional[Path] = typer.Option(None, "--output", "-o",
     from projections import export_events
 
     settings = Settings()
-    ledger, projector = _open(settings)
-    try:
+    with _opened(settings) as (ledger, _):
         if output is None:
             count = export_events(ledger, sys.stdout)
         else:
             with output.open("w", encoding="utf-8") as out:
                 count = export_events(ledger, out)
-    finally:
-        projector.close()
-        ledger.close()
     err.print(f"exported {count} events")
 
 
