@@ -33,6 +33,12 @@ class Work:
             self.read_versions[aggregate_id] = aggregate.version if aggregate else None
         return self.cache[aggregate_id]
 
+    def seed(self, aggregate: Aggregate) -> Aggregate:
+        """Use an aggregate loaded earlier as if `get` had read it now (stale() still checks it)."""
+        self.cache[aggregate.id] = aggregate
+        self.read_versions[aggregate.id] = aggregate.version
+        return aggregate
+
     def stale(self) -> bool:
         """Whether an aggregate read for this decision has moved on in the store since it was
         read. Aggregates are loaded one by one, so a concurrent writer can leave this Work with

@@ -10,6 +10,7 @@ RetryLater; it is never reported as a business refusal.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 from dataclasses import dataclass, field
@@ -398,39 +399,42 @@ class Ledger(Application):
              max_steps: int = 20_000) -> TickReport:
         """Decide everything due by `as_of` for the given sessions and pools, in time order.
 
-        Candidates come from the live view; each step is re-decided on a freshly loaded
-        session, so duplicate and concurrent ticks change nothing twice (I1, I9).
+        Candidates come from the live view. Each step is decided on the session as loaded
+        (or as this tick last saved it) and saved optimistically, so a step another tick has
+        already taken fails to save, is re-decided on a fresh load and changes nothing (I1, I9).
         """
         as_of = utc_seconds(as_of)
         report = TickReport(as_of=as_of)
-        queue = self._initial_queue(as_of, session_ids, pool_ids)
+        known: dict[str, Session] = {}  # sessions as loaded or last saved by this tick
+        queue = self._initial_queue(as_of, session_ids, pool_ids, known)
+        heapq.heapify(queue)
         steps = 0
         while queue and steps < max_steps:
-            queue.sort(reverse=True)
-            due, kind, key = queue.pop()
+            due, kind, key = heapq.heappop(queue)
             steps += 1
             if kind == "pool":
                 self._expire_pool(key, report)
                 continue
             try:
-                step_due = self._tick_session(key, as_of, report)
+                step_due = self._tick_session(key, as_of, report, known)
             except Exception as exc:  # one broken session must not stop everyone's billing
                 log.exception("tick failed for session %s", key)
                 report.failed.append(f"{key}: {type(exc).__name__}: {exc}")
                 continue
             if step_due is not None:
-                queue.append((step_due, "session", key))
+                heapq.heappush(queue, (step_due, "session", key))
         report.more = bool(queue)
         return report
 
-    def _initial_queue(self, as_of: datetime, session_ids: Iterable[str],
-                       pool_ids: Iterable[str]) -> list[tuple[datetime, str, str]]:
+    def _initial_queue(self, as_of: datetime, session_ids: Iterable[str], pool_ids: Iterable[str],
+                       known: dict[str, Session]) -> list[tuple[datetime, str, str]]:
         queue = []
         for sid in dict.fromkeys(session_ids):
             session = self.load(Session.create_id(sid))
             step = next_step(session, self.policy) if session else None
             if step is not None and step.due <= as_of:
                 queue.append((step.due, "session", sid))
+                known[sid] = session
         skew = timedelta(seconds=self.policy.skew_seconds)
         for pool_id in dict.fromkeys(pool_ids):
             pool = self.load(UUID(pool_id))
@@ -438,11 +442,16 @@ class Ledger(Application):
                 queue.append((pool.effective_end + skew, "pool", pool_id))
         return queue
 
-    def _tick_session(self, session_id: str, as_of: datetime, report: TickReport) -> datetime | None:
-        """Take one due step for a session; returns when its next step is due (≤ as_of) or None."""
+    def _tick_session(self, session_id: str, as_of: datetime, report: TickReport,
+                      known: dict[str, Session]) -> datetime | None:
+        """Take one due step for a session; returns when its next step is due (≤ as_of) or None.
+
+        The first attempt starts from `known[session_id]`; a retry after a lost race reloads.
+        """
         for _ in range(MAX_ATTEMPTS):
             work = Work(self.load)
-            session = work.get(Session.create_id(session_id))
+            session = (work.seed(known.pop(session_id)) if session_id in known
+                       else work.get(Session.create_id(session_id)))
             step = next_step(session, self.policy)
             if step is None or step.due > as_of:
                 return None
@@ -464,6 +473,7 @@ class Ledger(Application):
                     and session.ended_at and session.ended_at <= as_of:
                 report.ended.append(f"{session_id}: balance_exhausted at {session.ended_at.isoformat()}")
             bucket.append(f"{session_id}: {line}")
+            known[session_id] = session  # saved: current for its next step in this tick
             following = next_step(session, self.policy)
             return following.due if following and following.due <= as_of else None
         report.conflicts += 1
