@@ -141,6 +141,16 @@ def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_00
         raise typer.Exit(1)
 
 
+def _register_commands() -> None:
+    """Commands kept beside the code they drive: `import-legacy` and `reconcile` (legacy/)."""
+    from legacy.cli import register
+
+    register(app, console, err)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,79 @@
+"""The legacy log: an event-sourced application of its own, beside the Ledger's.
+
+Imported legacy facts and reconciliation adjustments live in their own log so that the Ledger's
+projections, invariants and replay never see them (I10: they keep their own types and are never
+recomputed). On PostgreSQL the log is the table `legacy_events` in the ledger's schema; on SQLite
+(which names every application's table `stored_events`) it is a sibling file `<name>-legacy.db`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+
+from service.bootstrap import is_postgres, persistence_env, sqlite_path
+
+
+def legacy_store_url(ledger_url: str) -> str:
+    """The legacy log's URL for the ledger's database URL (same PG schema; sibling SQLite file)."""
+    if is_postgres(ledger_url):
+        return ledger_url
+    path = sqlite_path(ledger_url)
+    if path == ":memory:":
+        return ledger_url
+    p = Path(path)
+    return f"sqlite:///{p.with_name(p.stem + '-legacy' + p.suffix)}"
+
+
+class LegacyLedger(Application):
+    """Stores legacy aggregates; `save_new` makes re-imports and re-applies no-ops."""
+
+    name = "Legacy"
+
+    def load(self, aggregate_id) -> Aggregate | None:
+        try:
+            return self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+
+    def save_new(self, aggregates: Iterable[Aggregate]) -> int:
+        """Save aggregates whose ids are not stored yet; returns how many were saved.
+
+        One transaction for the batch; if a concurrent or earlier run stored one of them, the
+        batch is retried one by one so every new aggregate still lands exactly once.
+        """
+        fresh = [a for a in aggregates if self.load(a.id) is None]
+        if not fresh:
+            return 0
+        try:
+            self.save(*fresh)
+            return len(fresh)
+        except IntegrityError:
+            saved = 0
+            for aggregate in fresh:
+                try:
+                    self.save(aggregate)
+                    saved += 1
+                except IntegrityError:
+                    pass
+            return saved
+
+    def all_events(self, batch: int = 1000) -> Iterator:
+        """Every domain event of the legacy log in log order, read in bounded batches."""
+        start = 1
+        while True:
+            page = self.recorder.select_notifications(start=start, limit=batch)
+            if not page:
+                return
+            for notification in page:
+                yield self.mapper.to_domain_event(notification)
+            start = page[-1].id + 1
+
+
+def open_legacy(ledger_url: str) -> LegacyLedger:
+    """The legacy log next to the ledger at `ledger_url` (tables created if missing)."""
+    return LegacyLedger(env=persistence_env(legacy_store_url(ledger_url)))
