@@ -132,6 +132,22 @@ class SessionEndedPayload(Strict):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "completed"
 
 
+Provider = Annotated[str, StringConstraints(min_length=1, max_length=50),
+                     Field(description="who reported it: livekit, twilio-video, backend, …")]
+
+
+class PresencePayload(Strict):
+    session_id: Id
+    participant: Annotated[str, StringConstraints(min_length=1, max_length=200), Field(
+        description="provider identity: the patient or doctor id, or patient:<id> / doctor:<id>")]
+    provider: Provider = "backend"
+
+
+class RoomEndedPayload(Strict):
+    session_id: Id
+    provider: Provider = "backend"
+
+
 class WithdrawalRequestedPayload(Strict):
     request_id: Id
     doctor_id: Id
@@ -165,6 +181,9 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "call.ringing": SessionPayload,
     "call.connected": SessionPayload,
     "call.declined": SessionPayload,
+    "call.participant_joined": PresencePayload,
+    "call.participant_left": PresencePayload,
+    "call.room_ended": RoomEndedPayload,
     "session.activity": SessionPayload,
     "session.ended": SessionEndedPayload,
     "withdrawal.requested": WithdrawalRequestedPayload,

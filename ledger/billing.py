@@ -221,7 +221,9 @@ def next_step(session: Session, policy: Policy) -> Step | None:
         return None
     skew = timedelta(seconds=policy.skew_seconds)
     pending = session.pending_end(policy)
-    limit = min((t for t in (session.ended_at, pending and pending[0]) if t), default=None)
+    departure = pending_departure(session)
+    limit = min((t for t in (session.ended_at, pending and pending[0], departure and departure[0])
+                 if t), default=None)
     steps = []
     if session.started_at is not None:
         n = session.charged_through + 1
@@ -230,6 +232,9 @@ def next_step(session: Session, policy: Policy) -> Step | None:
             steps.append(Step("charge", boundary + skew, block=n))
     if pending is not None:
         steps.append(Step("timeout", pending[0] + skew, reason=pending[1], ended_at=pending[0]))
+    if departure is not None:
+        steps.append(Step("timeout", departure[1] + skew, reason="participant_left",
+                          ended_at=departure[0]))
     if session.ended:
         steps.append(Step("settle", session.settlement_due(policy)))
     # A timeout that falls exactly on a block boundary is decided before that block's charge:
@@ -237,6 +242,17 @@ def next_step(session: Session, policy: Policy) -> Step | None:
     # "balance_exhausted". This is also what an end report arriving before the tick records
     # (the timeout it is replaced with), so the outcome does not depend on the tick (I9).
     return min(steps, key=lambda s: (s.due, s.action != "timeout"), default=None)
+
+
+def pending_departure(session: Session) -> tuple[datetime, datetime] | None:
+    """(departure, decide_at) of a provider-reported departure that ends the call unless a
+    rejoin is reported by decide_at (§8: 60 s); None when there is none or it changes nothing."""
+    if not session.presence or session.settled:
+        return None
+    presence = session.presence_state()
+    if presence.departure_at is None or (session.ended and presence.departure_at >= session.ended_at):
+        return None
+    return presence.departure_at, presence.decide_at
 
 
 def next_due_at(session: Session, policy: Policy) -> datetime | None:

@@ -13,6 +13,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
+from ledger.presence import Presence, Signal, derive
 from ledger.errors import (
     InvalidTransition,
     InsufficientFunds,
@@ -246,8 +247,13 @@ class Session(Aggregate):
         self.end_received_at: datetime | None = None
         self.settled = False
         self.settlement: dict | None = None
+        self.presence: list[Signal] = []  # provider reports, in provider-time order
 
     # ---- derived state
+
+    def presence_state(self) -> Presence:
+        """Connected/ended as the provider reports say (ledger/presence.py)."""
+        return derive(self.presence)
 
     @property
     def is_call(self) -> bool:
@@ -301,9 +307,12 @@ class Session(Aggregate):
         if self.started_at is None:
             deadline = self._not_started_end(policy)
         else:
-            idle_end = self.last_activity_at + timedelta(seconds=policy.idle_seconds(self.kind))
             max_end = self.started_at + timedelta(seconds=policy.max_duration_seconds)
-            deadline = min((idle_end, "idle_timeout"), (max_end, "max_duration"))
+            deadline = (max_end, "max_duration")
+            # While the provider reports both participants in the room the call is not idle.
+            if not (self.presence and self.presence_state().both_present):
+                idle_end = self.last_activity_at + timedelta(seconds=policy.idle_seconds(self.kind))
+                deadline = min((idle_end, "idle_timeout"), deadline)
         if self.ended and deadline[0] >= self.ended_at:
             return None
         return deadline
@@ -373,6 +382,20 @@ class Session(Aggregate):
         self.started_at = at if self.started_at is None else min(self.started_at, at)
         self.rate = self.rate or rate
         self.last_activity_at = max(self.last_activity_at or at, self.started_at)
+
+    def record_presence(self, role: str, action: str, at: datetime) -> bool:
+        """Keep one provider report (§8, issue 4); False if the same report is already kept."""
+        signal = Signal(at=at, role=role, action=action)
+        if signal in self.presence:
+            return False
+        self._presence_recorded(role=role, action=action, at=at)
+        return True
+
+    @event("PresenceRecorded")
+    def _presence_recorded(self, role: str, action: str, at: datetime) -> None:
+        self.presence = sorted([*self.presence, Signal(at=at, role=role, action=action)],
+                               key=Signal.sort_key)
+        self.last_activity_at = max(self.last_activity_at or at, at)  # a provider report (§8)
 
     @event("ActivityRecorded")
     def record_activity(self, at: datetime) -> None:

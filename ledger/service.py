@@ -77,6 +77,27 @@ def session_view(session: Session) -> dict:
             "paid_until": paid_until.isoformat() if paid_until else None}
 
 
+def participant_role(session: Session, identity: str) -> str | None:
+    """patient | doctor for a provider identity: the id itself or `patient:<id>`/`doctor:<id>`."""
+    kind, _, bare = identity.partition(":")
+    if bare and kind in ("patient", "doctor"):
+        wanted = session.patient_id if kind == "patient" else session.doctor_id
+        return kind if bare == wanted else None
+    if identity == session.patient_id:
+        return "patient"
+    if identity == session.doctor_id:
+        return "doctor"
+    return None
+
+
+def presence_view(session: Session) -> dict:
+    """The provider-derived connect/end of a call, as ISO strings or None."""
+    state = session.presence_state()
+    iso = lambda t: t.isoformat() if t else None  # noqa: E731
+    return {"connected_at": iso(state.connected_at), "ended_at": iso(state.ended_at),
+            "end_reason": state.end_reason, "departure_at": iso(state.departure_at)}
+
+
 class Ledger(Application):
     """Event-sourced billing ledger. `clock` returns aware UTC datetimes (acceptance time)."""
 
@@ -101,6 +122,9 @@ class Ledger(Application):
             "call.ringing": self._call_ringing,
             "call.connected": self._started,
             "call.declined": self._call_declined,
+            "call.participant_joined": self._presence,
+            "call.participant_left": self._presence,
+            "call.room_ended": self._presence,
             "session.activity": self._activity,
             "session.ended": self._session_ended,
             "withdrawal.requested": self._withdrawal_requested,
@@ -318,15 +342,52 @@ class Ledger(Application):
         wants_call = p["_type"] == "call.connected"
         if session.is_call != wants_call:
             raise errors.InvalidTransition(f"{p['_type']} does not apply to a {session.kind} session")
-        if session.started_at is None or at < session.started_at:
-            doctor = work.get(Doctor.create_id(session.doctor_id))
-            rate = rate_at(doctor.country, session.bucket, at)
-            session.start(at=at, rate={"tariff": rate.tariff, "amount_minor": rate.amount_minor,
-                                       "currency": rate.currency, "pay_minor": rate.pay_minor,
-                                       "commission_pct": rate.commission_pct, "country": doctor.country})
-            work.add(session)
-            hold_ahead(work, session, 2, self.policy)
+        self._start(work, session, at)
         return session_view(session)
+
+    def _start(self, work: Work, session: Session, at: datetime) -> None:
+        """Record `at` as the billable start if it is the earliest, stamp the rate, hold ahead."""
+        if session.started_at is not None and at >= session.started_at:
+            return
+        doctor = work.get(Doctor.create_id(session.doctor_id))
+        rate = rate_at(doctor.country, session.bucket, at)
+        session.start(at=at, rate={"tariff": rate.tariff, "amount_minor": rate.amount_minor,
+                                   "currency": rate.currency, "pay_minor": rate.pay_minor,
+                                   "commission_pct": rate.commission_pct, "country": doctor.country})
+        work.add(session)
+        hold_ahead(work, session, 2, self.policy)
+
+    def _presence(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        """A provider's participant or room report (issue 4; §8). The connect and the end are
+        derived from all reports in provider-time order, so duplicates and reordering give the
+        same outcome; a report that names neither participant is kept out and acknowledged."""
+        session = work.get(Session.create_id(p["session_id"]))
+        if session is None:
+            raise errors.UnknownSession(f"no session {p['session_id']!r}")
+        session.check_open()
+        if not session.is_call:
+            raise errors.InvalidTransition(f"{p['_type']} is for voice and video sessions")
+        action = p["_type"].removeprefix("call.").removeprefix("participant_")
+        role = "" if action == "room_ended" else participant_role(session, p.get("participant", ""))
+        if role is None:
+            return {**session_view(session), "ignored": "participant is neither the patient nor the doctor"}
+        if at < session.requested_at:
+            raise errors.InvalidTransition(f"occurred_at {at.isoformat()} precedes the session's request")
+        if session.record_presence(role=role, action=action, at=at):
+            work.add(session)
+            self._apply_presence(work, session, now)
+        return {**session_view(session), "presence": presence_view(session)}
+
+    def _apply_presence(self, work: Work, session: Session, now: datetime) -> None:
+        presence = session.presence_state()
+        connected = presence.connected_at
+        # A connect that happened before the recorded end still counts until settlement (§3),
+        # but a recorded timeout (e.g. missed) is final (§8).
+        if connected is not None and not session.ended_finally and \
+                (not session.ended or connected < session.ended_at):
+            self._start(work, session, connected)
+        if presence.ended_at is not None:
+            end_session(work, session, presence.ended_at, "system", presence.end_reason, now)
 
     def _call_ringing(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         session = self._live_session(work, p, at)
