@@ -208,6 +208,13 @@ def get_session(session_id: Ident, role: ReadRole, ledger: LedgerDep) -> dict:
     return session_resource(session, events)
 
 
+@router.get("/v1/appointments/{appointment_id}", tags=["reads"],
+            responses=problem_responses(401, 403, 404, 422, 500, 503))
+def get_appointment(appointment_id: Ident, role: ReadRole, ledger: LedgerDep) -> dict:
+    """An appointment's lifecycle state and the session that serves it (never a charge, I10)."""
+    return ledger.get_appointment(appointment_id).view()  # raises UnknownAppointment (404)
+
+
 @router.get("/v1/patients/{patient_id}/balance", tags=["reads"],
             responses=problem_responses(401, 403, 422, 500, 503))
 def get_patient_balance(patient_id: Ident, role: ReadRole, projector: ProjectorDep,

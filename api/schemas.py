@@ -148,6 +148,35 @@ class RoomEndedPayload(Strict):
     provider: Provider = "backend"
 
 
+class AppointmentBookedPayload(Strict):
+    appointment_id: Id
+    patient_id: Id
+    doctor_id: Id
+    kind: Literal["text", "voice", "video"]
+    starts_at: Timestamp
+    duration_minutes: Annotated[StrictInt, Field(ge=1, le=24 * 60)] = 30
+
+
+class AppointmentPayload(Strict):
+    appointment_id: Id
+
+
+class AppointmentLinkedPayload(Strict):
+    appointment_id: Id
+    session_id: Id
+
+
+class AppointmentCancelledPayload(Strict):
+    appointment_id: Id
+    cancelled_by: Literal["patient", "doctor", "system"]
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "cancelled"
+
+
+class AppointmentNoShowPayload(Strict):
+    appointment_id: Id
+    absent: Literal["patient", "doctor", "both"]
+
+
 class WithdrawalRequestedPayload(Strict):
     request_id: Id
     doctor_id: Id
@@ -186,6 +215,13 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "call.room_ended": RoomEndedPayload,
     "session.activity": SessionPayload,
     "session.ended": SessionEndedPayload,
+    "appointment.booked": AppointmentBookedPayload,
+    "appointment.confirmed": AppointmentPayload,
+    "appointment.join_window_opened": AppointmentPayload,
+    "appointment.linked": AppointmentLinkedPayload,
+    "appointment.cancelled": AppointmentCancelledPayload,
+    "appointment.expired": AppointmentPayload,
+    "appointment.no_show": AppointmentNoShowPayload,
     "withdrawal.requested": WithdrawalRequestedPayload,
     "withdrawal.completed": WithdrawalCompletedPayload,
     "withdrawal.rejected": WithdrawalRejectedPayload,

@@ -14,6 +14,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from ledger.appointments import Appointment
 from ledger.domain import Doctor, Patient, Pool, Session, Wallet
 from ledger.rules import Policy, block_end, presence_group
 
@@ -182,6 +183,17 @@ def settle(work: Work, session: Session, as_of: datetime, policy: Policy) -> Non
         released=[{"block": b, "pool_id": session.holds[b]} for b in release])
     work.add(session)
     credit_wallet(work, session)
+    complete_appointment(work, session, as_of)
+
+
+def complete_appointment(work: Work, session: Session, as_of: datetime) -> None:
+    """The appointment a started session served is completed when it settles (§9)."""
+    if session.appointment_id is None or session.started_at is None:
+        return
+    appointment = work.get(Appointment.create_id(session.appointment_id))
+    if appointment is not None and not appointment.closed:
+        appointment.complete(session_id=session.session_id, at=as_of)
+        work.add(appointment)
 
 
 def credit_wallet(work: Work, session: Session) -> None:

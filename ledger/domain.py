@@ -219,6 +219,8 @@ class Session(Aggregate):
     ActivityRecorded, BlockHeld, AutoDeducted(n), Ended, Settled.
     """
 
+    appointment_id: str | None = None  # the appointment this session serves, if linked (§9)
+
     @staticmethod
     def create_id(session_id: str) -> UUID:
         return uuid5(NS, "session:" + session_id)
@@ -396,6 +398,10 @@ class Session(Aggregate):
         self.presence = sorted([*self.presence, Signal(at=at, role=role, action=action)],
                                key=Signal.sort_key)
         self.last_activity_at = max(self.last_activity_at or at, at)  # a provider report (§8)
+
+    @event("LinkedToAppointment")
+    def link_appointment(self, appointment_id: str) -> None:
+        self.appointment_id = appointment_id
 
     @event("ActivityRecorded")
     def record_activity(self, at: datetime) -> None:

@@ -57,3 +57,9 @@ WithdrawalConflict = error_type("WithdrawalConflict", "withdrawal_conflict", 409
 UnknownWithdrawal = error_type("UnknownWithdrawal", "unknown_withdrawal", 404,
                                "Unknown withdrawal request")
 RetryLater = error_type("RetryLater", "retry_later", 503, "Too many concurrent writers; retry")
+UnknownAppointment = error_type("UnknownAppointment", "unknown_appointment", 404,
+                                "Unknown appointment")
+AppointmentExists = error_type("AppointmentExists", "appointment_exists", 409,
+                               "Appointment id already booked with other content")
+AppointmentClosed = error_type("AppointmentClosed", "appointment_closed", 409,
+                               "Appointment is completed, cancelled, expired or a no-show")

@@ -22,7 +22,9 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
 from ledger import errors
-from ledger.billing import Work, apply_step, end_session, hold_ahead, next_step, choose_pool
+from ledger.appointments import APPOINTMENT_KINDS, Appointment
+from ledger.billing import (Work, apply_step, choose_pool, complete_appointment, end_session,
+                            hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.rules import KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
@@ -127,6 +129,13 @@ class Ledger(Application):
             "call.room_ended": self._presence,
             "session.activity": self._activity,
             "session.ended": self._session_ended,
+            "appointment.booked": self._appointment_booked,
+            "appointment.confirmed": self._appointment_step,
+            "appointment.join_window_opened": self._appointment_step,
+            "appointment.linked": self._appointment_linked,
+            "appointment.cancelled": self._appointment_closed,
+            "appointment.expired": self._appointment_closed,
+            "appointment.no_show": self._appointment_closed,
             "withdrawal.requested": self._withdrawal_requested,
             "withdrawal.completed": self._withdrawal_finished,
             "withdrawal.rejected": self._withdrawal_finished,
@@ -424,6 +433,75 @@ class Ledger(Application):
         end_session(work, session, at, by, reason, now)
         return {**session_view(session), "ended_at": session.ended_at.isoformat(),
                 "reason": session.end_reason}
+
+    # ----------------------------------------------------------------------- appointments
+    # A booking, never a charge (§9, I10): these handlers touch no pool and no wallet.
+
+    def get_appointment(self, appointment_id: str) -> Appointment:
+        """Raises UnknownAppointment."""
+        appointment = self.load(Appointment.create_id(appointment_id))
+        if appointment is None:
+            raise errors.UnknownAppointment(f"no appointment {appointment_id!r}")
+        return appointment
+
+    @staticmethod
+    def _appointment(work: Work, appointment_id: str) -> Appointment:
+        appointment = work.get(Appointment.create_id(appointment_id))
+        if appointment is None:
+            raise errors.UnknownAppointment(f"no appointment {appointment_id!r}")
+        work.add(appointment)
+        return appointment
+
+    def _appointment_booked(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        if p["kind"] not in APPOINTMENT_KINDS:
+            raise errors.InvalidEvent(f"kind must be one of {APPOINTMENT_KINDS}")
+        starts_at = utc_seconds(datetime.fromisoformat(str(p["starts_at"])))
+        fields = {"patient_id": p["patient_id"], "doctor_id": p["doctor_id"], "kind": p["kind"],
+                  "starts_at": starts_at, "duration_minutes": int(p.get("duration_minutes", 30))}
+        existing = work.get(Appointment.create_id(p["appointment_id"]))
+        if existing is not None:
+            if any(getattr(existing, k) != v for k, v in fields.items()):
+                raise errors.AppointmentExists(f"appointment {p['appointment_id']!r} exists")
+            return existing.view()
+        appointment = Appointment(appointment_id=p["appointment_id"], at=at, **fields)
+        work.add(appointment)
+        return appointment.view()
+
+    def _appointment_step(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        appointment = self._appointment(work, p["appointment_id"])
+        if p["_type"] == "appointment.confirmed":
+            appointment.confirm(at=at)
+        else:
+            appointment.open_join_window(at=at)
+        return appointment.view()
+
+    def _appointment_linked(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        appointment = self._appointment(work, p["appointment_id"])
+        session = work.get(Session.create_id(p["session_id"]))
+        if session is None:
+            raise errors.UnknownSession(f"no session {p['session_id']!r}")
+        if (session.patient_id, session.doctor_id) != (appointment.patient_id, appointment.doctor_id):
+            raise errors.InvalidTransition("the session has another patient or doctor")
+        if session.kind != appointment.kind:
+            raise errors.InvalidTransition(f"a {appointment.kind} appointment cannot be served "
+                                           f"by a {session.kind} session")
+        if session.appointment_id not in (None, appointment.appointment_id):
+            raise errors.InvalidTransition(f"session serves appointment {session.appointment_id!r}")
+        if appointment.link(session.session_id, at):
+            session.link_appointment(appointment_id=appointment.appointment_id)
+            work.add(session)
+        if session.settled:
+            complete_appointment(work, session, now)
+        return appointment.view()
+
+    def _appointment_closed(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
+        appointment = self._appointment(work, p["appointment_id"])
+        status = p["_type"].removeprefix("appointment.")
+        detail = {k: p[k] for k in ("cancelled_by", "reason", "absent") if k in p}
+        if appointment.status == status and appointment.close_detail == detail:
+            return appointment.view()  # the same close reported again: nothing changes
+        appointment.close(status=status, at=at, detail=detail)
+        return appointment.view()
 
     # ---------------------------------------------------------------------------- wallets
 

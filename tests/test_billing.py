@@ -1125,9 +1125,10 @@ def test_tick_after_downtime_catches_up_every_due_block_in_order(desk: Desk) -> 
 
 
 def test_event_types_outside_sessions_are_not_billing(desk: Desk) -> None:
-    """Appointments and bookings are not event types of the ledger: nothing charges for them."""
+    """No event type charges for an appointment or a payment: a completion is the session's
+    settlement (tests/test_appointments.py), never an event the backend can post."""
     desk.grant()
-    for type_ in ("appointment.booked", "appointment.completed", "payment.completed"):
+    for type_ in ("appointment.completed", "appointment.charged", "payment.completed"):
         err = refused(errors.InvalidEvent, desk.post, type_, appointment_id="a1")
         assert err.code == "invalid_event"
     assert named(desk.events(), "Pool.Held", "Pool.Charged") == []

@@ -840,8 +840,17 @@ class LedgerMachine(RuleBasedStateMachine):
             self.post("doctor.country_changed", doctor_id=doctor, country=country)
         elif action == "unknown_session":
             assert self.post("session.activity", session_id=f"nope-{i}") is None
-        elif action == "appointment":  # not a ledger event type: refused, never billed (I10)
-            assert self.post("appointment.booked", appointment_id=f"a{i}", patient_id="p1") is None
+        elif action == "appointment":  # a booking, never a charge (I10)
+            start = (self.clock() + timedelta(minutes=5)).isoformat()
+            aid, lo = f"a{self.n}", self.sync()
+            for type_, extra in (("appointment.booked", {"patient_id": "p1", "doctor_id": doctor,
+                                                          "kind": "voice", "starts_at": start}),
+                                 ("appointment.confirmed", {}),
+                                 ("appointment.join_window_opened", {}),
+                                 ("appointment.no_show", {"absent": "patient"})):
+                self.post(type_, appointment_id=aid, **extra)
+            assert not [e for e in self.events[lo:self.sync()]
+                        if name(e).split(".")[0] in ("Pool", "Wallet", "Session")]
         else:
             pool: Pool = self.ledger.repository.get(Pool.create_id(ref))
             plan = dict(pool.plan)
