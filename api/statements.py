@@ -91,6 +91,16 @@ def statement(session: Any, events: Iterable[Any] = ()) -> dict:
     }
 
 
+def presence(session: Any) -> dict | None:
+    """A call's provider-derived connect and end (ledger/presence.py), None without reports."""
+    if not session.presence:
+        return None
+    state = session.presence_state()
+    return {"reports": len(session.presence), "connected_at": _iso(state.connected_at),
+            "ended_at": _iso(state.ended_at), "end_reason": state.end_reason,
+            "departure_at": _iso(state.departure_at), "decide_at": _iso(state.decide_at)}
+
+
 def session_resource(session: Any, events: Iterable[Any] = ()) -> dict:
     """`GET /v1/sessions/{id}`: the session's facts, `paid_until`, rate and statement."""
     return {
@@ -108,6 +118,8 @@ def session_resource(session: Any, events: Iterable[Any] = ()) -> dict:
         "end_by": session.end_by,
         "end_reason": session.end_reason,
         "paid_until": _iso(session.paid_until()),
+        "appointment_id": session.appointment_id,
+        "presence": presence(session),
         "rate": rate(session),
         "statement": statement(session, events),
     }
