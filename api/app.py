@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from api.auth import AuthenticationMiddleware
 from api.problems import add_problem_schema, install_problem_handlers
 from api.routes import router
+from api.webhooks import router as webhook_router
 from service.clock import ManualClock, SystemClock
 from service.settings import Settings
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     install_problem_handlers(app)
     app.add_middleware(AuthenticationMiddleware, keys=api_keys)
     app.include_router(router)
+    app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys
 
     def openapi() -> dict:
         if app.openapi_schema is None:

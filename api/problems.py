@@ -70,6 +70,12 @@ ClockNotManual = _api_error("ClockNotManual", "clock_not_manual", 409,
                             "The service does not run a manual clock")
 ServiceUnavailable = _api_error("ServiceUnavailable", "service_unavailable", 503,
                                 "The service is not ready")
+InvalidSignature = _api_error("InvalidSignature", "invalid_signature", 403,
+                              "The provider's signature is missing or invalid")
+PayloadTooLarge = _api_error("PayloadTooLarge", "payload_too_large", 413,
+                             "The request body is too large")
+ProviderNotConfigured = _api_error("ProviderNotConfigured", "provider_not_configured", 503,
+                                   "This call provider is not configured")
 
 
 # ------------------------------------------------------------------------------ building

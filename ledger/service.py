@@ -79,17 +79,18 @@ def session_view(session: Session) -> dict:
             "paid_until": paid_until.isoformat() if paid_until else None}
 
 
-def participant_role(session: Session, identity: str) -> str | None:
-    """patient | doctor for a provider identity: the id itself or `patient:<id>`/`doctor:<id>`."""
+def participant_roles(session: Session, identity: str) -> list[str]:
+    """The roles a provider identity stands for: the patient or doctor id itself, or
+    `patient:<id>`/`doctor:<id>` → that role; `*` → both (a two-party call whose legs the
+    provider reports together, e.g. Twilio Voice); anything else → none."""
+    if identity == "*":
+        return ["patient", "doctor"]
     kind, _, bare = identity.partition(":")
     if bare and kind in ("patient", "doctor"):
         wanted = session.patient_id if kind == "patient" else session.doctor_id
-        return kind if bare == wanted else None
-    if identity == session.patient_id:
-        return "patient"
-    if identity == session.doctor_id:
-        return "doctor"
-    return None
+        return [kind] if bare == wanted else []
+    return [role for role, who in (("patient", session.patient_id), ("doctor", session.doctor_id))
+            if identity == who][:1]
 
 
 def presence_view(session: Session) -> dict:
@@ -377,12 +378,13 @@ class Ledger(Application):
         if not session.is_call:
             raise errors.InvalidTransition(f"{p['_type']} is for voice and video sessions")
         action = p["_type"].removeprefix("call.").removeprefix("participant_")
-        role = "" if action == "room_ended" else participant_role(session, p.get("participant", ""))
-        if role is None:
+        roles = [""] if action == "room_ended" else participant_roles(session, p.get("participant", ""))
+        if not roles:
             return {**session_view(session), "ignored": "participant is neither the patient nor the doctor"}
         if at < session.requested_at:
             raise errors.InvalidTransition(f"occurred_at {at.isoformat()} precedes the session's request")
-        if session.record_presence(role=role, action=action, at=at):
+        recorded = [session.record_presence(role=role, action=action, at=at) for role in roles]
+        if any(recorded):
             work.add(session)
             self._apply_presence(work, session, now)
         return {**session_view(session), "presence": presence_view(session)}

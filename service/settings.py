@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger.rules import Policy
@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     max_duration_seconds: int = Field(3 * 3600, ge=600, le=86400)
     batch_limit: int = Field(100, ge=1, le=100)
     log_level: str = "info"
+    # Call providers (docs/providers.md). An endpoint whose provider is unset answers 503.
+    public_base_url: str | None = Field(
+        None, pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
+        description="the scheme://host[/prefix] the providers call (signed by Twilio); "
+                    "never taken from the request, which a proxy may have rewritten")
+    twilio_auth_token: SecretStr | None = None
+    livekit_api_key: str | None = None
+    livekit_api_secret: SecretStr | None = None
 
     def policy(self) -> Policy:
         """The billing Policy these settings select (billing-rules.md §3, §8)."""

@@ -234,6 +234,19 @@ def test_an_unknown_identity_is_acknowledged_and_ignored() -> None:
     assert not named(of_session(log(desk.ledger), "c1"), "Session.PresenceRecorded")
 
 
+def test_a_two_party_report_stands_for_both_participants() -> None:
+    """`participant: "*"` (Twilio Voice: both legs up) connects at once; room end ends it."""
+    desk = Desk()
+    presence_call(desk)
+    desk.clock.set(T0 + 30 * MIN)
+    desk.ledger.ingest("up", "call.participant_joined", T0 + MIN, {"session_id": "c1", "participant": "*"})
+    desk.ledger.ingest("down", "call.room_ended", T0 + 26 * MIN, {"session_id": "c1"})
+    settle_all(desk)
+    session = desk.ledger.get_session("c1")
+    assert (session.started_at, session.ended_at) == (T0 + MIN, T0 + 26 * MIN)
+    assert session.settlement["units_owed"] == 3
+
+
 def test_presence_after_settlement_is_refused() -> None:
     desk = Desk()
     reports = presence_call(desk)
