@@ -16,6 +16,7 @@ from projections import Projector
 from scheduler.tick import run_tick
 from service.bootstrap import build_ledger
 from service.settings import Settings
+from bench.webhooks import bench_webhooks
 
 T0 = datetime(2026, 11, 2, 8, tzinfo=timezone.utc)
 
@@ -81,6 +82,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_store("sqlite", f"sqlite:///{tmp}/bench.db", args.sessions)
+        rows += bench_webhooks(f"sqlite:///{tmp}/hooks.db", args.sessions, StepClock(), T0)
     schema = "bench_" + uuid.uuid4().hex[:8]
     try:
         rows += bench_store("postgres", f"{args.postgres_url}?schema={schema}", args.sessions)
