@@ -1,10 +1,69 @@
-"""The `ledger reconcile` command (to be written)."""
+"""The `ledger reconcile` command: compare the imported legacy history with the rules, write the
+reports, print the summary, and with `--apply` record the corrections as adjustment events.
+
+Source: the issue's §2; rules billing-rules.md; bugs legacy-system.md §5.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
+from rich.table import Table
 
 
 def register(app: typer.Typer, console: Console, err: Console) -> None:
-    """Add the command to `app`."""
+    """Add `reconcile` to `app`."""
+
+    @app.command()
+    def reconcile(out: Path = typer.Option(Path("var/reconcile"), "--out",
+                                           help="directory for differences.csv/.json and summary.md"),
+                  apply: bool = typer.Option(False, "--apply",
+                                             help="record the corrections as adjustment events "
+                                                  "(idempotent)")) -> None:
+        """Reconcile the imported legacy history against the billing rules."""
+        from legacy.app import open_legacy
+        from legacy.reconcile import apply_adjustments, changed_adjustments, plan_adjustments
+        from legacy.reconcile import reconcile as run
+        from legacy.replay import load_history
+        from legacy.report import bug_lines, doctor_lines, write_reports
+        from service.settings import Settings
+
+        settings = Settings()
+        legacy = open_legacy(settings.database_url)
+        try:
+            history = load_history(legacy)
+            rec = run(history, settings.policy())
+            paths = write_reports(rec, out)
+            _print_summary(console, rec, bug_lines(rec), doctor_lines(rec))
+            console.print("reports: " + ", ".join(str(p) for p in paths.values()))
+            if apply:
+                planned = plan_adjustments(rec)
+                new = apply_adjustments(legacy, planned)
+                console.print(f"adjustments: {new} new recorded, {len(planned) - new} already recorded")
+                changed = changed_adjustments(planned, history)
+                if changed:
+                    err.print(f"[yellow]{len(changed)} adjustment(s) were recorded earlier with other "
+                              f"amounts and were left as they are, e.g. {changed[0]}[/]")
+        finally:
+            legacy.close()
+
+
+def _print_summary(console: Console, rec, bugs: list[tuple[str, ...]],
+                   doctors: list[tuple[str, ...]]) -> None:
+    """Rich tables: per bug class, then per doctor and currency."""
+    console.print(f"{rec.items_checked} items checked, {len(rec.differences)} differences")
+    table = Table(title="differences per bug class")
+    for column in ("bug", "count", "units over", "units under", "paid over", "paid under", "blocked"):
+        table.add_column(column, justify="left" if column == "bug" else "right")
+    for row in bugs:
+        table.add_row(*row)
+    console.print(table)
+    if doctors:
+        table = Table(title="doctors (per currency)")
+        for column in ("doctor", "currency", "over-paid", "under-paid", "withdrawal over-debit", "blocked"):
+            table.add_column(column, justify="left" if column in ("doctor", "currency") else "right")
+        for row in doctors:
+            table.add_row(*row)
+        console.print(table)

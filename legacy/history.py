@@ -114,6 +114,8 @@ class Appointment:
     completed_at: datetime | None
     actual_start_time: datetime | None
     actual_end_time: datetime | None
+    sessions_deducted: int | None = None  # ⚠ never persisted by legacy (B17): 0 or None
+    earnings_awarded_minor: int | None = None  # ⚠ likewise
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Wallet:
     balance_minor: int
     total_earned_minor: int
     total_withdrawn_minor: int
+    key: str | None = None  # "doctor_wallets:<id>", the subject of its residual facts
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,37 @@ class Withdrawal:
 
 
 @dataclass(frozen=True)
+class Payment:
+    """A `payment_transactions` row (`reference` = tx_ref = subscriptions.payment_transaction_id).
+    `user_id`/`plan_id` are None when the ⚠ columns `user_id`/`metadata` are missing."""
+
+    key: str
+    reference: str | None
+    amount_minor: int | None
+    currency: str | None
+    status: str
+    user_id: str | None
+    plan_id: str | None
+    created_at: datetime | None
+    processed_at: datetime | None
+    gateway_reference: str | None = None  # ⚠ column may be missing
+
+
+@dataclass(frozen=True)
+class TextAppointmentSession:
+    """A `text_appointment_sessions` row (legacy paths A6/A7): units billed by the client."""
+
+    key: str
+    appointment_key: str | None
+    patient_id: str
+    doctor_id: str | None
+    sessions_used: int
+    is_ended: bool
+    start_time: datetime | None
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True)
 class Fact:
     """One legacy movement, exactly as it happened (never recomputed, I10).
 
@@ -151,6 +185,13 @@ class Fact:
       (one per wallet_transactions credit row; `source` "balance_residual" for balance moved
       without a transaction row, e.g. the hard-coded +3500 of B18).
     - "LegacyDebit": `amount_minor` debited from `doctor_id`'s wallet (withdrawals, B22).
+    Replay (`legacy.replay.legacy_balances`): a credit adds `amount_minor` to the balance if
+    `affects_balance` and to total_earned if `affects_total_earned`; a debit subtracts it from the
+    balance if `affects_balance` and adds it to total_withdrawn if `affects_total_withdrawn`.
+    Residual facts (`source` "balance_residual", "total_earned_residual",
+    "total_withdrawn_residual", subject "doctor_wallets:<id>") carry the signed difference between
+    a `doctor_wallets` row and its transaction rows, so that replay is exact; only they (and
+    "unattributed" charges, whose `units` may be negative) may carry a negative amount.
     `fact_id` is deterministic from the legacy table and row id; `source` names the evidence
     ("wallet_transactions:55", "sessions_used", "unattributed", …); `detail` keeps the raw values
     the reconciliation may need (description, session_table, payment_transaction_id, …).
@@ -170,6 +211,8 @@ class Fact:
     currency: str | None = None
     affects_total_earned: bool = True
     detail: dict = field(default_factory=dict)
+    affects_balance: bool = True
+    affects_total_withdrawn: bool = True
 
 
 @dataclass(frozen=True)
@@ -204,5 +247,7 @@ class LegacyHistory:
     appointments: dict[str, Appointment] = field(default_factory=dict)
     wallets: dict[str, Wallet] = field(default_factory=dict)  # by doctor_id
     withdrawals: dict[str, Withdrawal] = field(default_factory=dict)
+    payments: dict[str, Payment] = field(default_factory=dict)
+    text_appointment_sessions: dict[str, TextAppointmentSession] = field(default_factory=dict)
     facts: list[Fact] = field(default_factory=list)
     adjustments: list[Adjustment] = field(default_factory=list)
