@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast demo bench replay export clean
+.PHONY: run test test-fast demo legacy-demo bench replay export clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)  ## a simulated day against the running service, compared with gr
 
 bench: $(STAMP)  ## throughput benchmarks (timing lives here, never in pass/fail tests)
 	$(BIN)/python -m bench.run
+
+LEGACY_PG ?= postgresql://postgres@127.0.0.1:5432/test
+legacy-demo: $(STAMP)  ## build the legacy fixture database in PostgreSQL, import it, reconcile, apply
+	rm -rf var/legacy-demo && mkdir -p var/legacy-demo
+	$(BIN)/python -m legacy.fixtures --dsn '$(LEGACY_PG)' --schema legacy_demo
+	LEDGER_DATABASE_URL=sqlite:///var/legacy-demo/ledger.db $(BIN)/ledger import-legacy \
+	  --dsn '$(LEGACY_PG)?schema=legacy_demo' --rejects var/legacy-demo/rejects.csv
+	LEDGER_DATABASE_URL=sqlite:///var/legacy-demo/ledger.db $(BIN)/ledger reconcile \
+	  --out var/legacy-demo/reconcile --apply
 
 replay: $(STAMP)
 	$(BIN)/ledger replay --verify

@@ -91,6 +91,12 @@ EXPECTED: tuple[Expected, ...] = (
     Expected("B23", "doctor_wallets:4", 0, 0, 0, 0, "USD",
              "doctor paid only for calls: credits lack payment_transaction_id → withdrawable 0",
              blocked_minor=3 * USD_UNIT),
+    Expected("B23", "doctor_wallets:1", 0, 0, 0, 0, "MWK",
+             "doctor 101's call credits (H1, B7, B14) carry no payment_transaction_id",
+             blocked_minor=4_450_000),
+    Expected("B23", "doctor_wallets:2", 0, 0, 0, 0, "USD",
+             "doctor 102's call credits (B9) carry no payment_transaction_id",
+             blocked_minor=600),
     Expected("B24", "subscriptions:318", -5, 0, 0, 0, None,
              "webhook retry granted a second subscription for tx_ref of payment 801"),
 )
@@ -538,3 +544,20 @@ def insert_rows(conn: psycopg.Connection, table: str, rows: list[dict]) -> None:
         conn.execute(sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), "
                              "(SELECT max(id) FROM {}))").format(sql.Literal(table),
                                                                   sql.Identifier(table)))
+
+
+def main(dsn: str = "postgresql://postgres@127.0.0.1:5432/test", schema: str = "legacy_demo") -> None:
+    """`python -m legacy.fixtures --dsn URL --schema NAME`: (re)build the fixture database."""
+    from service.bootstrap import postgres_conninfo
+
+    conninfo = postgres_conninfo(dsn) if dsn.startswith("postgres") else dsn
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    counts = build_legacy_database(conninfo, schema)
+    print(f"legacy fixture in schema {schema}: {sum(counts.values())} rows {counts}")
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)

@@ -15,7 +15,7 @@ from psycopg import sql
 from legacy.app import open_legacy
 from legacy.fixtures import CLEAN, EXPECTED, build_legacy_database
 from legacy.importer import import_legacy
-from legacy.replay import load_history, verify_against_source
+from legacy.replay import legacy_balances, load_history, verify_against_source
 from service.bootstrap import postgres_conninfo, postgres_parts
 
 reconcile_module = pytest.importorskip(
@@ -70,6 +70,50 @@ def test_the_reconciliation_finds_every_legacy_bug_with_its_numbers(imported):
     history, result = reconciled(url)
     assert verify_against_source(dsn, history) == []  # the facts are exactly the legacy's
     assert mismatches(result.differences, EXPECTED) == []
+
+
+def test_the_reconciliation_finds_exactly_those(imported):
+    _, url = imported
+    _, result = reconciled(url)
+    assert sorted((row.subject, row.bug) for row in result.differences) == sorted(
+        (case.subject, case.bug) for case in EXPECTED)
+
+
+def test_after_apply_every_balance_equals_the_rules_and_a_second_apply_adds_nothing(imported):
+    _, url = imported
+    history, result = reconciled(url)
+    app = open_legacy(url)
+    try:
+        planned = reconcile_module.plan_adjustments(result, history)
+        assert reconcile_module.apply_adjustments(app, planned) == len(planned) > 0
+        assert reconcile_module.apply_adjustments(app, planned) == 0
+        after = load_history(app)
+    finally:
+        app.close()
+    units, money = folded(after)
+    rules_units, rules_money = result.rules_balances()
+    assert nonzero(units) == nonzero(rules_units)
+    assert nonzero(money) == nonzero(rules_money)
+    assert reconcile_module.reconcile(after).differences == result.differences  # facts untouched
+
+
+def folded(history) -> tuple[dict, dict]:
+    """(units per (owner, bucket), money per (doctor, currency)) from facts + adjustments."""
+    balances = legacy_balances(history)
+    units: dict = {}
+    for key, per_bucket in balances.subscriptions.items():
+        for bucket, n in per_bucket.items():
+            owner = (history.subscriptions[key].owner_id, bucket)
+            units[owner] = units.get(owner, 0) + n
+    for patient, per_bucket in balances.patient_adjustments.items():
+        for bucket, n in per_bucket.items():
+            units[(patient, bucket)] = units.get((patient, bucket), 0) + n
+    money = {key: wallet.balance_minor for key, wallet in balances.wallets.items()}
+    return units, money
+
+
+def nonzero(balances: dict) -> dict:
+    return {key: n for key, n in balances.items() if n}
 
 
 def test_clean_rows_give_no_difference(imported):
