@@ -15,6 +15,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
+from legacy.stored import stored_ids
 from service.bootstrap import is_postgres, persistence_env, sqlite_path
 
 
@@ -46,7 +47,9 @@ class LegacyLedger(Application):
         One transaction for the batch; if a concurrent or earlier run stored one of them, the
         batch is retried one by one so every new aggregate still lands exactly once.
         """
-        fresh = [a for a in aggregates if self.load(a.id) is None]
+        candidates = list(aggregates)
+        stored = stored_ids(self, [a.id for a in candidates])
+        fresh = [a for a in candidates if a.id not in stored]
         if not fresh:
             return 0
         try:
@@ -63,14 +66,16 @@ class LegacyLedger(Application):
             return saved
 
     def all_events(self, batch: int = 1000) -> Iterator:
-        """Every domain event of the legacy log in log order, read in bounded batches."""
+        """Every domain event of the legacy log up to its head when called, in log order, read
+        in bounded batches (pages of `batch`; at most head / batch + 1 of them)."""
+        head = int(self.recorder.max_notification_id() or 0)
         start = 1
-        while True:
-            page = self.recorder.select_notifications(start=start, limit=batch)
-            if not page:
-                return
+        for _ in range(head // batch + 2):
+            page = self.recorder.select_notifications(start=start, limit=batch, stop=head)
             for notification in page:
                 yield self.mapper.to_domain_event(notification)
+            if len(page) < batch:
+                return
             start = page[-1].id + 1
 
 
