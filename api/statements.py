@@ -98,7 +98,7 @@ def presence(session: Any) -> dict | None:
     state = session.presence_state()
     return {"reports": len(session.presence), "connected_at": _iso(state.connected_at),
             "ended_at": _iso(state.ended_at), "end_reason": state.end_reason,
-            "departure_at": _iso(state.departure_at), "decide_at": _iso(state.decide_at)}
+            "decide_at": _iso(state.decide_at)}
 
 
 def session_resource(session: Any, events: Iterable[Any] = ()) -> dict:

@@ -102,12 +102,15 @@ class Appointment(Aggregate):
         if not self.closed:
             self._closed(status="completed", at=at, detail={"session_id": session_id})
 
-    def close(self, status: str, at: datetime, detail: dict) -> None:
+    def close(self, status: str, at: datetime, detail: dict, session_unbilled: bool = False) -> None:
         """cancelled | expired | no_show. Raises AppointmentClosed once closed, and
-        InvalidTransition for a linked appointment (its session decides it)."""
+        InvalidTransition for a linked appointment unless its session settled without a
+        billable start (`session_unbilled`): a started session completes it instead (§9)."""
         self.check_open(status)
-        if self.session_id is not None:
-            raise InvalidTransition(f"a linked appointment is completed by its session, not {status}")
+        if self.session_id is not None and not session_unbilled:
+            raise InvalidTransition(f"appointment is linked to session {self.session_id!r}: it is "
+                                    f"completed when that session settles, or closed as {status} "
+                                    "once it settles without a billable start")
         self._closed(status=status, at=at, detail=detail)
 
     @event("Closed")

@@ -233,9 +233,9 @@ def next_step(session: Session, policy: Policy) -> Step | None:
         return None
     skew = timedelta(seconds=policy.skew_seconds)
     pending = session.pending_end(policy)
-    departure = pending_departure(session)
-    limit = min((t for t in (session.ended_at, pending and pending[0], departure and departure[0])
-                 if t), default=None)
+    provider_end = pending_provider_end(session)
+    limit = min((t for t in (session.ended_at, pending and pending[0],
+                             provider_end and provider_end[0]) if t), default=None)
     steps = []
     if session.started_at is not None:
         n = session.charged_through + 1
@@ -244,9 +244,9 @@ def next_step(session: Session, policy: Policy) -> Step | None:
             steps.append(Step("charge", boundary + skew, block=n))
     if pending is not None:
         steps.append(Step("timeout", pending[0] + skew, reason=pending[1], ended_at=pending[0]))
-    if departure is not None:
-        steps.append(Step("timeout", departure[1] + skew, reason="participant_left",
-                          ended_at=departure[0]))
+    if provider_end is not None:
+        ended_at, reason, decide_at = provider_end
+        steps.append(Step("timeout", decide_at + skew, reason=reason, ended_at=ended_at))
     if session.ended:
         steps.append(Step("settle", session.settlement_due(policy)))
     # A timeout that falls exactly on a block boundary is decided before that block's charge:
@@ -256,15 +256,16 @@ def next_step(session: Session, policy: Policy) -> Step | None:
     return min(steps, key=lambda s: (s.due, s.action != "timeout"), default=None)
 
 
-def pending_departure(session: Session) -> tuple[datetime, datetime] | None:
-    """(departure, decide_at) of a provider-reported departure that ends the call unless a
-    rejoin is reported by decide_at (§8: 60 s); None when there is none or it changes nothing."""
+def pending_provider_end(session: Session) -> tuple[datetime, str, datetime] | None:
+    """(ended_at, reason, decide_at) of the end the provider reports point to, until the tick
+    records it at decide_at + skew (a departure + 60 s, a room's end); None when there is none
+    or it would not move the recorded end earlier (§3: the earliest end stands)."""
     if not session.presence or session.settled:
         return None
     presence = session.presence_state()
-    if presence.departure_at is None or (session.ended and presence.departure_at >= session.ended_at):
+    if presence.ended_at is None or (session.ended and presence.ended_at >= session.ended_at):
         return None
-    return presence.departure_at, presence.decide_at
+    return presence.ended_at, presence.end_reason, presence.decide_at
 
 
 def next_due_at(session: Session, policy: Policy) -> datetime | None:

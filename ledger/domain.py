@@ -239,7 +239,8 @@ class Session(Aggregate):
         self.reversals: dict[int, str] = {}
         self.ringing_at: datetime | None = None
         self.first_message_at: datetime | None = None
-        self.started_at: datetime | None = None
+        self.started_at: datetime | None = None  # min(reported_start, provider connect)
+        self.reported_start: datetime | None = None  # earliest Activated/Connected
         self.last_activity_at: datetime | None = None
         self.rate: dict | None = None
         self.ended_at: datetime | None = None
@@ -381,9 +382,24 @@ class Session(Aggregate):
 
     def _apply_start(self, at: datetime, rate: dict) -> None:
         # One billable start: the earliest reported before settlement (§1); rate stamped once.
-        self.started_at = at if self.started_at is None else min(self.started_at, at)
+        self.reported_start = at if self.reported_start is None else min(self.reported_start, at)
         self.rate = self.rate or rate
-        self.last_activity_at = max(self.last_activity_at or at, self.started_at)
+        self._refresh_start()
+
+    def _refresh_start(self) -> None:
+        """started_at = the earliest of the reported start and the providers' connect. The
+        providers' connect is re-derived from all their reports, so a report delivered late
+        can move it either way until settlement (issue 4: order by provider time)."""
+        connected = derive(self.presence).connected_at if self.presence else None
+        starts = [t for t in (self.reported_start, connected) if t is not None]
+        self.started_at = min(starts, default=None)
+        if self.started_at is not None:
+            self.last_activity_at = max(self.last_activity_at or self.started_at, self.started_at)
+
+    @event("RateStamped")
+    def stamp_rate(self, rate: dict) -> None:
+        """The rate of a start known only from provider reports (§5: stamped once)."""
+        self.rate = self.rate or rate
 
     def record_presence(self, role: str, action: str, at: datetime) -> bool:
         """Keep one provider report (§8, issue 4); False if the same report is already kept."""
@@ -398,6 +414,7 @@ class Session(Aggregate):
         self.presence = sorted([*self.presence, Signal(at=at, role=role, action=action)],
                                key=Signal.sort_key)
         self.last_activity_at = max(self.last_activity_at or at, at)  # a provider report (§8)
+        self._refresh_start()
 
     @event("LinkedToAppointment")
     def link_appointment(self, appointment_id: str) -> None:

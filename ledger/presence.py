@@ -35,16 +35,17 @@ class Signal:
 class Presence:
     """What the signals say: all instants are provider timestamps (UTC).
 
-    `connected_at`: first instant both were in the room. `ended_at`/`end_reason`: a decided end
-    (`participant_left` or `room_ended`). `departure_at`/`decide_at`: a departure with no rejoin
-    seen yet; it becomes the end at `departure_at` if nobody reports a rejoin by `decide_at`.
-    `both_present`: both in the room after the last signal (the call is not idle).
+    `connected_at`: first instant both were in the room. `ended_at`/`end_reason`: the end the
+    reports point to (`participant_left`: a departure not followed by that participant's rejoin
+    among the reports; `room_ended`). `decide_at`: the instant from which that end can no
+    longer be undone by a report (departure + 60 s; the room's end) — the tick records it then
+    (plus the skew allowance), so reports delivered late or out of order until then still count.
+    `both_present`: both in the room after the last report (the call is not idle).
     """
 
     connected_at: datetime | None = None
     ended_at: datetime | None = None
     end_reason: str | None = None
-    departure_at: datetime | None = None
     decide_at: datetime | None = None
     both_present: bool = False
 
@@ -58,11 +59,11 @@ def derive(signals: list[Signal], rejoin_seconds: int = REJOIN_SECONDS) -> Prese
     for signal in sorted(signals, key=Signal.sort_key):
         gone = [t for t in left_at.values() if signal.at > t + rejoin]
         if gone:  # the earliest pending departure's window closes first
-            return Presence(connected_at, min(gone), "participant_left")
+            return _departed(connected_at, min(gone), rejoin)
         if signal.action == "room_ended":
             if left_at:  # nobody can rejoin an ended room
-                return Presence(connected_at, min(left_at.values()), "participant_left")
-            return Presence(connected_at, signal.at, "room_ended")
+                return _departed(connected_at, min(left_at.values()), rejoin)
+            return Presence(connected_at, signal.at, "room_ended", signal.at)
         step = 1 if signal.action == "joined" else -1
         inside[signal.role] = max(0, inside[signal.role] + step)
         if connected_at is None and all(inside.values()):
@@ -73,6 +74,9 @@ def derive(signals: list[Signal], rejoin_seconds: int = REJOIN_SECONDS) -> Prese
             else:
                 left_at.setdefault(signal.role, signal.at)
     if left_at:
-        departure = min(left_at.values())
-        return Presence(connected_at, departure_at=departure, decide_at=departure + rejoin)
+        return _departed(connected_at, min(left_at.values()), rejoin)
     return Presence(connected_at, both_present=all(inside.values()))
+
+
+def _departed(connected_at: datetime | None, departure: datetime, rejoin: timedelta) -> Presence:
+    return Presence(connected_at, departure, "participant_left", departure + rejoin)

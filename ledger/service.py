@@ -98,7 +98,15 @@ def presence_view(session: Session) -> dict:
     state = session.presence_state()
     iso = lambda t: t.isoformat() if t else None  # noqa: E731
     return {"connected_at": iso(state.connected_at), "ended_at": iso(state.ended_at),
-            "end_reason": state.end_reason, "departure_at": iso(state.departure_at)}
+            "end_reason": state.end_reason, "decide_at": iso(state.decide_at)}
+
+
+def stamped_rate(doctor: Doctor, bucket: str, at: datetime) -> dict:
+    """The tariff rate stamped on a session at its billable start (§5)."""
+    rate = rate_at(doctor.country, bucket, at)
+    return {"tariff": rate.tariff, "amount_minor": rate.amount_minor, "currency": rate.currency,
+            "pay_minor": rate.pay_minor, "commission_pct": rate.commission_pct,
+            "country": doctor.country}
 
 
 class Ledger(Application):
@@ -360,45 +368,56 @@ class Ledger(Application):
         if session.started_at is not None and at >= session.started_at:
             return
         doctor = work.get(Doctor.create_id(session.doctor_id))
-        rate = rate_at(doctor.country, session.bucket, at)
-        session.start(at=at, rate={"tariff": rate.tariff, "amount_minor": rate.amount_minor,
-                                   "currency": rate.currency, "pay_minor": rate.pay_minor,
-                                   "commission_pct": rate.commission_pct, "country": doctor.country})
+        session.start(at=at, rate=stamped_rate(doctor, session.bucket, at))
         work.add(session)
         hold_ahead(work, session, 2, self.policy)
 
     def _presence(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         """A provider's participant or room report (issue 4; §8). The connect and the end are
-        derived from all reports in provider-time order, so duplicates and reordering give the
-        same outcome; a report that names neither participant is kept out and acknowledged."""
+        derived from all kept reports in provider-time order — the connect at once, the end by
+        the tick at its decide_at + skew — so duplicates and reordering give the same outcome.
+        A report naming neither participant, or dated after the session's final end or a
+        passed timeout, is acknowledged and not kept (it could not change anything billed)."""
         session = work.get(Session.create_id(p["session_id"]))
         if session is None:
             raise errors.UnknownSession(f"no session {p['session_id']!r}")
         session.check_open()
         if not session.is_call:
             raise errors.InvalidTransition(f"{p['_type']} is for voice and video sessions")
-        action = p["_type"].removeprefix("call.").removeprefix("participant_")
-        roles = [""] if action == "room_ended" else participant_roles(session, p.get("participant", ""))
-        if not roles:
-            return {**session_view(session), "ignored": "participant is neither the patient nor the doctor"}
         if at < session.requested_at:
             raise errors.InvalidTransition(f"occurred_at {at.isoformat()} precedes the session's request")
-        recorded = [session.record_presence(role=role, action=action, at=at) for role in roles]
-        if any(recorded):
+        action = p["_type"].removeprefix("call.").removeprefix("participant_")
+        roles = [""] if action == "room_ended" else participant_roles(session, p.get("participant", ""))
+        late = self._too_late(session, at)
+        if not roles or late:
+            reason = late or "participant is neither the patient nor the doctor"
+            return {**session_view(session), "ignored": reason}
+        if any([session.record_presence(role=role, action=action, at=at) for role in roles]):
             work.add(session)
-            self._apply_presence(work, session, now)
+            self._stamp_provider_start(work, session)
         return {**session_view(session), "presence": presence_view(session)}
 
-    def _apply_presence(self, work: Work, session: Session, now: datetime) -> None:
-        presence = session.presence_state()
-        connected = presence.connected_at
-        # A connect that happened before the recorded end still counts until settlement (§3),
-        # but a recorded timeout (e.g. missed) is final (§8).
-        if connected is not None and not session.ended_finally and \
-                (not session.ended or connected < session.ended_at):
-            self._start(work, session, connected)
-        if presence.ended_at is not None:
-            end_session(work, session, presence.ended_at, "system", presence.end_reason, now)
+    def _too_late(self, session: Session, at: datetime) -> str | None:
+        """Why a report dated `at` comes too late to count, or None (§8): after a recorded
+        final end (timeout, exhaustion, decline), or after the idle or maximum-duration
+        deadline of a started call, as for the backend's own reports. Before the start, reports
+        are kept whatever their order (a leave may arrive before the joins); a connect they
+        show after the ring deadline counts if it is accepted before the tick records `missed`
+        (docs/design.md, Provider presence)."""
+        if session.ended_finally and at >= session.ended_at:
+            return f"after the session's end ({session.end_reason})"
+        pending = session.pending_end(self.policy) if session.started_at else None
+        if pending and at > pending[0]:
+            return f"after the session's {pending[1]} deadline"
+        return None
+
+    def _stamp_provider_start(self, work: Work, session: Session) -> None:
+        """A start known only from provider reports gets its rate and its hold ahead (§3, §5)."""
+        if session.started_at is None or session.rate is not None:
+            return
+        doctor = work.get(Doctor.create_id(session.doctor_id))
+        session.stamp_rate(rate=stamped_rate(doctor, session.bucket, session.started_at))
+        hold_ahead(work, session, 2, self.policy)
 
     def _call_ringing(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         session = self._live_session(work, p, at)
@@ -502,8 +521,15 @@ class Ledger(Application):
         detail = {k: p[k] for k in ("cancelled_by", "reason", "absent") if k in p}
         if appointment.status == status and appointment.close_detail == detail:
             return appointment.view()  # the same close reported again: nothing changes
-        appointment.close(status=status, at=at, detail=detail)
+        appointment.close(status=status, at=at, detail=detail,
+                          session_unbilled=self._settled_unstarted(work, appointment.session_id))
         return appointment.view()
+
+    @staticmethod
+    def _settled_unstarted(work: Work, session_id: str | None) -> bool:
+        """Whether the linked session settled without a billable start (nothing was billed)."""
+        session = work.get(Session.create_id(session_id)) if session_id else None
+        return bool(session and session.settled and session.started_at is None)
 
     # ---------------------------------------------------------------------------- wallets
 

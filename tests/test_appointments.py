@@ -103,6 +103,21 @@ def test_a_linked_appointment_is_closed_by_its_session_not_by_the_backend(desk) 
         desk.post("appointment.no_show", appointment_id="a1", absent="doctor")
 
 
+def test_a_linked_appointment_whose_session_never_started_can_be_closed_after_settlement(desk) -> None:
+    book(desk)
+    desk.post("appointment.confirmed", appointment_id="a1")
+    desk.at(START)
+    desk.request("c1", "voice")
+    desk.post("appointment.linked", appointment_id="a1", session_id="c1")
+    with pytest.raises(errors.InvalidTransition):  # not settled yet: its session decides
+        desk.post("appointment.no_show", appointment_id="a1", absent="doctor")
+    desk.tick(START + 30 * MIN)  # missed at 90 s (recorded now) …
+    desk.tick(START + 45 * MIN)  # … and settled a grace after that
+    assert desk.session("c1").settled and desk.session("c1").started_at is None
+    assert desk.ledger.get_appointment("a1").status == "confirmed"
+    assert desk.post("appointment.no_show", appointment_id="a1", absent="doctor")["status"] == "no_show"
+
+
 def test_linking_checks_the_parties_kind_and_uniqueness(desk) -> None:
     book(desk)
     desk.at(START)

@@ -38,7 +38,7 @@ def test_connected_at_the_later_join() -> None:
 def test_rejoin_within_60_seconds_is_no_departure() -> None:
     state = derive([sig(0, "patient", "joined"), sig(0, "doctor", "joined"),
                     sig(300, "patient", "left"), sig(360, "patient", "joined")])
-    assert state.departure_at is None and state.ended_at is None and state.both_present
+    assert state.ended_at is None and state.both_present
 
 
 def test_rejoin_after_61_seconds_ends_at_the_departure() -> None:
@@ -47,11 +47,12 @@ def test_rejoin_after_61_seconds_ends_at_the_departure() -> None:
     assert (state.ended_at, state.end_reason) == (T0 + 300 * S, "participant_left")
 
 
-def test_a_departure_without_news_is_pending_for_60_seconds() -> None:
+def test_a_departure_without_news_can_be_undone_for_60_seconds() -> None:
     state = derive([sig(0, "patient", "joined"), sig(0, "doctor", "joined"),
                     sig(300, "doctor", "left")])
-    assert state.ended_at is None
-    assert (state.departure_at, state.decide_at) == (T0 + 300 * S, T0 + 360 * S)
+    assert (state.ended_at, state.end_reason, state.decide_at) == (
+        T0 + 300 * S, "participant_left", T0 + 360 * S)
+    assert not state.both_present
 
 
 def test_empty_room_timeout_bills_to_the_first_departure() -> None:
@@ -71,7 +72,8 @@ def test_the_first_leaver_who_comes_back_does_not_end_the_call() -> None:
 def test_room_end_while_both_present() -> None:
     state = derive([sig(0, "patient", "joined"), sig(0, "doctor", "joined"),
                     sig(900, "", "room_ended")])
-    assert (state.ended_at, state.end_reason) == (T0 + 900 * S, "room_ended")
+    assert (state.ended_at, state.end_reason, state.decide_at) == (
+        T0 + 900 * S, "room_ended", T0 + 900 * S)
 
 
 def test_one_participant_alone_never_connects() -> None:
@@ -121,8 +123,10 @@ def money(desk: Desk, sid: str) -> tuple:
 
 
 def settle_all(desk: Desk) -> None:
-    desk.clock.set(T0 + 2 * 60 * MIN)
-    desk.ledger.tick(desk.clock(), desk.sessions, desk.pools)
+    """Tick once to record the provider-derived end, then again past the settlement grace."""
+    for hours in (2, 3):
+        desk.clock.set(T0 + hours * 60 * MIN)
+        desk.ledger.tick(desk.clock(), desk.sessions, desk.pools)
 
 
 def test_clean_delivery_bills_the_call_from_later_join_to_first_departure() -> None:
@@ -265,3 +269,59 @@ def test_presence_is_for_calls() -> None:
     desk.request("t1", "text")
     with pytest.raises(errors.InvalidTransition):
         desk.ledger.ingest("x", "call.room_ended", T0, {"session_id": "t1"})
+
+
+# ------------------------------------------------------ review regressions: order and timing
+
+
+def outcome_of(order: list[int], reports, sid: str = "c1") -> tuple:
+    desk = Desk()
+    desk.doctor()
+    desk.grant(voice=5)
+    desk.request(sid, "voice")
+    desk.clock.set(T0 + 40 * MIN)
+    deliver(desk, sid, reports, order)
+    settle_all(desk)
+    return money(desk, sid)
+
+
+def test_a_rejoin_delivered_after_the_room_end_still_undoes_the_departure() -> None:
+    reports = [("call.participant_joined", 5 * S, "p1"), ("call.participant_joined", 20 * S, "d1"),
+               ("call.participant_left", 10 * MIN, "p1"),
+               ("call.participant_joined", 10 * MIN + 40 * S, "p1"),
+               ("call.room_ended", 25 * MIN, "")]
+    in_order = outcome_of([0, 1, 2, 3, 4], reports)
+    assert in_order == outcome_of([0, 1, 2, 4, 3], reports)
+    assert in_order[1:4] == (T0 + 25 * MIN, "room_ended", 3)
+
+
+def test_a_leave_delivered_late_moves_the_connect_later() -> None:
+    """The patient left at 0:30 before the doctor joined at 1:00: they overlap from 6:00."""
+    reports = [("call.participant_joined", 0 * S, "p1"), ("call.participant_left", 30 * S, "p1"),
+               ("call.participant_joined", 1 * MIN, "d1"), ("call.participant_joined", 6 * MIN, "p1"),
+               ("call.room_ended", 15 * MIN + 30 * S, "")]
+    in_order = outcome_of([0, 1, 2, 3, 4], reports)
+    assert in_order == outcome_of([0, 2, 3, 1, 4], reports)
+    assert in_order[0] == T0 + 6 * MIN and in_order[3] == 1
+
+
+@pytest.mark.parametrize("tick_on_time", [True, False])
+def test_a_report_after_the_idle_deadline_does_not_revive_the_call(tick_on_time) -> None:
+    """Connected by the backend at 0 with no pings: idle at 15:00 whenever the tick runs."""
+    desk = Desk()
+    desk.doctor()
+    desk.grant(voice=10)
+    desk.request("c1", "voice")
+    desk.connect("c1", T0)
+    if tick_on_time:
+        desk.tick(T0 + 16 * MIN)
+    desk.clock.set(T0 + 16 * MIN + 30 * S)
+    result = desk.ledger.ingest("lk-1", "call.participant_joined", desk.clock(),
+                                {"session_id": "c1", "participant": "p1"}).result
+    assert "ignored" in result
+    desk.clock.set(T0 + 40 * MIN)
+    desk.ledger.ingest("lk-2", "call.room_ended", desk.clock(), {"session_id": "c1"})
+    settle_all(desk)
+    session = desk.ledger.get_session("c1")
+    assert (session.ended_at, session.end_reason, session.settlement["units_owed"]) == (
+        T0 + 15 * MIN, "idle_timeout", 2)
