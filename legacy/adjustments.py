@@ -1,7 +1,8 @@
 """Reconciliation adjustments as their own aggregates in the legacy log (never edit a fact).
 
 One aggregate per adjustment, id uuid5 of its `adjustment_id` (deterministic from the item and
-the bug), so `ledger reconcile --apply` run twice records each correction once.
+what it corrects, never the bug; a revision adds "#r<n>", `legacy.reconcile.plan_adjustments`),
+so `ledger reconcile --apply` run twice records each correction once.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ def register(app: typer.Typer, console: Console, err: Console) -> None:
                                                   "(idempotent)")) -> None:
         """Reconcile the imported legacy history against the billing rules."""
         from legacy.app import open_legacy
-        from legacy.reconcile import apply_adjustments, changed_adjustments, plan_adjustments
         from legacy.reconcile import reconcile as run
         from legacy.replay import load_history
         from legacy.report import bug_lines, doctor_lines, write_reports
@@ -39,15 +38,26 @@ def register(app: typer.Typer, console: Console, err: Console) -> None:
             _print_summary(console, rec, bug_lines(rec), doctor_lines(rec))
             console.print("reports: " + ", ".join(str(p) for p in paths.values()))
             if apply:
-                planned = plan_adjustments(rec)
-                new = apply_adjustments(legacy, planned)
-                console.print(f"adjustments: {new} new recorded, {len(planned) - new} already recorded")
-                changed = changed_adjustments(planned, history)
-                if changed:
-                    err.print(f"[yellow]{len(changed)} adjustment(s) were recorded earlier with other "
-                              f"amounts and were left as they are, e.g. {changed[0]}[/]")
+                _apply(console, err, legacy, rec, history)
         finally:
             legacy.close()
+
+
+def _apply(console: Console, err: Console, legacy, rec, history) -> None:
+    """Record what is still missing (`plan_adjustments(rec, history)`: new corrections, and
+    revisions of corrections recorded earlier with another amount), warning about the latter."""
+    from legacy.reconcile import apply_adjustments, changed_adjustments, plan_adjustments
+
+    targets = plan_adjustments(rec)
+    changed = changed_adjustments(targets, history)
+    planned = plan_adjustments(rec, history)
+    new = apply_adjustments(legacy, planned)
+    console.print(f"adjustments: {new} new recorded, {len(planned) - new} already recorded "
+                  f"({len(targets)} corrections in all)")
+    if changed:
+        err.print(f"[yellow]{len(changed)} adjustment(s) were recorded earlier with other amounts "
+                  f"(facts, rules or classification changed since): only the difference was "
+                  f"recorded, as a revision (id suffix #r<n>), e.g. {changed[0]}[/]")
 
 
 def _print_summary(console: Console, rec, bugs: list[tuple[str, ...]],

@@ -9,6 +9,8 @@
   capped at what each subscription's counters show. Evidence beyond the counters was forgiven
   (B6, B8, B25) and gets no charge; consumption no evidence explains is charged to the
   subscription itself (source "unattributed").
+- `match_second_debit`: which withdrawal request a debit naming none belongs to (the admin
+  panel's second debit, B22), by doctor, amount and time.
 - `wallet_residuals`: what a `doctor_wallets` row holds beyond its transaction rows (B18's
   hard-coded +3500, B22's raw-SQL second debit), so that replaying the facts is exact.
 See docs/legacy.md "Import" for the inference and a worked example.
@@ -17,7 +19,7 @@ See docs/legacy.md "Import" for the inference and a worked example.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from legacy.history import BUCKETS, Fact
 from legacy.normalise import Rejected, id_of, json_of, required_id, status_of, to_minor, to_utc
@@ -25,6 +27,12 @@ from legacy.normalise import Rejected, id_of, json_of, required_id, status_of, t
 CALL_TABLES = ("call_sessions", "call_sessions_auto", "call_sessions_manual")
 SUBJECT_TABLES = ("text_sessions", "appointments", "withdrawal_requests",
                   "text_appointment_sessions")
+# The admin panel's `completed` debits a second time and sets paid_at in the same request
+# (legacy-system.md §7): its created_at is at paid_at or just after. Allow this much clock
+# difference the other way (the panel and the database may stamp with different clocks).
+SECOND_DEBIT_TOLERANCE_SECONDS = 60
+# Statuses whose request the admin panel never debited a second time (only `completed` does).
+NO_SECOND_DEBIT = frozenset({"pending", "rejected", "failed"})
 EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 LATEST = datetime.max.replace(tzinfo=timezone.utc)
 
@@ -61,6 +69,15 @@ class Pool:
         return (self.starts_at or EARLIEST, int(number) if number.isdigit() else 0, self.key)
 
 
+@dataclass(frozen=True)
+class RequestRef:
+    """A withdrawal request as second-debit matching sees it: its key and when it was completed
+    (`paid_at`, else `requested_at`; None when neither is known)."""
+
+    key: str
+    at: datetime | None
+
+
 @dataclass
 class WalletSums:
     """Σ of a doctor's transaction facts, in minor units, per replayed quantity."""
@@ -93,8 +110,11 @@ def transaction_fact(row: dict, currency: str, withdrawal_for) -> Fact:
     """The LegacyCredit / LegacyDebit of one `wallet_transactions` row.
 
     `currency`: the doctor's (legacy-system.md §3.1, B32). `withdrawal_for(doctor_id,
-    amount_minor)` names the withdrawal a debit without `withdrawal_request_id` matches, or None.
-    Raises Rejected on an unknown type, a missing doctor or a non-numeric or negative amount.
+    amount_minor, created_at)` → (withdrawal key or None, tied candidate keys) names the
+    withdrawal a debit without `withdrawal_request_id` belongs to (`match_second_debit`); the
+    detail then says so (`withdrawal_match`), or lists the tied candidates
+    (`withdrawal_candidates`). Raises Rejected on an unknown type, a missing doctor or a
+    non-numeric or negative amount.
     """
     row_id = required_id(row, "id")
     doctor_id = required_id(row, "doctor_id")
@@ -105,31 +125,65 @@ def transaction_fact(row: dict, currency: str, withdrawal_for) -> Fact:
     if amount < 0:
         raise Rejected(f"negative amount {row.get('amount')!r}")
     metadata = json_of(row.get("metadata"))
-    subject = transaction_subject(row, metadata, kind, doctor_id, amount, withdrawal_for)
-    return Fact(fact_id=f"wallet_transactions:{row_id}", kind=kind, subject=subject,
-                at=to_utc(row.get("created_at"), "created_at"),
+    at = to_utc(row.get("created_at"), "created_at")
+    subject, note = transaction_subject(row, metadata, kind, doctor_id, amount, at, withdrawal_for)
+    detail = {**transaction_detail(row, metadata), **note}
+    return Fact(fact_id=f"wallet_transactions:{row_id}", kind=kind, subject=subject, at=at,
                 source=f"wallet_transactions:{row_id}", doctor_id=doctor_id,
-                amount_minor=amount, currency=currency, detail=transaction_detail(row, metadata))
+                amount_minor=amount, currency=currency, detail=detail)
 
 
 def transaction_subject(row: dict, metadata: dict, kind: str, doctor_id: str, amount: int,
-                        withdrawal_for) -> str:
-    """The item a transaction row is about: its session_table/session_id, else the withdrawal
-    named in its metadata or matched by doctor and amount (the admin panel's second debit, B22,
-    names none), else the row itself."""
+                        at: datetime | None, withdrawal_for) -> tuple[str, dict]:
+    """(subject, detail note) of a transaction row: its session_table/session_id, else the
+    withdrawal named in its metadata, else — a debit naming none, like the admin panel's second
+    debit (B22) — the withdrawal matched by doctor, amount and time (`match_second_debit`; note
+    {"withdrawal_match": "doctor, amount, time"}), else the row itself (note
+    {"withdrawal_candidates": [keys]} when two or more requests tied)."""
     table, session_id = row.get("session_table"), id_of(row.get("session_id"))
     if session_id and table in CALL_TABLES:
-        return f"call_sessions:{session_id}"
+        return f"call_sessions:{session_id}", {}
     if session_id and table in SUBJECT_TABLES:
-        return f"{table}:{session_id}"
+        return f"{table}:{session_id}", {}
     request_id = id_of(metadata.get("withdrawal_request_id"))
     if request_id:
-        return f"withdrawal_requests:{request_id}"
+        return f"withdrawal_requests:{request_id}", {}
+    note: dict = {}
     if kind == "LegacyDebit":
-        matched = withdrawal_for(doctor_id, amount)
+        matched, tied = withdrawal_for(doctor_id, amount, at)
         if matched:
-            return matched
-    return f"wallet_transactions:{required_id(row, 'id')}"
+            return matched, {"withdrawal_match": "doctor, amount, time"}
+        note = {"withdrawal_candidates": list(tied)} if tied else {}
+    return f"wallet_transactions:{required_id(row, 'id')}", note
+
+
+def match_second_debit(debit_at: datetime | None, requests: list[RequestRef],
+                       taken: set[str]) -> tuple[str | None, tuple[str, ...]]:
+    """The request a debit naming no withdrawal belongs to (the admin panel's second debit,
+    B22), among `requests` (same doctor and amount, status not in NO_SECOND_DEBIT) not yet
+    `taken` by an earlier such debit: one second debit per request.
+
+    Rule: drop requests completed more than SECOND_DEBIT_TOLERANCE_SECONDS after the debit;
+    one left → it; several → the one completed closest to the debit (|created_at − at|, an
+    unknown time is farthest). Returns (key, ()) when matched, (None, ()) when no request fits,
+    (None, tied keys sorted) when two or more are equally close: ambiguous, the caller reports
+    it instead of guessing.
+    """
+    free = [r for r in requests if r.key not in taken]  # bounded: the doctor's requests
+    if debit_at is not None:
+        limit = debit_at + timedelta(seconds=SECOND_DEBIT_TOLERANCE_SECONDS)
+        free = [r for r in free if r.at is None or r.at <= limit]
+    if len(free) <= 1:
+        return (free[0].key if free else None), ()
+
+    def distance(r: RequestRef) -> float:
+        if debit_at is None or r.at is None:
+            return float("inf")
+        return abs((debit_at - r.at).total_seconds())
+
+    best = min(map(distance, free))
+    tied = sorted(r.key for r in free if distance(r) == best)
+    return (tied[0], ()) if len(tied) == 1 else (None, tuple(tied))
 
 
 def transaction_detail(row: dict, metadata: dict) -> dict:

@@ -220,8 +220,11 @@ class Adjustment:
     """A correction recorded by `ledger reconcile --apply` (never edits a fact).
 
     Units: positive `units` give units back to `patient_id`'s `bucket` (over-charge refunded),
-    negative take them (under-charge collected). Money: positive `amount_minor` credits
-    `doctor_id`'s wallet in `currency`, negative debits it.
+    negative take them (under-charge collected); `patient_id` is the pool owner whose units
+    these are. Money: positive `amount_minor` credits `doctor_id`'s wallet in `currency`,
+    negative debits it. Ids: "<subject>:units-<bucket>[-<owner>]" or "<subject>:pay-<currency>",
+    plus "#r<n>" for a revision recording only a later difference (`bug` is the bug at the
+    time, "reversed" when no correction is owed any more).
     """
 
     adjustment_id: str

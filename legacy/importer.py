@@ -15,16 +15,17 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from eventsourcing.persistence import IntegrityError
 
 from legacy.app import LegacyLedger, open_legacy
-from legacy.facts import (AllocationResult, Evidence, Pool, WalletSums, allocate_charges,
-                          appointment_evidence, call_session_evidence,
-                          text_appointment_evidence, text_session_evidence, transaction_fact,
-                          wallet_residuals)
+from legacy.facts import (NO_SECOND_DEBIT, AllocationResult, Evidence, Pool, RequestRef,
+                          WalletSums, allocate_charges, appointment_evidence,
+                          call_session_evidence, match_second_debit, text_appointment_evidence,
+                          text_session_evidence, transaction_fact, wallet_residuals)
 from legacy.history import BUCKETS, Fact
 from legacy.items import ITEM_BUILDERS
 from legacy.normalise import Context, Rejected
@@ -88,15 +89,23 @@ class State:
     pools: dict[str, Pool] = field(default_factory=dict)
     access: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     appointments: dict[str, dict] = field(default_factory=dict)
-    withdrawals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    withdrawals: dict[tuple[str, int], list[RequestRef]] = field(default_factory=dict)
+    second_debited: set[str] = field(default_factory=set)  # requests matched to a second debit
     evidence: list[Evidence] = field(default_factory=list)
     wallets: list[dict] = field(default_factory=list)
     sums: dict[str, WalletSums] = field(default_factory=lambda: defaultdict(WalletSums))
 
-    def withdrawal_for(self, doctor_id: str, amount_minor: int) -> str | None:
-        """The one withdrawal of this doctor and amount, if exactly one exists."""
-        matches = self.withdrawals.get((doctor_id, amount_minor), [])
-        return matches[0] if len(matches) == 1 else None
+    def withdrawal_for(self, doctor_id: str, amount_minor: int,
+                       at: datetime | None) -> tuple[str | None, tuple[str, ...]]:
+        """(request, tied candidates) for a debit naming no withdrawal, at `at`: this doctor's
+        requests of this amount, matched by time (`legacy.facts.match_second_debit`), each
+        request at most once. Debits come in wallet_transactions id order, so the same source
+        gives the same matches on every run."""
+        matched, tied = match_second_debit(at, self.withdrawals.get((doctor_id, amount_minor), []),
+                                           self.second_debited)
+        if matched:
+            self.second_debited.add(matched)
+        return matched, tied
 
 
 def import_legacy(dsn: str, ledger_url: str, batch_size: int = 500,
@@ -188,9 +197,10 @@ def _observe(table: str, item: dict, state: State) -> None:
     elif table == "appointments":
         state.appointments[item["key"]] = {"patient_id": item["patient_id"],
                                            "kind": item["kind"]}
-    elif table == "withdrawal_requests":
+    elif table == "withdrawal_requests" and item["status"] not in NO_SECOND_DEBIT:
         key = (item["doctor_id"], item["amount_minor"])
-        state.withdrawals.setdefault(key, []).append(item["key"])
+        state.withdrawals.setdefault(key, []).append(
+            RequestRef(item["key"], item["paid_at"] or item["requested_at"]))
     elif table == "doctor_wallets":
         state.wallets.append(item)
     else:

@@ -131,10 +131,14 @@ def currency_of(country: str | None) -> str:
 
 
 def appointment_status(value) -> str:
-    """The name of a legacy appointment status int (§1.6); `unknown:<n>` outside the table."""
+    """The name of a legacy appointment status int (§1.6); `unknown:<n>` outside the table.
+
+    A status stored as a name: "in_progress" (any case) → "confirmed", because the legacy
+    normaliser maps that string to 1 (§1.6), so legacy treated such a row as confirmed; other
+    names are kept verbatim, lower-cased (B31). The int 7 stays "in_progress"."""
     if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-        # the legacy normaliser maps the string "in_progress" to 1; keep other names verbatim
-        return value.strip().lower()
+        name = value.strip().lower()
+        return APPOINTMENT_STATUS[1] if name == "in_progress" else name
     number = to_int(value, "status")
     if number is None:
         return "unknown"

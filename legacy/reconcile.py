@@ -10,22 +10,29 @@ Sign conventions (every Difference): `units_*` are units taken from the patient 
 as negative units taken, B24); `paid_*_minor` is money put into the doctor's wallet (a
 withdrawal counts as negative, B22). `units_over = legacy − rules` (> 0: the patient was
 over-charged), `paid_over = legacy − rules` (> 0: the doctor was over-paid).
+
+Units are judged per pool owner (balances fold per owner, §4); the rules draw block by block,
+each block judged at its own start like `ledger.billing.try_hold`. Corrections
+(`plan_adjustments`) are keyed by what they correct, never by the bug, and a changed correction is
+recorded as a revision holding only the difference.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from ledger.rules import (BLOCK_SECONDS, BUCKETS, CALL_GRACE_SECONDS, Policy, billable_seconds,
-                          units_owed, utc_seconds)
+                          block_end, units_owed, utc_seconds)
 from ledger.tariff import TARIFFS, Rate, rate_at
+from legacy.facts import NO_SECOND_DEBIT, RequestRef, match_second_debit
 from legacy.history import (Adjustment, Appointment, CallSession, Fact, LegacyHistory, Subscription,
                             TextSession)
 
 BUGS = ("H1", "H2", "B3", "B4", "B5", "B6", "B7", "B9", "B12", "B13", "B14", "B17", "B18",
-        "B19", "B22", "B23", "B24", "unexplained")
+        "B19", "B22", "B23", "B24", "B26", "unexplained")
 # A withdrawal in these statuses was (or is being) paid out once under the rules (§7); rejected
 # and failed ones release their hold and move no money.
 MADE_WITHDRAWAL = frozenset({"pending", "approved", "paid", "completed"})
@@ -54,8 +61,10 @@ class Difference:
 
     `bucket` is None for money-only rows; `currency` None for units-only rows; `blocked_minor`
     is the B23 amount a doctor could not withdraw (no money difference); `account_id` is the
-    owner of the subscription the units belong to when it is not the patient (a family-plan
-    member draws on the owner's pool, §4), so corrections land where the units were taken.
+    owner of the pools the row's units belong to when it is not the patient (a family-plan
+    member draws on the owner's pool, §4), so corrections land where the units were taken. An
+    item whose units came from pools of several owners has one row per owner (units that
+    owner's, the item's money on the first row only).
     """
 
     subject: str
@@ -100,7 +109,8 @@ class Reconciliation:
     """Differences plus the rules' totals needed to state the corrected balances.
 
     `granted`: (patient, bucket) → units granted, one pool per payment reference (§4), owner's.
-    `rules_units`: (patient, bucket) → units the rules take (items + accepted unmatched charges).
+    `rules_units`: (pool owner, bucket) → units the rules take (items, per owner drawn on, +
+    accepted unmatched charges).
     `rules_money`: (doctor, currency) → rules pay + accepted unmatched credits − debits −
     withdrawals made once (§5, §7). `accepted_unmatched`: subjects of facts with no item to
     judge them by (kept as legacy recorded them).
@@ -214,37 +224,47 @@ def _index(facts: list[Fact], alias: dict[str, str], owners: dict[str, str]) -> 
 
 @dataclass(frozen=True)
 class _Legacy:
-    """What legacy did for one item: units per bucket, sessions_used, money per currency."""
+    """What legacy did for one item: units per bucket and pool owner, sessions_used, money per
+    currency. `by_owner[bucket][owner]` = units taken from pools owned by `owner` (a member's
+    units come off the owner's pool, §4: balances fold per owner)."""
 
-    charged: dict[str, int]
+    by_owner: dict[str, dict[str, int]]
     recorded: int | None
     paid: dict[str, int]
     charge_rows: int
     credit_rows: int
     reattributed: int = 0  # unattributed units matched to this item (T5, see _reattribute)
-    account: str | None = None  # owner of the subscription legacy charged first
     client_billed: bool = False  # billed by the legacy text-appointment endpoints (A6/A7, B19)
 
+    @property
+    def charged(self) -> dict[str, int]:
+        """Units per bucket, all owners together."""
+        return {bucket: sum(owners.values()) for bucket, owners in self.by_owner.items()}
+
     def units(self, bucket: str) -> int:
-        return self.charged.get(bucket, 0)
+        return sum(self.by_owner.get(bucket, {}).values())
+
+    def owners(self, bucket: str) -> dict[str, int]:
+        """owner → units legacy took in `bucket` (owners with 0 left out)."""
+        return {o: n for o, n in self.by_owner.get(bucket, {}).items() if n}
 
 
 def _legacy_of(subject: str, facts: _Facts, recorded: int | None) -> _Legacy:
-    """Legacy's figures for `subject`: units per bucket, `recorded` (sessions_used), money per
-    currency (credits − debits), row counts, the first charge's account, A6/A7 evidence."""
+    """Legacy's figures for `subject`: units per bucket and pool owner, `recorded`
+    (sessions_used), money per currency (credits − debits), row counts, A6/A7 evidence."""
     charges, credits = facts.charges.get(subject, []), facts.credits.get(subject, [])
-    charged: dict[str, int] = defaultdict(int)
+    by_owner: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     paid: dict[str, int] = defaultdict(int)
     for fact in charges:
-        charged[fact.bucket or "text"] += fact.units
+        by_owner[fact.bucket or "text"][facts.account(fact)] += fact.units
     for fact in credits:
         paid[fact.currency] += fact.amount_minor
     for fact in facts.debits.get(subject, ()):
         paid[fact.currency] -= fact.amount_minor
     client = any((f.detail or {}).get("session_type") == "text_appointment" for f in credits) \
         or any(f.source.startswith("text_appointment_sessions:") for f in charges)
-    return _Legacy(dict(charged), recorded, dict(paid), len(charges), len(credits),
-                   account=facts.account(charges[0]) if charges else None, client_billed=client)
+    return _Legacy({b: dict(o) for b, o in by_owner.items()}, recorded, dict(paid),
+                   len(charges), len(credits), client_billed=client)
 
 
 # ------------------------------------------------------------------ rules: event times
@@ -253,8 +273,11 @@ def _legacy_of(subject: str, facts: _Facts, recorded: int | None) -> _Legacy:
 @dataclass
 class _Item:
     """One billable item as the rules see it. `owed` is by time alone (§2); `rules_units` is
-    after the patient's pools (§3 exhaustion, §4). `end_cause`: ended | first_end | idle |
-    max_duration | never_ended | none. `legacy_seconds`: start → legacy ended_at."""
+    after the patient's pools (§3 exhaustion, §4), `drawn` the same units per pool owner (in
+    draw order) and `exhausted_at` the block start at which no pool was usable (the rules end
+    the item there, balance_exhausted; None: every owed unit was paid). `end_cause`: ended |
+    first_end | idle | max_duration | never_ended | none. `legacy_seconds`: start → legacy
+    ended_at."""
 
     subject: str
     item_type: str
@@ -268,7 +291,8 @@ class _Item:
     legacy_seconds: int | None
     rate_instant: datetime | None
     rules_units: int = 0
-    account: str | None = None  # owner of the first pool the rules drew on
+    drawn: dict[str, int] = field(default_factory=dict)  # pool owner → units, draw order
+    exhausted_at: datetime | None = None
 
 
 def _t(moment: datetime | None) -> datetime | None:
@@ -424,38 +448,46 @@ def _b24_rows(ref: str, first: Subscription, rest: list[Subscription]) -> list[D
     return rows
 
 
-def _draw(pools: list[_Pool], bucket: str, at: datetime, n: int) -> tuple[int, str | None]:
-    """Take up to n units from the patient's `pools` (already in expiry order), using only
-    pools usable at `at` (§4: the usable pool that expires first); returns (units taken, owner
-    of the first pool drawn on)."""
-    taken, owner = 0, None
-    for pool in pools:
-        if taken == n:
-            break
-        if pool.starts <= at < pool.ends:
-            take = min(n - taken, pool.free.get(bucket, 0))
-            pool.free[bucket] = pool.free.get(bucket, 0) - take
-            taken += take
-            owner = owner or (pool.owner if take else None)
-    return taken, owner
+def _draw_one(pools: list[_Pool], bucket: str, instant: datetime) -> str | None:
+    """Take one unit of `bucket` for a block starting at `instant` from the first of `pools`
+    (sorted soonest-expiring first, §4) usable then (starts ≤ instant < effective end, a free
+    unit left); returns the pool's owner, or None when no pool is usable (exhaustion)."""
+    for pool in pools:  # bounded: the holder's pools
+        if pool.starts <= instant < pool.ends and pool.free.get(bucket, 0) > 0:
+            pool.free[bucket] -= 1
+            return pool.owner
+    return None
 
 
 def _allocate(items: list[_Item], pools: list[_Pool]) -> None:
-    """Give each item the units its patient's pools could pay, in billable-start order (§3:
-    a session ends at exhaustion owing only the units that were available).
+    """Give each item the units its patient's pools pay, block by block as the ledger holds
+    them (`ledger.billing.try_hold`): block k (k ≥ 0) is judged at its own start
+    `block_end(start, k)`, from the usable pool that expires first (§4). The first block with
+    no usable pool ends the item there (§3 exhaustion): `exhausted_at`, no later block drawn.
 
-    Unmatched charges (e.g. the importer's "unattributed" consumption, dated at the pool's
-    start) do not draw: they are kept as legacy recorded them and must not cut sessions short.
+    Blocks of all items are drawn in the order of their start instants (ties: billable start,
+    subject), so overlapping sessions of one pool share it as they would have live. Unmatched
+    charges (e.g. the importer's "unattributed" consumption, dated at the pool's start) do not
+    draw: they are kept as legacy recorded them and must not cut sessions short.
     """
     by_holder: dict[str, list[_Pool]] = defaultdict(list)
     for pool in sorted(pools, key=lambda p: (p.ends, p.starts, p.key)):
-        for holder in pool.holders:
+        for holder in sorted(pool.holders):
             by_holder[holder].append(pool)
-    work = sorted((i for i in items if i.start is not None and i.owed > 0),
-                  key=lambda i: (i.start, i.subject))
-    for item in work:
-        item.rules_units, item.account = _draw(by_holder.get(item.patient_id, []), item.bucket,
-                                               item.start, item.owed)
+    work = {i.subject: i for i in items if i.start is not None and i.owed > 0}
+    queue = [(i.start, i.start, i.subject) for i in work.values()]
+    heapq.heapify(queue)
+    while queue:  # bounded: each item pushes at most `owed` entries, one per block
+        instant, start, subject = heapq.heappop(queue)
+        item = work[subject]
+        owner = _draw_one(by_holder.get(item.patient_id, []), item.bucket, instant)
+        if owner is None:
+            item.exhausted_at = instant
+            continue
+        item.drawn[owner] = item.drawn.get(owner, 0) + 1
+        item.rules_units += 1
+        if item.rules_units < item.owed:
+            heapq.heappush(queue, (block_end(start, item.rules_units), start, subject))
 
 
 # ------------------------------------------------------------------ classification
@@ -505,11 +537,13 @@ def _common(case: _Case) -> tuple[str, str] | None:
         return "B4", f"the patient's units ran out after {item.rules_units}: the doctor was " \
                      f"also paid for units the patient never paid"
     if case.capped and c > item.rules_units:
-        if {item.patient_id, _account(item, lg)} & case.dup_patients:
+        at = f", so the rules end it at {item.exhausted_at.isoformat()} (balance exhausted)" \
+            if item.exhausted_at else ""
+        if {item.patient_id, *item.drawn, *lg.owners(item.bucket)} & case.dup_patients:
             return "B24", f"the patient used units of a duplicate grant: one pool per payment " \
-                          f"reference pays only {item.rules_units} of the {item.owed} owed"
-        return "unexplained", f"the patient's pools (one per payment reference, used in billable-" \
-                              f"start order) pay only {item.rules_units} of the {item.owed} owed"
+                          f"reference pays only {item.rules_units} of the {item.owed} owed{at}"
+        return "unexplained", f"the patient's pools (one per payment reference, each block judged " \
+                              f"at its start) pay only {item.rules_units} of the {item.owed} owed{at}"
     return None
 
 
@@ -606,27 +640,27 @@ def _rate_only(case: _Case) -> tuple[str, str] | None:
 
 
 def _item_rows(item: _Item, lg: _Legacy, rate: Rate, bug: str, why: str) -> list[Difference]:
-    """Rows for one item: the item's bucket (units) with the rules' currency, then any other
-    bucket legacy charged (units only) and any other currency it paid in (money only)."""
+    """Rows for one item: its bucket's units, one row per pool owner whose units differ (a
+    session paid partly by the patient's own pool and partly by a family pool, §4), the money in
+    the rules' currency on the first row; then other buckets legacy charged (units only, B27)
+    and other currencies it paid in (money only, B32). Rows without a difference are dropped."""
     rules_pay = item.rules_units * rate.pay_minor
-    c = lg.units(item.bucket)
-    legacy_money = format_money(lg.paid.get(rate.currency, 0), rate.currency)
-    matched = f" (incl. {lg.reattributed} unattributed)" if lg.reattributed else ""
-    text = (f"{item.subject}: legacy charged {c}{matched} {item.bucket} unit(s) and paid {legacy_money}; "
-            f"the rules owe {item.rules_units} unit(s) and {format_money(rules_pay, rate.currency)} "
-            f"({bug}: {why}).")
-    account = _account(item, lg)
-    account = None if account == item.patient_id else account
-    rows = [Difference(item.subject, item.item_type, bug, item.patient_id, item.doctor_id,
-                       item.bucket, c, item.rules_units, rate.currency,
-                       lg.paid.get(rate.currency, 0), rules_pay, text, account_id=account)]
-    for bucket, n in sorted(lg.charged.items()):
-        if bucket != item.bucket and n:
+    split = _owner_split(item, lg)
+    text = _item_text(item, lg, rate, bug, why, split)
+    rows = []
+    for i, (owner, legacy_n, rules_n) in enumerate(split):
+        money = (rate.currency, lg.paid.get(rate.currency, 0), rules_pay) if i == 0 \
+            else (None, 0, 0)
+        rows.append(Difference(item.subject, item.item_type, bug, item.patient_id, item.doctor_id,
+                               item.bucket, legacy_n, rules_n, *money, text,
+                               account_id=_account_id(owner, item)))
+    for bucket, owners in sorted(lg.by_owner.items()):
+        for owner, n in sorted(owners.items()) if bucket != item.bucket else ():
             rows.append(Difference(item.subject, item.item_type, "unexplained", item.patient_id,
                                    item.doctor_id, bucket, n, 0, None, 0, 0,
                                    f"{item.subject}: {n} unit(s) taken from the {bucket} bucket of a "
                                    f"{item.bucket} item (client-supplied type, legacy-system.md B27).",
-                                   account_id=account))
+                                   account_id=_account_id(owner, item)))
     for currency, amount in sorted(lg.paid.items()):
         if currency != rate.currency and amount:
             rows.append(Difference(item.subject, item.item_type, "unexplained", item.patient_id,
@@ -634,6 +668,36 @@ def _item_rows(item: _Item, lg: _Legacy, rate: Rate, bug: str, why: str) -> list
                                    f"{item.subject}: paid {format_money(amount, currency)} although the "
                                    f"rate is in {rate.currency} (currency mixing, legacy-system.md B32)."))
     return [r for r in rows if r.units_over or r.paid_over]
+
+
+def _owner_split(item: _Item, lg: _Legacy) -> list[tuple[str | None, int, int]]:
+    """(pool owner, legacy units, rules units) in the item's bucket, one per owner either side
+    took from; owners whose units differ first, then the patient, then by id (the first row
+    carries the money). [(None, 0, 0)] when neither side took a unit."""
+    legacy, rules = lg.owners(item.bucket), {o: n for o, n in item.drawn.items() if n}
+    owners = sorted(set(legacy) | set(rules),
+                    key=lambda o: (legacy.get(o, 0) == rules.get(o, 0), o != item.patient_id, str(o)))
+    return [(o, legacy.get(o, 0), rules.get(o, 0)) for o in owners] or [(None, 0, 0)]
+
+
+def _account_id(owner: str | None, item: _Item) -> str | None:
+    """`Difference.account_id`: the pool owner when it is not the item's patient, else None."""
+    return None if owner in (None, item.patient_id) else owner
+
+
+def _item_text(item: _Item, lg: _Legacy, rate: Rate, bug: str, why: str,
+               split: list[tuple[str | None, int, int]]) -> str:
+    """The explanation shared by an item's rows (totals over all owners, then per owner)."""
+    rules_pay = item.rules_units * rate.pay_minor
+    legacy_money = format_money(lg.paid.get(rate.currency, 0), rate.currency)
+    matched = f" (incl. {lg.reattributed} unattributed)" if lg.reattributed else ""
+    text = (f"{item.subject}: legacy charged {lg.units(item.bucket)}{matched} {item.bucket} unit(s) "
+            f"and paid {legacy_money}; the rules owe {item.rules_units} unit(s) and "
+            f"{format_money(rules_pay, rate.currency)} ({bug}: {why}).")
+    if len(split) > 1:
+        text += " Per pool owner (legacy/rules): " + ", ".join(
+            f"{owner} {legacy_n}/{rules_n}" for owner, legacy_n, rules_n in sorted(split, key=str)) + "."
+    return text
 
 
 def _withdrawal_rows(history: LegacyHistory, facts: _Facts) -> tuple[list[Difference], dict[Key, int]]:
@@ -655,6 +719,53 @@ def _withdrawal_rows(history: LegacyHistory, facts: _Facts) -> tuple[list[Differ
             f"{format_money(legacy, w.currency)} through {len(debits)} debit(s); the rules move "
             f"{format_money(rules, w.currency)} ({bug})."))
     return rows, dict(made)
+
+
+def _second_debits(history: LegacyHistory) -> tuple[dict[str, str], list[Difference]]:
+    """Debits left naming no withdrawal (imported before the time rule, or tied) matched again
+    by `legacy.facts.match_second_debit`, in (created_at, fact id) order, with the requests the
+    import already matched taken out. Returns (debit subject → withdrawal key) for `_index` and
+    one "unexplained" row per debit that stays ambiguous: kept as recorded (accepted, no
+    adjustment) and reported so that a person decides, never silently accepted (B22)."""
+    refs: dict[tuple, list[RequestRef]] = defaultdict(list)
+    for w in sorted(history.withdrawals.values(), key=lambda w: w.key):
+        if w.status not in NO_SECOND_DEBIT:
+            at = _t(w.paid_at or w.requested_at)
+            refs[(w.doctor_id, w.amount_minor)].append(RequestRef(w.key, at))
+    debits = [f for f in history.facts if f.kind == "LegacyDebit" and f.affects_balance]
+    taken, alias, rows = _second_debited(history, debits), {}, []
+    for f in sorted(debits, key=lambda f: (_t(f.at) or _OPEN_START, f.fact_id)):
+        if not f.subject.startswith("wallet_transactions:") or (f.detail or {}).get("session_table"):
+            continue  # named by its row (session, metadata, or the import's match)
+        candidates = refs.get((f.doctor_id, f.amount_minor), [])
+        matched, tied = match_second_debit(_t(f.at), candidates, taken)
+        if matched:
+            alias[f.subject] = matched
+            taken.add(matched)
+        elif tied:
+            rows.append(_ambiguous_debit_row(f, tied))
+    return alias, rows
+
+
+def _second_debited(history: LegacyHistory, debits: list[Fact]) -> set[str]:
+    """Requests that already have their second debit: the import matched one to it (detail
+    `withdrawal_match`), or it shows two debits (request + completion)."""
+    count: dict[str, int] = defaultdict(int)
+    for f in debits:
+        count[f.subject] += 1
+    return {f.subject for f in debits if (f.detail or {}).get("withdrawal_match")
+            or (f.subject in history.withdrawals and count[f.subject] >= 2)}
+
+
+def _ambiguous_debit_row(f: Fact, tied: tuple[str, ...]) -> Difference:
+    """The report row of a debit that fits `tied` requests equally well: no money difference."""
+    money = format_money(f.amount_minor, f.currency)
+    return Difference(f.subject, "withdrawal", "unexplained", None, f.doctor_id, None, 0, 0,
+                      f.currency, -f.amount_minor, -f.amount_minor,
+                      f"{f.subject}: a debit of {money} naming no withdrawal matches "
+                      f"{len(tied)} requests of doctor {f.doctor_id} equally well by amount and "
+                      f"time ({', '.join(tied)}): possibly the admin panel's second debit (B22); "
+                      f"kept as recorded, decide by hand.")
 
 
 def _residual_rows(facts: _Facts) -> list[Difference]:
@@ -705,9 +816,10 @@ def _b23_row(history: LegacyHistory, key: Key, balance: int, verified: int, bloc
 def reconcile(history: LegacyHistory, policy: Policy = Policy()) -> Reconciliation:
     """Compare every legacy item with the rules for the same event times and classify each
     difference. Pure: reads `history`, never changes it. Raises ValueError on naive datetimes."""
-    facts = _index(history.facts, {t.key: t.appointment_key
-                                   for t in history.text_appointment_sessions.values()
-                                   if t.appointment_key in history.appointments},
+    alias, ambiguous = _second_debits(history)
+    alias.update((t.key, t.appointment_key) for t in history.text_appointment_sessions.values()
+                 if t.appointment_key in history.appointments)
+    facts = _index(history.facts, alias,
                    {key: sub.owner_id for key, sub in history.subscriptions.items()})
     linked = _linked_appointments(history)
     items = _items(history, facts, policy, linked)
@@ -721,13 +833,14 @@ def reconcile(history: LegacyHistory, policy: Policy = Policy()) -> Reconciliati
     for item, row, lg in sorted(items, key=lambda triple: triple[0].subject):
         rate = _rate(history, item)
         rows.extend(_judge(item, row, lg, rate, item.subject in linked, dups))
-        rules_units[(_account(item, lg), item.bucket)] += item.rules_units
+        for owner, n in item.drawn.items():
+            rules_units[(owner, item.bucket)] += n
         rules_money[(item.doctor_id, rate.currency)] += item.rules_units * rate.pay_minor
     w_rows, made = _withdrawal_rows(history, facts)
     accepted = _accept_unmatched(facts, known, orphans, taken, rules_units, rules_money)
     for key, amount in made.items():
         rules_money[key] -= amount
-    rows += w_rows + _residual_rows(facts) + _b23_rows(history, facts)
+    rows += w_rows + ambiguous + _residual_rows(facts) + _b23_rows(history, facts)
     return Reconciliation(rows, len(items) + len(history.withdrawals), accepted,
                           _granted(pools), dict(rules_units), dict(rules_money))
 
@@ -749,37 +862,52 @@ def _items(history: LegacyHistory, facts: _Facts, policy: Policy,
 def _reattribute(history: LegacyHistory, facts: _Facts, items: list,
                  orphans: list[Fact]) -> tuple[list, dict]:
     """Match "unattributed" units to the sessions whose doctor was paid for more units than
-    the session's charges show, same account (pool owner) and bucket, in billable-start order.
+    the session's charges show, same bucket, from the pools of the owners the session could draw
+    on (`_owners_for`), in billable-start order.
 
     Why: T5 (check-response's end, legacy-system.md §3.2) pays first and never records
     sessions_used, so the importer can only charge its units to the subscription
     ("unattributed"). Left there they would be accepted on top of the rules' units for the same
     session. Returns the items with their legacy figures updated and units taken per fact_id.
     """
-    spare: dict[Key, list[list]] = defaultdict(list)
+    spare: dict[Key, list[list]] = defaultdict(list)  # (owner, bucket) → [[fact_id, units left]]
     for f in sorted(orphans, key=lambda f: (_t(f.at) or _OPEN_START, f.fact_id)):
         if f.source == "unattributed" and f.units > 0 and f.patient_id:
             spare[(facts.account(f), f.bucket or "text")].append([f.fact_id, f.units])
     taken: dict[str, int] = defaultdict(int)
     out = []
     for item, row, lg in sorted(items, key=lambda t: (t[0].start or _OPEN_START, t[0].subject)):
-        want, got = _extra_paid_units(history, item, lg), 0
-        for slot in spare.get((_account(item, lg), item.bucket), []) if want else []:
-            n = min(want - got, slot[1])
-            slot[1], got, taken[slot[0]] = slot[1] - n, got + n, taken[slot[0]] + n
-            if got == want:
-                break
-        if got:
-            lg = replace(lg, charged={**lg.charged, item.bucket: lg.units(item.bucket) + got},
-                         reattributed=got)
+        want = _extra_paid_units(history, item, lg)
+        got: dict[str, int] = {}
+        for owner in _owners_for(item, lg) if want else ():
+            n = _take_spare(spare.get((owner, item.bucket), []), want - sum(got.values()), taken)
+            got[owner] = n
+        if sum(got.values()):
+            owners = lg.owners(item.bucket)
+            for owner, n in got.items():
+                owners[owner] = owners.get(owner, 0) + n
+            lg = replace(lg, by_owner={**lg.by_owner, item.bucket: owners},
+                         reattributed=sum(got.values()))
         out.append((item, row, lg))
     return out, dict(taken)
 
 
-def _account(item: _Item, lg: _Legacy) -> str:
-    """Whose units an item's are: the owner of the pool legacy charged, else of the pool the
-    rules drew on, else the patient (units are per pool, §4; balances fold per owner)."""
-    return lg.account or item.account or item.patient_id
+def _owners_for(item: _Item, lg: _Legacy) -> list[str]:
+    """Pool owners whose spare units an item may take, most likely first: those the rules drew
+    on (draw order), those legacy charged, then the patient."""
+    return list(dict.fromkeys([*item.drawn, *lg.owners(item.bucket), item.patient_id]))
+
+
+def _take_spare(slots: list[list], want: int, taken: dict[str, int]) -> int:
+    """Take up to `want` units from `slots` ([fact_id, units left], in order), noting per fact
+    in `taken`; returns the units taken."""
+    got = 0
+    for slot in slots:  # bounded: the unattributed facts of one (owner, bucket)
+        if got >= want:
+            break
+        n = min(want - got, slot[1])
+        slot[1], got, taken[slot[0]] = slot[1] - n, got + n, taken[slot[0]] + n
+    return got
 
 
 def _extra_paid_units(history: LegacyHistory, item: _Item, lg: _Legacy) -> int:
@@ -791,6 +919,10 @@ def _extra_paid_units(history: LegacyHistory, item: _Item, lg: _Legacy) -> int:
     return max(0, paid // rate.pay_minor - lg.units(item.bucket)) if rate.pay_minor else 0
 
 
+_B26 = ("legacy took the units from other owners' pools than the rules: it drew the oldest " +
+        "start_date first, the rules the usable pool that expires first (§4)")
+
+
 def _judge(item: _Item, row, lg: _Legacy, rate: Rate, linked: bool,
            dup_patients: frozenset[str]) -> list[Difference]:
     """The difference rows of one item (none when legacy charged and paid what the rules owe)."""
@@ -799,7 +931,9 @@ def _judge(item: _Item, row, lg: _Legacy, rate: Rate, linked: bool,
     paid = {c: n for c, n in lg.paid.items() if n}
     if charged == ({item.bucket: item.rules_units} if item.rules_units else {}) \
             and paid == ({rate.currency: rules_pay} if rules_pay else {}):
-        return []  # the common case: no difference, nothing to classify
+        if lg.owners(item.bucket) == {o: n for o, n in item.drawn.items() if n}:
+            return []  # the common case: no difference, nothing to classify
+        return _item_rows(item, lg, rate, "B26", _B26)  # same totals, other owners' pools
     case = _Case(item, lg, lg.units(item.bucket), sum(lg.paid.values()), rate.pay_minor, dup_patients)
     if isinstance(row, TextSession):
         bug, why = _classify_text(row, case)
@@ -845,43 +979,112 @@ def _granted(pools: list[_Pool]) -> dict[Key, int]:
 # ------------------------------------------------------------------ apply
 
 
-def plan_adjustments(rec: Reconciliation, history: LegacyHistory | None = None) -> list[Adjustment]:
-    """The corrections that make every balance what the rules give, one per (difference, what).
+AdjustmentKey = tuple[str, str, str | None, str | None]
+REVISION = "#r"  # adjustment_id suffix of a revision: "<base id>#r<n>", n ≥ 1
 
-    `adjustment_id` = f"{subject}:{bug}:units-{bucket}" or f"{subject}:{bug}:pay-{currency}",
-    deterministic, so re-planning gives the same ids (rows sharing an id are summed). Units:
-    +units_over back to `account_id or patient_id`; money: −paid_over to the doctor. B23 rows
-    carry no adjustment (nothing was mis-paid). If `history` is given, adjustments it already
-    holds are left out.
+
+def plan_adjustments(rec: Reconciliation, history: LegacyHistory | None = None) -> list[Adjustment]:
+    """The corrections that make every balance what the rules give, sorted by id.
+
+    Without `history`: the target of every correction, one per (subject, what), ids
+    f"{subject}:units-{bucket}" (+ f"-{account_id}" when the units are a pool owner's other
+    than the patient) and f"{subject}:pay-{currency}", deterministic and free of the bug name,
+    so that a relabelled item (B3 → B12 after a policy change) keeps its ids. Units:
+    +units_over back to `account_id or patient_id`; money: −paid_over to the doctor (rows
+    sharing an id are summed). B23 rows carry none.
+
+    With `history`: only what is still missing beside the adjustments it holds, matched by
+    what they correct (`_target_key`: subject, units/pay, bucket/currency, owner/doctor), not
+    by id or bug. Nothing recorded → the target itself; recorded with another total (facts,
+    rules or classification changed) → the difference alone, as a revision
+    f"{base}{REVISION}{n}" carrying the current bug ("reversed" when no correction is owed
+    any more). Folding facts + every adjustment then gives `rec.rules_balances()`.
     """
-    done = {a.adjustment_id for a in history.adjustments} if history else set()
-    out: dict[str, Adjustment] = {}
+    targets = _targets(rec)
+    if history is None:
+        return sorted(targets.values(), key=lambda a: a.adjustment_id)
+    recorded, ids = _recorded(history), {a.adjustment_id for a in history.adjustments}
+    out = []
+    for key in sorted(set(targets) | set(recorded), key=lambda k: tuple(map(str, k))):
+        target, before = targets.get(key), recorded.get(key, [])
+        delta = _amount(target) - sum(map(_amount, before))
+        if delta and not before:
+            out.append(target)
+        elif delta:
+            out.append(_revision(target, before, delta, ids))
+    return sorted(out, key=lambda a: a.adjustment_id)
+
+
+def _targets(rec: Reconciliation) -> dict[AdjustmentKey, Adjustment]:
+    """Target adjustment per key from the difference rows (rows sharing a key summed)."""
+    out: dict[AdjustmentKey, Adjustment] = {}
     for d in rec.differences:
         if d.units_over and d.bucket:
-            _add(out, Adjustment(f"{d.subject}:{d.bug}:units-{d.bucket}", d.subject, d.bug,
+            owner = f"-{d.account_id}" if d.account_id else ""
+            _add(out, Adjustment(f"{d.subject}:units-{d.bucket}{owner}", d.subject, d.bug,
                                  patient_id=d.account_id or d.patient_id, bucket=d.bucket,
                                  units=d.units_over))
         if d.paid_over and d.currency:
-            _add(out, Adjustment(f"{d.subject}:{d.bug}:pay-{d.currency}", d.subject, d.bug,
+            _add(out, Adjustment(f"{d.subject}:pay-{d.currency}", d.subject, d.bug,
                                  doctor_id=d.doctor_id, amount_minor=-d.paid_over,
                                  currency=d.currency))
-    return [a for aid, a in sorted(out.items()) if aid not in done]
+    return {key: a for key, a in out.items() if _amount(a)}
 
 
-def _add(out: dict[str, Adjustment], adjustment: Adjustment) -> None:
-    same = out.get(adjustment.adjustment_id)
+def _add(out: dict[AdjustmentKey, Adjustment], adjustment: Adjustment) -> None:
+    key = _target_key(adjustment)
+    same = out.get(key)
     if same is not None:
         adjustment = replace(same, units=same.units + adjustment.units,
                              amount_minor=same.amount_minor + adjustment.amount_minor)
-    out[adjustment.adjustment_id] = adjustment
+    out[key] = adjustment
+
+
+def _target_key(a: Adjustment) -> AdjustmentKey:
+    """What an adjustment corrects, whatever its id or bug: (subject, "pay", currency, doctor)
+    for money, (subject, "units", bucket, owner) for units."""
+    if a.currency is not None:
+        return (a.subject, "pay", a.currency, a.doctor_id)
+    return (a.subject, "units", a.bucket, a.patient_id)
+
+
+def _amount(a: Adjustment | None) -> int:
+    """The signed amount an adjustment moves (units or minor units); 0 for None."""
+    if a is None:
+        return 0
+    return a.amount_minor if a.currency is not None else a.units
+
+
+def _recorded(history: LegacyHistory) -> dict[AdjustmentKey, list[Adjustment]]:
+    """The recorded adjustments by key, in log order."""
+    out: dict[AdjustmentKey, list[Adjustment]] = defaultdict(list)
+    for a in history.adjustments:
+        out[_target_key(a)].append(a)
+    return dict(out)
+
+
+def _revision(target: Adjustment | None, before: list[Adjustment], delta: int,
+              ids: set[str]) -> Adjustment:
+    """The difference `delta` as a new adjustment: id f"{base}#r{n}" with the first n ≥ 1 not
+    recorded (base: the target's id, else the first recorded id without its suffix)."""
+    template = target or replace(before[0], bug="reversed")
+    base = target.adjustment_id if target else before[0].adjustment_id.split(REVISION)[0]
+    n = next(n for n in range(1, len(ids) + 2) if f"{base}{REVISION}{n}" not in ids)
+    amounts = {"amount_minor": delta} if template.currency is not None else {"units": delta}
+    return replace(template, adjustment_id=f"{base}{REVISION}{n}", **amounts)
 
 
 def changed_adjustments(planned: list[Adjustment], history: LegacyHistory) -> list[str]:
-    """Ids recorded earlier with other content than planned now (facts or rules changed since):
-    `--apply` never records an id twice, so these need a person's decision."""
-    recorded = {a.adjustment_id: a for a in history.adjustments}
-    return [a.adjustment_id for a in planned
-            if a.adjustment_id in recorded and recorded[a.adjustment_id] != a]
+    """Ids of targets (`plan_adjustments(rec)`, without history) whose key the history already
+    holds with another total, plus the first id of keys recorded but no longer owed: the facts,
+    the rules or the classification changed since. `plan_adjustments(rec, history)` records the
+    difference as a revision; these are what the command warns about."""
+    recorded, targets = _recorded(history), {_target_key(a): a for a in planned}
+    changed = [a.adjustment_id for key, a in targets.items()
+               if key in recorded and _amount(a) != sum(map(_amount, recorded[key]))]
+    changed += [before[0].adjustment_id for key, before in recorded.items()
+                if key not in targets and sum(map(_amount, before))]
+    return sorted(changed)
 
 
 def apply_adjustments(app, adjustments: list[Adjustment]) -> int:

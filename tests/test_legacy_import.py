@@ -17,9 +17,11 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 from legacy.app import open_legacy
-from legacy.facts import Evidence, Pool, allocate_charges
+from legacy.facts import (Evidence, Pool, RequestRef, allocate_charges, match_second_debit,
+                          transaction_fact)
 from legacy.fixtures import build_legacy_database
-from legacy.importer import import_legacy
+from legacy.importer import State, _observe, import_legacy
+from legacy.items import withdrawal_item
 from legacy.normalise import (Rejected, appointment_status, country_code, currency_of, to_minor,
                               to_utc)
 from legacy.replay import legacy_balances, load_history, verify_against_source
@@ -92,8 +94,10 @@ def test_country_currency_and_status_names():
     assert [country_code(c) for c in ("Malawi", "MALAWI", " malawi ", "Zambia", None, "Atlantis")] \
         == ["MW", "MW", "MW", "ZM", None, None]
     assert [currency_of(c) for c in ("malawi", "Kenya", None)] == ["MWK", "USD", "USD"]
-    assert [appointment_status(n) for n in (0, 3, 7, 9, "in_progress")] \
-        == ["pending", "completed", "in_progress", "unknown:9", "in_progress"]
+    # §1.6: the legacy normaliser maps the string "in_progress" to 1 (confirmed); the int 7 is
+    # in_progress; other names are kept verbatim (B31)
+    assert [appointment_status(n) for n in (0, 3, 7, 9, "in_progress", " In_Progress", "done")] \
+        == ["pending", "completed", "in_progress", "unknown:9", "confirmed", "confirmed", "done"]
 
 
 def test_allocation_is_fifo_capped_and_explains_every_counter():
@@ -114,6 +118,54 @@ def test_allocation_is_fifo_capped_and_explains_every_counter():
     result = allocate_charges(pools, {"p": {"subscriptions:1", "subscriptions:2"}}, evidence)
     assert [(f.subject, f.units, f.source) for f in result.charges][-1] \
         == ("subscriptions:2", 1, "unattributed")
+
+
+def _admin_debit(row_id: int, when: datetime) -> dict:
+    """The admin panel's second debit (B22): names no withdrawal, 50,000.00 MWK, doctor 105."""
+    return {"id": row_id, "doctor_id": 105, "type": "debit", "amount": "50000.00",
+            "description": "Withdrawal processed - mobile_money", "session_table": None,
+            "session_id": None, "metadata": None, "created_at": when}
+
+
+def _withdrawal(state: State, wid: int, requested: datetime, paid: datetime | None,
+                status: str = "completed") -> None:
+    row = {"id": wid, "doctor_id": 105, "amount": "50000.00", "status": status,
+           "created_at": requested, "paid_at": paid}
+    _observe("withdrawal_requests", withdrawal_item(row, state.ctx), state)
+
+
+def test_b22_second_debits_of_equal_amounts_are_matched_by_time():
+    """Review #5: two completed 50,000.00 MWK requests of one doctor. Each admin debit names no
+    withdrawal: it goes to the unmatched request completed closest to it (one each), not to
+    none as when only doctor and amount were compared; a failed request is never a candidate."""
+    t = datetime(2026, 3, 30, 9, 0)
+    state = State()
+    _withdrawal(state, 701, t, t.replace(day=31, hour=15))
+    _withdrawal(state, 702, t.replace(hour=10), t.replace(day=31, hour=16))
+    _withdrawal(state, 703, t.replace(hour=11), None, status="failed")
+    late = transaction_fact(_admin_debit(78, t.replace(day=31, hour=16, second=2)), "MWK",
+                            state.withdrawal_for)
+    early = transaction_fact(_admin_debit(77, t.replace(day=31, hour=15, second=1)), "MWK",
+                             state.withdrawal_for)
+    assert (late.subject, early.subject) == ("withdrawal_requests:702", "withdrawal_requests:701")
+    assert late.detail["withdrawal_match"] == "doctor, amount, time"
+    extra = transaction_fact(_admin_debit(79, t.replace(day=31, hour=17)), "MWK", state.withdrawal_for)
+    assert extra.subject == "wallet_transactions:79"  # every request has its second debit
+
+
+def test_b22_tied_second_debits_stay_unmatched_and_name_their_candidates():
+    """Review #5 (reproducer test_r7_b22): two requests completed in the same second are equally
+    close: the debit is not given to either but keeps its own subject and lists both, so that
+    the reconciliation reports it instead of accepting it silently."""
+    t = datetime(2026, 3, 31, 15, 0)
+    state = State()
+    _withdrawal(state, 701, t.replace(day=30), t)
+    _withdrawal(state, 702, t.replace(day=30, hour=10), t)
+    fact = transaction_fact(_admin_debit(77, t), "MWK", state.withdrawal_for)
+    assert fact.subject == "wallet_transactions:77"
+    assert fact.detail["withdrawal_candidates"] == ["withdrawal_requests:701", "withdrawal_requests:702"]
+    assert match_second_debit(None, [RequestRef("withdrawal_requests:9", None)], set()) \
+        == ("withdrawal_requests:9", ())  # a single candidate needs no time
 
 
 # ---- import --------------------------------------------------------------------------------

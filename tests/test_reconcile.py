@@ -22,7 +22,7 @@ from rich.console import Console
 from typer import Typer
 from typer.testing import CliRunner
 
-from ledger.rules import units_owed
+from ledger.rules import Policy, units_owed
 from ledger.tariff import rate_at
 from legacy.adjustments import ReconciliationAdjustment
 from legacy.app import LegacyLedger, open_legacy
@@ -620,15 +620,25 @@ def test_balances_after_apply_by_hand():
     assert units[("p-t5", "text")] == 10 - 3 and units[("p-b3p", "text")] == 5 - 3
     assert money[("d-b3p", "MWK")] == 3 * MWK
     ids = {a.adjustment_id for a in history.adjustments}
-    assert "call_sessions:h1:H1:units-voice" in ids and "call_sessions:h1:H1:pay-MWK" in ids
+    assert "call_sessions:h1:units-voice" in ids and "call_sessions:h1:pay-MWK" in ids
+    assert "text_sessions:mem:units-text-p-owner" not in ids  # clean: nothing to correct
 
 
-def test_changed_plan_is_flagged_not_recorded_twice():
+def test_changed_plan_is_flagged_and_only_the_difference_recorded():
+    """A correction recorded earlier with another amount is never recorded twice under its id:
+    it is flagged, and only the difference is planned, as revision "#r1"."""
     history = build(h1)
-    planned = plan_adjustments(reconcile(history))
-    history.adjustments = [replace(planned[0], units=planned[0].units + 1)] + planned[1:]
-    assert changed_adjustments(planned, history) == [planned[0].adjustment_id]
-    assert plan_adjustments(reconcile(history), history) == []
+    rec = reconcile(history)
+    planned = plan_adjustments(rec)
+    units = next(a for a in planned if a.units)
+    history.adjustments = [replace(units, units=units.units + 1)] + \
+        [a for a in planned if a is not units]
+    assert changed_adjustments(planned, history) == [units.adjustment_id]
+    revision = plan_adjustments(rec, history)
+    assert [(a.adjustment_id, a.units, a.patient_id) for a in revision] == \
+        [(units.adjustment_id + "#r1", -1, "p-h1")]
+    history.adjustments += revision
+    assert plan_adjustments(rec, history) == [] and changed_adjustments(planned, history) == []
 
 
 def test_cli_reconcile_writes_reports_and_applies_once(tmp_path, monkeypatch):
@@ -654,6 +664,192 @@ def test_cli_reconcile_writes_reports_and_applies_once(tmp_path, monkeypatch):
     again = CliRunner().invoke(app, ["reconcile", "--out", str(out), "--apply"])
     assert "0 new recorded" in again.output
     assert (out / "summary.md").exists() and (out / "differences.csv").exists()
+
+
+# ---------------------------------------------------------------- review regressions
+
+
+def test_pool_expiring_mid_session_ends_it_at_that_block_like_the_ledger():
+    """Review #3 (reproducer test_r8_expiry): a 14-day plan expiring 5 min into a 25-min text.
+    The ledger holds each block at its own start (`try_hold`), finds no usable pool for the
+    block at 10:00 and ends the session there owing 1; reconcile must owe the same 1, not 3."""
+    from conftest import T0
+    from test_billing import Desk
+
+    minute = timedelta(minutes=1)
+    start = T0 - timedelta(days=14) + 5 * minute  # effective_end = T0 + 5 min
+    desk = Desk()
+    desk.clock.set(start)
+    desk.doctor(), desk.grant(starts_at=start, text=10, days=14)
+    desk.clock.set(T0), desk.request("t1", "text"), desk.activate("t1", T0)
+    for m in (5, 9):
+        desk.clock.set(T0 + m * minute), desk.activity("t1", T0 + m * minute)
+    for m in (12, 60):
+        desk.clock.set(T0 + m * minute), desk.ledger.tick(desk.clock(), desk.sessions, desk.pools)
+    session = desk.ledger.get_session("t1")
+    assert (session.ended_at - T0, session.end_reason, session.settlement["units_owed"]) == \
+        (10 * minute, "balance_exhausted", 1)
+
+    def legacy(units: int) -> LegacyHistory:
+        b = Build()
+        b.doctor("d1"), b.sub("subscriptions:S", "P", "TXN", text=10, voice=0, video=0,
+                              starts=start, days=14)
+        s = b.text("text_sessions:1", "P", "d1", T0, T0 + 25 * minute, last=T0 + 24 * minute,
+                   p=units, used=units)
+        b.charge(s, "P", "text", units, T0, "subscriptions:S")
+        b.credit(s, "d1", units * MWK, T0, ptid="TXN")
+        return b.h
+
+    assert reconcile(legacy(1)).differences == []  # legacy charged 1, as the ledger would
+    d = one(legacy(3), "text_sessions:1")  # had legacy charged the 3 the times owe
+    assert (d.units_legacy, d.units_rules, d.paid_rules_minor) == (3, 1, MWK)
+    assert f"end it at {(T0 + 10 * minute).isoformat()} (balance exhausted)" in d.explanation
+
+
+def family_split(b: Build, from_family: int, family_first: bool = False) -> str:
+    """P holds its own 14-day pool A (1 text unit) and is a member of owner O's 30-day pool B
+    (5). A 25-min text owes 3: the rules take 1 from A (it expires first) and 2 from B. Legacy
+    took 1 from A and `from_family` from B, or (`family_first`) all from B."""
+    b.doctor("d1")
+    b.sub("subscriptions:A", "P", "TXN_A", text=1, starts=T - timedelta(days=2), days=14)
+    b.sub("subscriptions:B", "O", "TXN_B", text=5, starts=T - timedelta(days=1), days=30)
+    b.h.members["subscription_members:1"] = Member("subscription_members:1", "subscriptions:B",
+                                                   "P", "active", "member")
+    own = 0 if family_first else 1
+    s = b.text("text_sessions:1", "P", "d1", at(0), at(25), last=at(24), p=2, used=own + from_family)
+    if own:
+        b.charge(s, "P", "text", own, at(10), "subscriptions:A")
+    b.charge(s, "P", "text", from_family, at(20), "subscriptions:B")
+    for i in range(own + from_family):
+        b.credit(s, "d1", MWK, at(10 + 5 * i), ptid="TXN_A")
+    return s
+
+
+@pytest.mark.parametrize("from_family, family_first, rows_expected", [
+    (2, False, []),  # legacy = rules per owner
+    (3, False, [("B3", "O", 3, 2, 4 * MWK)]),  # one unit too many, from O's pool
+    (3, True, [("B26", None, 0, 1, 3 * MWK), ("B26", "O", 3, 2, 0)]),  # same total, other pools
+])
+def test_units_of_a_session_are_booked_to_each_pool_owner(from_family, family_first, rows_expected):
+    """Review #4 (reproducer test_r4_recon): a session paid partly by the patient's own pool and
+    partly by a family pool. Legacy units and the rules' draw are kept per pool owner, each
+    owner gets their own units adjustment, and after apply every balance equals the rules."""
+    b = Build()
+    subject = family_split(b, from_family, family_first)
+    rec = reconcile(b.h)
+    found = [(d.bug, d.account_id, d.units_legacy, d.units_rules, d.paid_legacy_minor)
+             for d in rec.differences]
+    assert found == rows_expected
+    b.h.adjustments = plan_adjustments(rec, b.h)
+    assert all(a.adjustment_id.startswith(subject) for a in b.h.adjustments)
+    units, money = fold(b.h)
+    rules_units, rules_money = rec.rules_balances()
+    assert nonzero(units) == nonzero(rules_units) == {("P", "voice"): 10, ("P", "video"): 10,
+                                                      ("O", "text"): 3, ("O", "voice"): 10,
+                                                      ("O", "video"): 10}
+    assert nonzero(money) == nonzero(rules_money) == {("d1", "MWK"): 3 * MWK}
+
+
+def test_b26_rows_give_units_back_to_one_owner_and_take_them_from_the_other():
+    """Review #4: same total, other pools (legacy FIFO by start_date, B26): one adjustment per
+    owner, ids deterministic (owner suffix only for a pool owner other than the patient)."""
+    b = Build()
+    subject = family_split(b, 3, family_first=True)
+    adjustments = plan_adjustments(reconcile(b.h))
+    assert [(a.adjustment_id, a.patient_id, a.units) for a in adjustments] == [
+        (f"{subject}:units-text", "P", -1), (f"{subject}:units-text-O", "O", 1)]
+
+
+def two_withdrawals(b: Build, paid: tuple[datetime, datetime]) -> None:
+    """Two completed 50,000.00 MWK requests of d1, each debited at request and again by the
+    admin panel at its paid_at; the second debits name no withdrawal (imported before the time
+    rule, or tied) and earnings of 200,000.00 MWK came from rows legacy deleted."""
+    b.doctor("d1")
+    b.credit("text_sessions:gone", "d1", 20_000_000, at(-600), ptid="TXN")
+    for wid, when in zip(("701", "702"), paid):
+        key = f"withdrawal_requests:{wid}"
+        b.h.withdrawals[key] = Withdrawal(key, "d1", 5_000_000, "MWK", "completed", at(0), when)
+        b.debit(key, "d1", 5_000_000, at(0))
+        b.debit(f"wallet_transactions:9{wid}", "d1", 5_000_000, when)
+
+
+def test_b22_second_debits_of_equal_amounts_are_matched_by_time_in_reconcile():
+    """Review #5: two requests of one doctor and amount completed at different times: each
+    unnamed second debit goes to the request completed closest to it: two B22 rows."""
+    b = Build()
+    two_withdrawals(b, (at(60), at(120)))
+    rec = reconcile(b.h)
+    assert sorted((d.subject, d.bug, d.paid_legacy_minor, d.paid_rules_minor)
+                  for d in rec.differences) == [
+        ("withdrawal_requests:701", "B22", -10_000_000, -5_000_000),
+        ("withdrawal_requests:702", "B22", -10_000_000, -5_000_000)]
+    assert rec.accepted_unmatched == ["text_sessions:gone"]
+    assert rec.rules_money == {("d1", "MWK"): 20_000_000 - 2 * 5_000_000}
+
+
+def test_b22_tied_second_debits_are_reported_not_silently_accepted():
+    """Review #5 (reproducer test_r7_b22): both requests completed at the same second, so each
+    unnamed debit fits both equally well: each is reported (unexplained, candidates named),
+    kept as recorded, and gets no adjustment."""
+    b = Build()
+    two_withdrawals(b, (at(60), at(60)))
+    rec = reconcile(b.h)
+    found = [(d.subject, d.bug, d.paid_over) for d in rec.differences]
+    assert found == [("wallet_transactions:9701", "unexplained", 0),
+                     ("wallet_transactions:9702", "unexplained", 0)]
+    assert "withdrawal_requests:701, withdrawal_requests:702" in rec.differences[0].explanation
+    assert "B22" in rec.differences[0].explanation
+    assert plan_adjustments(rec) == []
+
+
+def test_a_relabelled_item_is_corrected_once_by_a_revision():
+    """Review #6 (reproducer test_r5_apply): max_duration changes between two --apply runs, so
+    an item first judged B3 (1 unit over) is B12 (2 over) the second time. Ids carry no bug:
+    the second run flags the change and records only the difference (#r1), and the balances
+    end equal to the rules of the second run, not corrected twice."""
+    b = Build()
+    b.doctor("d1"), b.sub("subscriptions:S", "P", "TXN_S", text=20)
+    s = b.text("text_sessions:1", "P", "d1", at(0), at(65), last=at(64), p=6, used=8)
+    for i in range(8):
+        b.charge(s, "P", "text", 1, at(10 * i), "subscriptions:S")
+        b.credit(s, "d1", MWK, at(10 * i), ptid="TXN_S")
+    app, history = LegacyLedger(), b.h
+    first = reconcile(history)
+    assert [d.bug for d in first.differences] == ["B3"]
+    assert apply_adjustments(app, plan_adjustments(first, history)) == 2
+    history.adjustments = recorded(app)
+    second = reconcile(history, Policy(max_duration_seconds=3600))
+    assert [d.bug for d in second.differences] == ["B12"]
+    targets = plan_adjustments(second)
+    assert changed_adjustments(targets, history) == [f"{s}:pay-MWK", f"{s}:units-text"]
+    revisions = plan_adjustments(second, history)
+    assert [(a.adjustment_id, a.bug, a.units, a.amount_minor) for a in revisions] == [
+        (f"{s}:pay-MWK#r1", "B12", 0, -MWK), (f"{s}:units-text#r1", "B12", 1, 0)]
+    assert apply_adjustments(app, revisions) == 2
+    history.adjustments = recorded(app)
+    assert plan_adjustments(second, history) == [] and changed_adjustments(targets, history) == []
+    units, money = fold(history)
+    rules_units, rules_money = second.rules_balances()
+    assert units[("P", "text")] == rules_units[("P", "text")] == 20 - 6
+    assert money[("d1", "MWK")] == rules_money[("d1", "MWK")] == 6 * MWK
+    # back to the first policy: the revisions are undone by a second revision each
+    again = plan_adjustments(first, history)
+    assert [(a.adjustment_id, a.units, a.amount_minor) for a in again] == [
+        (f"{s}:pay-MWK#r2", 0, MWK), (f"{s}:units-text#r2", -1, 0)]
+    app.close()
+
+
+def test_a_correction_no_longer_owed_is_reversed():
+    """Review #6: a correction recorded earlier that the rules no longer owe is undone by a
+    revision with bug "reversed", so balances still end equal to the rules."""
+    history = build(h1)
+    history.adjustments = plan_adjustments(reconcile(history))
+    history.facts = [f for f in history.facts if f.subject != "call_sessions:h1"]
+    del history.call_sessions["call_sessions:h1"]  # e.g. a row judged differently now
+    reversal = plan_adjustments(reconcile(history), history)
+    assert [(a.adjustment_id, a.bug, a.units, a.amount_minor) for a in reversal] == [
+        ("call_sessions:h1:pay-MWK#r1", "reversed", 0, 2 * MWK),
+        ("call_sessions:h1:units-voice#r1", "reversed", -2, 0)]
 
 
 # ---------------------------------------------------------------- property
