@@ -364,8 +364,9 @@ class Ledger(Application):
         return session_view(session)
 
     def _start(self, work: Work, session: Session, at: datetime) -> None:
-        """Record `at` as the billable start if it is the earliest, stamp the rate, hold ahead."""
-        if session.started_at is not None and at >= session.started_at:
+        """Record `at` as a reported billable start if it is the earliest reported (the
+        providers' connect is kept apart: it may still move later), stamp the rate, hold ahead."""
+        if session.reported_start is not None and at >= session.reported_start:
             return
         doctor = work.get(Doctor.create_id(session.doctor_id))
         session.start(at=at, rate=stamped_rate(doctor, session.bucket, at))

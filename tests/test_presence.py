@@ -325,3 +325,22 @@ def test_a_report_after_the_idle_deadline_does_not_revive_the_call(tick_on_time)
     session = desk.ledger.get_session("c1")
     assert (session.ended_at, session.end_reason, session.settlement["units_owed"]) == (
         T0 + 15 * MIN, "idle_timeout", 2)
+
+
+def test_a_backend_connect_after_a_provider_connect_still_counts_if_that_moves_later() -> None:
+    """The earliest *reported* start stands (§1): the backend's connect at 3:00 is kept even
+    though the providers' reports said 1:00 when it arrived; they later say 6:00."""
+    reports = [("call.participant_joined", 0 * S, "p1"), ("call.participant_joined", 1 * MIN, "d1"),
+               ("call.participant_joined", 6 * MIN, "p1"), ("call.room_ended", 15 * MIN, "")]
+    desk = Desk()
+    desk.doctor()
+    desk.grant(voice=5)
+    desk.request("c1", "voice")
+    desk.clock.set(T0 + 16 * MIN)
+    deliver(desk, "c1", reports, [0, 1, 2, 3])
+    desk.connect("c1", T0 + 3 * MIN)
+    desk.ledger.ingest("late-left", "call.participant_left", T0 + 30 * S,
+                       {"session_id": "c1", "participant": "p1"})
+    settle_all(desk)
+    session = desk.ledger.get_session("c1")
+    assert (session.started_at, session.settlement["units_owed"]) == (T0 + 3 * MIN, 2)
