@@ -399,14 +399,14 @@ class Ledger(Application):
         return {**session_view(session), "presence": presence_view(session)}
 
     def _too_late(self, session: Session, at: datetime) -> str | None:
-        """Why a report dated `at` comes too late to count, or None (§8): after a recorded
-        final end (timeout, exhaustion, decline), or after the idle or maximum-duration
+        """Why a report dated `at` comes too late to count, or None (§8): once a final end
+        (timeout, exhaustion, decline) is recorded, or after the idle or maximum-duration
         deadline of a started call, as for the backend's own reports. Before the start, reports
         are kept whatever their order (a leave may arrive before the joins); a connect they
         show after the ring deadline counts if it is accepted before the tick records `missed`
         (docs/design.md, Provider presence)."""
-        if session.ended_finally and at >= session.ended_at:
-            return f"after the session's end ({session.end_reason})"
+        if session.ended_finally:  # decided once, never reopened (§3, §8)
+            return f"the session's end is final ({session.end_reason})"
         pending = session.pending_end(self.policy) if session.started_at else None
         if pending and at > pending[0]:
             return f"after the session's {pending[1]} deadline"

@@ -42,7 +42,8 @@ from test_billing import MIN, MW_RATE, S, Desk, log, name
 # Event types of §8 that concern one session; everything else is not a billing trigger (I10).
 SESSION_EVENT_TYPES = frozenset({
     "session.requested", "session.patient_message", "text.activated", "call.ringing",
-    "call.connected", "call.declined", "session.activity", "session.ended"})
+    "call.connected", "call.declined", "session.activity", "session.ended",
+    "call.participant_joined", "call.participant_left", "call.room_ended"})
 CHARGE_EVENTS = frozenset({"Pool.Charged", "Pool.Reversed", "Session.AutoDeducted",
                            "Wallet.Credited"})
 
@@ -76,14 +77,18 @@ class SessionFold:
     ever_held: set = field(default_factory=set)
     deducted: list = field(default_factory=list)  # AutoDeducted events
     settled: object = None
+    reports: list = field(default_factory=list)  # provider reports: (at, action, role)
+    stamped_rate: dict | None = None  # RateStamped: a start known only from provider reports
 
     @property
     def start(self) -> datetime | None:
-        return min((at for _, at, _ in self.starts), default=None)
+        """The earliest reported start or the providers' connect (issue 4), recomputed here."""
+        candidates = [at for _, at, _ in self.starts] + [provider_connect(self.reports)]
+        return min((at for at in candidates if at is not None), default=None)
 
     @property
     def rate(self) -> dict | None:
-        return self.starts[0][2] if self.starts else None
+        return self.starts[0][2] if self.starts else self.stamped_rate
 
     @property
     def ended_at(self) -> datetime | None:
@@ -92,6 +97,20 @@ class SessionFold:
     def net_units(self) -> int:
         s = self.settled
         return len(self.deducted) + (len(s.charged) - len(s.reversed) if s else 0)
+
+
+def provider_connect(reports: list) -> datetime | None:
+    """The first instant both the patient and the doctor are in the room, before its end
+    (independent of ledger/presence.py: a sweep over the reports in provider time)."""
+    order = {"joined": 0, "left": 1, "room_ended": 2}
+    inside = Counter()
+    for at, action, role in sorted(reports, key=lambda r: (r[0], order[r[1]], r[2])):
+        if action == "room_ended":
+            return None
+        inside[role] = max(0, inside[role] + (1 if action == "joined" else -1))
+        if inside["patient"] > 0 and inside["doctor"] > 0:
+            return at
+    return None
 
 
 @dataclass
@@ -176,6 +195,10 @@ def fold(events, on_step=None) -> Folded:
             s = sessions[oid]
             if n in ("Session.Activated", "Session.Connected"):
                 s.starts.append((i, e.at, e.rate))
+            elif n == "Session.PresenceRecorded":
+                s.reports.append((e.at, e.action, e.role))
+            elif n == "Session.RateStamped":
+                s.stamped_rate = s.stamped_rate or e.rate
             elif n == "Session.BlockHeld":
                 assert e.block not in s.holds, f"block {e.block} of {s.session_id} held twice"
                 s.holds[e.block] = e.pool_id
@@ -310,7 +333,7 @@ def check_I4_no_charge_without_billable_start(events) -> None:
     started: set = set()
     for e in events:
         n = name(e)
-        if n in ("Session.Activated", "Session.Connected"):
+        if n in ("Session.Activated", "Session.Connected", "Session.RateStamped"):
             started.add(e.originator_id)
         elif n == "Session.AutoDeducted" or (n == "Session.Settled" and e.charged):
             assert e.originator_id in started, f"I4: {n} before any billable start"
@@ -504,7 +527,8 @@ def check_recorded_timeouts_are_final(events) -> None:
         if n == "Session.Ended" and e.reason in FINAL_REASONS:
             final.add(e.originator_id)
         elif n in ("Session.Activated", "Session.Connected", "Session.ActivityRecorded",
-                   "Session.PatientMessaged", "Session.Ringing"):
+                   "Session.PatientMessaged", "Session.Ringing", "Session.PresenceRecorded",
+                   "Session.RateStamped"):
             assert e.originator_id not in final, f"§8: {n} after a recorded timeout"
 
 
@@ -897,6 +921,20 @@ class LedgerMachine(RuleBasedStateMachine):
             self.post("session.ended", lag, session_id=sid, ended_by=by)
         else:
             self.post("call.declined", session_id=sid)
+
+    @precondition(lambda self: self.sessions)
+    @rule(i=st.integers(0, 30), lag=LAGS, who=st.sampled_from(["p", "d", "both", "other", "room"]),
+          action=st.sampled_from(["joined", "joined", "left"]))
+    def provider_report(self, i, lag, who, action) -> None:
+        """A provider's presence report (issue 4), possibly late or out of order."""
+        session = self.ledger.get_session(self.pick(self.sessions, i))
+        identity = {"p": session.patient_id, "d": f"doctor:{session.doctor_id}", "both": "*",
+                    "other": "recorder"}.get(who)
+        if who == "room":
+            self.post("call.room_ended", lag, session_id=session.session_id)
+        else:
+            self.post(f"call.participant_{action}", lag, session_id=session.session_id,
+                      participant=identity)
 
     @precondition(lambda self: self.sessions)
     @rule(i=st.integers(0, 30), into_block=st.integers(0, 599), blocks_back=st.integers(1, 3))
