@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from ledger.domain import Session
 from ledger.rules import block_end
+from ledger.service import presence_view
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -95,10 +96,7 @@ def presence(session: Any) -> dict | None:
     """A call's provider-derived connect and end (ledger/presence.py), None without reports."""
     if not session.presence:
         return None
-    state = session.presence_state()
-    return {"reports": len(session.presence), "connected_at": _iso(state.connected_at),
-            "ended_at": _iso(state.ended_at), "end_reason": state.end_reason,
-            "decide_at": _iso(state.decide_at)}
+    return {"reports": len(session.presence), **presence_view(session)}
 
 
 def session_resource(session: Any, events: Iterable[Any] = ()) -> dict:

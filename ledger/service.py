@@ -368,8 +368,7 @@ class Ledger(Application):
         providers' connect is kept apart: it may still move later), stamp the rate, hold ahead."""
         if session.reported_start is not None and at >= session.reported_start:
             return
-        doctor = work.get(Doctor.create_id(session.doctor_id))
-        session.start(at=at, rate=stamped_rate(doctor, session.bucket, at))
+        session.start(at=at, rate=self._rate(work, session, at))
         work.add(session)
         hold_ahead(work, session, 2, self.policy)
 
@@ -416,9 +415,14 @@ class Ledger(Application):
         """A start known only from provider reports gets its rate and its hold ahead (§3, §5)."""
         if session.started_at is None or session.rate is not None:
             return
-        doctor = work.get(Doctor.create_id(session.doctor_id))
-        session.stamp_rate(rate=stamped_rate(doctor, session.bucket, session.started_at))
+        session.stamp_rate(rate=self._rate(work, session, session.started_at))
         hold_ahead(work, session, 2, self.policy)
+
+    @staticmethod
+    def _rate(work: Work, session: Session, at: datetime) -> dict:
+        """The rate to stamp on `session` for a billable start at `at` (§5)."""
+        doctor = work.get(Doctor.create_id(session.doctor_id))
+        return stamped_rate(doctor, session.bucket, at)
 
     def _call_ringing(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         session = self._live_session(work, p, at)
