@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast demo legacy-demo bench replay export clean
+.PHONY: run test lint-imports test-fast demo legacy-demo bench replay export clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ run: $(STAMP)  ## the service with its tick, embedded SQLite in ./var/
 	mkdir -p var
 	$(BIN)/ledger serve
 
-test: $(STAMP)  ## every test; PostgreSQL tests need 127.0.0.1:5432 (required when CI=true)
+test: $(STAMP)  ## the layout's import contracts, then every test; PostgreSQL tests need 127.0.0.1:5432 (required when CI=true)
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+lint-imports: $(STAMP)  ## the layout's import contracts (pyproject.toml [tool.importlinter])
+	$(BIN)/lint-imports
 
 test-fast: $(STAMP)  ## domain tests only
 	$(BIN)/pytest -q tests/test_rules.py tests/test_billing.py

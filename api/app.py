@@ -1,15 +1,13 @@
-"""The FastAPI application: `create_app(settings, clock=...)`.
+"""The FastAPI application: `build_app(settings, lifespan)`.
 
-The lifespan builds, per process, the clock, the Ledger application, the Projector and (if
-`settings.tick_enabled`) the in-process tick scheduler, keeps them in `app.state`, and closes
-them in reverse order on shutdown. OpenAPI at /openapi.json, docs at /docs.
+The HTTP edge only: routes, webhooks, authentication and problem details. What runs behind it
+(the Ledger, the Projector, the clock, the tick) is opened by the caller's `lifespan` and kept in
+`app.state` (`ledger`, `projector`, `clock`, `tick`); the composition root (runtime/asgi.py)
+supplies it. OpenAPI at /openapi.json, docs at /docs.
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from fastapi import FastAPI
@@ -19,63 +17,12 @@ from api.auth import AuthenticationMiddleware
 from api.problems import add_problem_schema, install_problem_handlers
 from api.routes import router
 from api.webhooks import router as webhook_router
-from service.clock import ManualClock, SystemClock
-from service.settings import Settings
-
-log = logging.getLogger("api")
-
-ProjectorFactory = Callable[[Any, str, Any], Any]  # (ledger, database_url, policy) -> Projector
 
 
-def _build_clock(settings: Settings):
-    if settings.clock == "manual":
-        return ManualClock(datetime.now(timezone.utc).replace(microsecond=0))
-    return SystemClock()
-
-
-def _start_scheduler(state) -> Any | None:
-    try:
-        from scheduler.service import start_scheduler
-    except ImportError:
-        log.warning("tick_enabled but scheduler.service is unavailable; no in-process tick")
-        return None
-    return start_scheduler(state)
-
-
-def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] | None = None,
-               projector_factory: ProjectorFactory | None = None) -> FastAPI:
-    """The HTTP API. `clock` overrides the clock chosen by `settings.clock` (tests pass one);
-    `projector_factory(ledger, database_url, policy)` overrides `projections.Projector`."""
-    settings = settings or Settings()
+def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
+    """The HTTP API. `settings` provides `api_key_roles()`, `batch_limit` and the provider
+    credentials (api/providers/base.py `ProviderSettings`); raises ValueError on malformed keys."""
     api_keys = settings.api_key_roles()  # fail fast on a malformed LEDGER_API_KEYS
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from service.bootstrap import open_ledger
-
-        state = app.state
-        state.clock = clock if clock is not None else _build_clock(settings)
-        state.ledger = state.projector = state.scheduler = None
-        try:
-            state.ledger, state.projector = open_ledger(settings, state.clock, projector_factory)
-            try:
-                state.projector.catch_up()
-            except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries
-                log.exception("initial projection catch-up failed")
-            if settings.tick_enabled:
-                state.scheduler = _start_scheduler(state)
-            yield
-        finally:
-            for name in ("scheduler", "projector", "ledger"):
-                resource = getattr(state, name, None)
-                if resource is None:
-                    continue
-                try:
-                    resource.shutdown() if name == "scheduler" else resource.close()
-                except Exception:  # noqa: BLE001 - close the rest regardless
-                    log.exception("error closing %s", name)
-                setattr(state, name, None)
-
     app = FastAPI(
         title="Telehealth billing ledger",
         version="0.1.0",

@@ -28,7 +28,6 @@ from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest
 from api.statements import session_resource
 from ledger.errors import LedgerError
 from ledger.rules import utc_seconds
-from scheduler.tick import run_tick
 
 log = logging.getLogger("api")
 
@@ -100,9 +99,15 @@ def get_clock(request: Request):
     return _state(request, "clock")
 
 
+def get_tick(request: Request):
+    """`tick(as_of) -> TickReport`, wired by the composition root (scheduler.tick.run_tick)."""
+    return _state(request, "tick")
+
+
 LedgerDep = Annotated[Any, Depends(get_ledger)]
 ProjectorDep = Annotated[Any, Depends(get_projector)]
 ClockDep = Annotated[Any, Depends(get_clock)]
+TickDep = Annotated[Any, Depends(get_tick)]
 
 
 def catch_up(request: Request) -> None:
@@ -241,15 +246,14 @@ def get_projections(role: ReadRole, projector: ProjectorDep, ledger: LedgerDep) 
 
 @router.post("/v1/ticks", tags=["admin"],
              responses=problem_responses(400, 401, 403, 422, 500, 503))
-def post_tick(role: AdminRole, ledger: LedgerDep, projector: ProjectorDep,
-              clock: ClockDep, body: Annotated[TickRequest | None, Body()] = None) -> dict:
+def post_tick(role: AdminRole, tick: TickDep, clock: ClockDep, body: Annotated[TickRequest | None, Body()] = None) -> dict:
     """Run one tick now: charge due blocks, apply timeouts, settle, expire pools."""
     now = utc_seconds(clock())
     as_of = body.as_of if body is not None and body.as_of is not None else now
     if as_of > now + MAX_TICK_AHEAD:
         raise AsOfOutOfRange(f"as_of {as_of.isoformat()} is later than the clock "
                              f"({now.isoformat()}) + 5 minutes")
-    return run_tick(ledger, projector, as_of).as_dict()
+    return tick(as_of).as_dict()
 
 
 @router.get("/v1/clock", tags=["admin"], response_model=ClockState,

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from ledger.domain import Session
 from ledger.rules import block_end
-from ledger.service import presence_view
+from ledger.application import presence_view
 
 
 def _iso(moment: datetime | None) -> str | None:

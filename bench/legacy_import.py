@@ -17,11 +17,11 @@ import uuid
 import psycopg
 from psycopg import sql
 
-from legacy.app import open_legacy
+from legacy.log import open_legacy
 from legacy.fixtures import build_legacy_database
 from legacy.importer import import_legacy
 from legacy.replay import load_history, verify_against_source
-from service.bootstrap import postgres_conninfo
+from storage import postgres_conninfo
 
 # Synthetic rows, ids from 100000 up so they never meet the fixture's. Patient i (1..N) has
 # subscription 100000+i, text sessions 100000+2i and 100001+2i, call 100000+i, doctor 1000+i%50.

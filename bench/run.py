@@ -14,8 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 from projections import Projector
 from scheduler.tick import run_tick
-from service.bootstrap import build_ledger
-from service.settings import Settings
+from runtime.wiring import build_ledger
+from runtime.settings import Settings
 from bench.webhooks import bench_webhooks
 
 T0 = datetime(2026, 11, 2, 8, tzinfo=timezone.utc)
@@ -96,7 +96,7 @@ def main() -> None:
 def _drop_schema(url: str, schema: str) -> None:
     import psycopg
 
-    from service.bootstrap import postgres_conninfo
+    from storage import postgres_conninfo
     try:
         with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -16,8 +16,8 @@ from livekit.api import AccessToken
 
 from api.providers.base import WebhookRequest
 from api.providers.livekit import PROVIDER as LIVEKIT
-from service.bootstrap import build_ledger
-from service.settings import Settings
+from runtime.wiring import build_ledger
+from runtime.settings import Settings
 
 KEY, SECRET = "bench-key", "bench-secret-with-at-least-thirty-two-bytes"
 

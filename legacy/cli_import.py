@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 
-def register(app: typer.Typer, console: Console, err: Console) -> None:
+def register(app: typer.Typer, console: Console, err: Console,
+             load_settings: Callable[[], Any]) -> None:
     """Add the command to `app`."""
 
     @app.command("import-legacy")
@@ -22,12 +24,11 @@ def register(app: typer.Typer, console: Console, err: Console) -> None:
                                          help="rejected rows with their reasons (.csv or .json)"),
     ) -> None:
         """Record the legacy database's history as legacy facts (read-only; re-runnable)."""
-        from legacy.app import open_legacy
+        from legacy.log import open_legacy
         from legacy.importer import import_legacy
         from legacy.replay import load_history, verify_against_source
-        from service.settings import Settings
 
-        url = Settings().database_url
+        url = load_settings().database_url
         report = _run_with_progress(import_legacy, dsn, url, batch_size, rejects, err)
         console.print(report_table(report))
         for note in report.notes:

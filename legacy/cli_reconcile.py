@@ -7,13 +7,15 @@ Source: the issue's §2; rules billing-rules.md; bugs legacy-system.md §5.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 
-def register(app: typer.Typer, console: Console, err: Console) -> None:
+def register(app: typer.Typer, console: Console, err: Console,
+             load_settings: Callable[[], Any]) -> None:
     """Add `reconcile` to `app`."""
 
     @app.command()
@@ -23,13 +25,12 @@ def register(app: typer.Typer, console: Console, err: Console) -> None:
                                              help="record the corrections as adjustment events "
                                                   "(idempotent)")) -> None:
         """Reconcile the imported legacy history against the billing rules."""
-        from legacy.app import open_legacy
+        from legacy.log import open_legacy
         from legacy.reconcile import reconcile as run
         from legacy.replay import load_history
         from legacy.report import bug_lines, doctor_lines, write_reports
-        from service.settings import Settings
 
-        settings = Settings()
+        settings = load_settings()
         legacy = open_legacy(settings.database_url)
         try:
             history = load_history(legacy)

@@ -548,7 +548,7 @@ def insert_rows(conn: psycopg.Connection, table: str, rows: list[dict]) -> None:
 
 def main(dsn: str = "postgresql://postgres@127.0.0.1:5432/test", schema: str = "legacy_demo") -> None:
     """`python -m legacy.fixtures --dsn URL --schema NAME`: (re)build the fixture database."""
-    from service.bootstrap import postgres_conninfo
+    from storage import postgres_conninfo
 
     conninfo = postgres_conninfo(dsn) if dsn.startswith("postgres") else dsn
     with psycopg.connect(conninfo, autocommit=True) as conn:

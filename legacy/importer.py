@@ -21,7 +21,7 @@ from typing import Callable
 
 from eventsourcing.persistence import IntegrityError
 
-from legacy.app import LegacyLedger, open_legacy
+from legacy.log import LegacyLedger, open_legacy
 from legacy.facts import (NO_SECOND_DEBIT, AllocationResult, Evidence, Pool, RequestRef,
                           WalletSums, allocate_charges, appointment_evidence,
                           call_session_evidence, match_second_debit, text_appointment_evidence,

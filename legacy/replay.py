@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 
 from legacy.adjustments import ReconciliationAdjustment
-from legacy.app import LegacyLedger
+from legacy.log import LegacyLedger
 from legacy.history import (BUCKETS, Adjustment, Appointment, CallSession, Doctor,
                             LegacyHistory, Member, Payment, Subscription,
                             TextAppointmentSession, TextSession, Wallet, Withdrawal)

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts
+from storage import is_postgres, postgres_conninfo, postgres_parts
 
 # What the importer reads per table, in import order (a table read later may refer to an
 # earlier one: subscriptions name plans, wallets and withdrawals name doctors in users, debits

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
+from storage import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
 
 BUSY_TIMEOUT_SECONDS = 30
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 from ledger.rules import Policy
 from projections.projector import Projector
 from projections.store import Store
-from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts
+from storage import is_postgres, postgres_conninfo, postgres_parts
 from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
 
 PAGE = 1000

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ledger.service import Ledger, TickReport
+from ledger.application import Ledger, TickReport
 
 PAGE = 1000  # due sessions fetched per round
 MAX_ROUNDS = 50  # bound on rounds per tick; a longer backlog continues at the next tick

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from ledger.rules import Policy
-from ledger.service import Ledger
-from service.bootstrap import persistence_env, postgres_conninfo
+from ledger.application import Ledger
+from storage import persistence_env, postgres_conninfo
 
 settings.register_profile("dev", max_examples=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

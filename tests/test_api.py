@@ -12,10 +12,10 @@ from datetime import timedelta, timezone
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from runtime.asgi import create_app
 from api.schemas import EVENT_TYPES
-from service.clock import ManualClock, SystemClock
-from service.settings import Settings
+from runtime.clock import ManualClock, SystemClock
+from runtime.settings import Settings
 from conftest import T0, FakeClock
 
 from projections import Projector
@@ -649,7 +649,7 @@ def test_system_clock_cannot_be_set(tmp_path):
 
 
 def test_lifespan_starts_and_stops_the_scheduler_when_enabled(tmp_path):
-    pytest.importorskip("scheduler.service")
+    pytest.importorskip("scheduler.jobs")
     app = create_app(make_settings(tmp_path, tick_enabled=True, tick_seconds=3600),
                      clock=FakeClock(T0))
     with TestClient(app) as client:

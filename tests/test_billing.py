@@ -15,7 +15,7 @@ from conftest import T0, FakeClock, make_ledger
 from ledger import errors
 from ledger.domain import Pool, Session, Wallet
 from ledger.rules import Policy
-from ledger.service import Ledger
+from ledger.application import Ledger
 
 S = timedelta(seconds=1)
 MIN = timedelta(minutes=1)
@@ -1176,7 +1176,7 @@ def test_end_report_after_a_timeout_deadline_ends_at_the_deadline(desk: Desk) ->
 
 def test_one_failing_session_does_not_stop_the_tick(desk: Desk, monkeypatch) -> None:
     """A session whose step raises is reported in `failed`; every other session is billed."""
-    import ledger.service as service
+    import ledger.application as service
 
     desk.grant(voice=5)
     desk.grant("pay-2", owner="p2", voice=5)

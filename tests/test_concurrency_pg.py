@@ -19,8 +19,8 @@ import pytest
 from conftest import T0, make_ledger
 from ledger import errors
 from ledger.domain import Pool
-from ledger.service import Ledger
-from service.clock import ManualClock
+from ledger.application import Ledger
+from runtime.clock import ManualClock
 from test_billing import MIN, S, Desk, named
 from test_invariants import check_all, events_of, fold
 

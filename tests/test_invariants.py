@@ -36,7 +36,7 @@ from ledger import errors
 from ledger.billing import Work, apply_step, next_step
 from ledger.domain import Doctor, Patient, Pool, Session, Wallet
 from ledger.rules import BUCKETS, block_end, units_owed
-from ledger.service import Ledger
+from ledger.application import Ledger
 from test_billing import MIN, MW_RATE, S, Desk, log, name
 
 # Event types of §8 that concern one session; everything else is not a billing trigger (I10).

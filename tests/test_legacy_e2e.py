@@ -12,14 +12,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from legacy.app import open_legacy
+from legacy import reconcile as reconcile_module
+from legacy.log import open_legacy
 from legacy.fixtures import CLEAN, EXPECTED, build_legacy_database
 from legacy.importer import import_legacy
 from legacy.replay import legacy_balances, load_history, verify_against_source
-from service.bootstrap import postgres_conninfo, postgres_parts
+from storage import postgres_conninfo, postgres_parts
 
-reconcile_module = pytest.importorskip(
-    "legacy.reconcile", reason="legacy/reconcile.py (the reconciliation) is not written yet")
 
 pytestmark = pytest.mark.postgres
 

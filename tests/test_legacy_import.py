@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 from typer.testing import CliRunner
 
-from legacy.app import open_legacy
+from legacy.log import open_legacy
 from legacy.facts import (Evidence, Pool, RequestRef, allocate_charges, match_second_debit,
                           transaction_fact)
 from legacy.fixtures import build_legacy_database
@@ -25,7 +25,7 @@ from legacy.items import withdrawal_item
 from legacy.normalise import (Rejected, appointment_status, country_code, currency_of, to_minor,
                               to_utc)
 from legacy.replay import legacy_balances, load_history, verify_against_source
-from service.bootstrap import postgres_conninfo, postgres_parts
+from storage import postgres_conninfo, postgres_parts
 
 pytestmark = pytest.mark.postgres
 
@@ -372,7 +372,7 @@ def test_verify_reports_a_source_that_moved_after_import(source, pg_url):
 
 def test_cli_imports_prints_the_report_and_checks_the_replay(source, pg_url, tmp_path,
                                                              monkeypatch):
-    from service.cli import app
+    from runtime.cli import app
 
     monkeypatch.setenv("LEDGER_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
     runner = CliRunner()

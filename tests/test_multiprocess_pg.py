@@ -25,7 +25,7 @@ import pytest
 from conftest import make_ledger
 from ledger.domain import Pool
 from scheduler.leader import lock_key
-from service.bootstrap import postgres_conninfo, postgres_parts
+from storage import postgres_conninfo, postgres_parts
 from test_billing import named, plan
 from test_invariants import check_all, events_of
 
@@ -48,7 +48,7 @@ def server(pg_url, tmp_path):
     env = {**os.environ, "LEDGER_DATABASE_URL": pg_url, "LEDGER_API_KEYS": "mp-admin:admin",
            "LEDGER_TICK_SECONDS": "1", "LEDGER_SKEW_SECONDS": "0",
            "LEDGER_SETTLEMENT_GRACE_SECONDS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "runtime.asgi:create_app", "--factory",
                              "--workers", "3", "--port", str(port), "--log-level", "warning"],
                             env=env, stdout=subprocess.DEVNULL,
                             stderr=(tmp_path / "server.log").open("w"))

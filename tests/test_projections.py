@@ -16,9 +16,9 @@ import pytest
 
 import projections.projector as projector_module
 from ledger.rules import Policy
-from ledger.service import Ledger
+from ledger.application import Ledger
 from projections import Projector, VerifyReport, export_events, replay_verify
-from service.bootstrap import persistence_env, postgres_conninfo, postgres_parts
+from storage import persistence_env, postgres_conninfo, postgres_parts
 
 POLICY = Policy()
 MWK_UNIT = 350_000  # 3500.00 MWK per unit, tariff 2026-01-12, doctor in MW

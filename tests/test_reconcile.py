@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from ledger.rules import Policy, units_owed
 from ledger.tariff import rate_at
 from legacy.adjustments import ReconciliationAdjustment
-from legacy.app import LegacyLedger, open_legacy
+from legacy.log import LegacyLedger, open_legacy
 from legacy.history import (Adjustment, Appointment, CallSession, Doctor, Fact, LegacyHistory,
                             Member, Subscription, TextAppointmentSession, TextSession, Wallet,
                             Withdrawal)
@@ -655,7 +655,9 @@ def test_cli_reconcile_writes_reports_and_applies_once(tmp_path, monkeypatch):
     def other() -> None:  # a second command keeps `reconcile` a named subcommand
         """Unused."""
     console = Console(width=200)
-    cli_reconcile.register(app, console, console)
+    from runtime.settings import Settings
+
+    cli_reconcile.register(app, console, console, Settings)
     out = tmp_path / "rec"
     first = CliRunner().invoke(app, ["reconcile", "--out", str(out), "--apply"])
     assert first.exit_code == 0, first.output

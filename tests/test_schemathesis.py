@@ -12,9 +12,9 @@ import schemathesis
 
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api.app import create_app
+from runtime.asgi import create_app
 from conftest import FakeClock
-from service.settings import Settings
+from runtime.settings import Settings
 
 _DB = Path(tempfile.mkdtemp(prefix="ledger-fuzz-")) / "ledger.db"
 APP = create_app(Settings(database_url=f"sqlite:///{_DB}", tick_enabled=False,

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from rich.console import Console
 
-from service.oracle import Oracle, owed_units, pool_id_of
-from service.scenario import build_scenario
-from service.simulate import run_simulation
+from simulation.oracle import Oracle, owed_units, pool_id_of
+from simulation.scenario import build_scenario
+from simulation.driver import run_simulation
 
 DAY = datetime(2026, 11, 2, tzinfo=timezone.utc)
 T0 = datetime(2026, 11, 2, 8, tzinfo=timezone.utc)

@@ -17,7 +17,7 @@ from conftest import T0, FakeClock, make_ledger
 from ledger import errors
 from ledger.billing import Work, apply_step, next_step
 from ledger.domain import Pool, Session
-from ledger.service import Ledger
+from ledger.application import Ledger
 from test_billing import MIN, MW_RATE, S, Desk, named
 from test_invariants import check_all, events_of, fold
 

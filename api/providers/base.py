@@ -20,12 +20,20 @@ from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator
 
 from api.problems import InvalidSignature, ValidationFailed
-from service.settings import Settings
 
 log = logging.getLogger("api.providers")
 
 MAX_TOKEN_CHARS = 128  # event ids are kept forever; an unsigned header must not make them huge
 ROOM_PREFIX = "call_"  # room names are call_<ledger session id> (the legacy platform's call_{id})
+
+
+class ProviderSettings(Protocol):
+    """The settings the adapters read (runtime/settings.py `Settings` provides them)."""
+
+    public_base_url: str | None
+    twilio_auth_token: Any  # pydantic SecretStr or None
+    livekit_api_key: str | None
+    livekit_api_secret: Any  # pydantic SecretStr or None
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,10 @@ class Provider(Protocol):
     name: str
     path: str
 
-    def configured(self, settings: Settings) -> bool:
+    def configured(self, settings: ProviderSettings) -> bool:
         """Whether the settings hold what `verify` needs."""
 
-    def verify(self, request: WebhookRequest, settings: Settings) -> Any:
+    def verify(self, request: WebhookRequest, settings: ProviderSettings) -> Any:
         """The verified message; raises api.problems.InvalidSignature (403)."""
 
     def translate(self, message: Any, request: WebhookRequest) -> LedgerEvent | Ignored:
@@ -127,18 +135,18 @@ def _parse_rfc2822(text: str) -> datetime | None:
 # ------------------------------------------------------------------ Twilio (Voice, Video)
 
 
-def twilio_configured(settings: Settings) -> bool:
+def twilio_configured(settings: ProviderSettings) -> bool:
     return bool(settings.twilio_auth_token and settings.public_base_url)
 
 
-def public_url(settings: Settings, request: WebhookRequest) -> str:
+def public_url(settings: ProviderSettings, request: WebhookRequest) -> str:
     """The URL the provider called and signed: `public_base_url` + path (+ "?" + raw query).
     Never the request's own host: the proxy in front rewrites it."""
     base = (settings.public_base_url or "").rstrip("/")
     return base + request.path + (f"?{request.query}" if request.query else "")
 
 
-def verify_twilio(request: WebhookRequest, settings: Settings) -> ImmutableMultiDict:
+def verify_twilio(request: WebhookRequest, settings: ProviderSettings) -> ImmutableMultiDict:
     """The form parameters of a Twilio callback whose `X-Twilio-Signature` (HMAC-SHA1 with the
     account's auth token over the public URL and the sorted parameters) is valid.
     Raises InvalidSignature (403) when the header is missing or does not match."""

@@ -15,8 +15,8 @@ from livekit import api as livekit_api
 from livekit.protocol.webhook import WebhookEvent
 
 from api.problems import InvalidSignature, ValidationFailed
-from api.providers.base import Ignored, LedgerEvent, WebhookRequest, content_id, session_of_room
-from service.settings import Settings
+from api.providers.base import (Ignored, LedgerEvent, ProviderSettings, WebhookRequest,
+                                content_id, session_of_room)
 
 log = logging.getLogger("api.providers")
 
@@ -32,10 +32,10 @@ class LiveKit:
     name = "livekit"
     path = "/webhooks/livekit"
 
-    def configured(self, settings: Settings) -> bool:
+    def configured(self, settings: ProviderSettings) -> bool:
         return bool(settings.livekit_api_key and settings.livekit_api_secret)
 
-    def verify(self, request: WebhookRequest, settings: Settings) -> WebhookEvent:
+    def verify(self, request: WebhookRequest, settings: ProviderSettings) -> WebhookEvent:
         """The event, if the JWT verifies (signature, issuer, expiry with LiveKit's 1-minute
         leeway) and its sha256 claim matches the body. Raises InvalidSignature (403)."""
         auth = (request.header("authorization") or "").strip()

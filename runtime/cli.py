@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.settings import Settings
+from runtime.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Event-sourced billing ledger for telehealth consultations.")
@@ -32,8 +32,8 @@ def _parse_instant(value: Optional[str]) -> Optional[datetime]:
 @contextmanager
 def _opened(settings: Settings):
     """(Ledger, Projector) on the configured store with the wall clock; closed afterwards."""
-    from service.bootstrap import open_ledger
-    from service.clock import SystemClock
+    from runtime.wiring import open_ledger
+    from runtime.clock import SystemClock
 
     ledger, projector = open_ledger(settings, SystemClock())
     try:
@@ -57,7 +57,7 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
         err.print("[yellow]several workers on SQLite serialise their writes; use PostgreSQL[/]")
     console.print(f"ledger serving on http://{host or settings.host}:{port or settings.port} "
                   f"(store: {settings.database_url}, tick every {settings.tick_seconds}s)")
-    uvicorn.run("api.app:create_app", factory=True, host=host or settings.host,
+    uvicorn.run("runtime.asgi:create_app", factory=True, host=host or settings.host,
                 port=port or settings.port, workers=workers, log_level=settings.log_level)
 
 
@@ -133,7 +133,7 @@ def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_00
              workdir: Path = Path("var/sim"),
              url: Optional[str] = typer.Option(None, help="drive an already running service")) -> None:
     """Simulate a day of the platform against the service and check it against ground truth."""
-    from service.simulate import run_simulation
+    from simulation.driver import run_simulation
 
     report = run_simulation(seed=seed, patients=patients, doctors=doctors, sessions=sessions,
                             base_url=url, workdir=workdir, console=console)
@@ -145,7 +145,7 @@ def _register_commands() -> None:
     """Commands kept beside the code they drive: `import-legacy` and `reconcile` (legacy/)."""
     from legacy.cli import register
 
-    register(app, console, err)
+    register(app, console, err, Settings)
 
 
 _register_commands()

@@ -13,7 +13,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from scheduler.leader import AlwaysLeader, PostgresLeader, lock_key
 from scheduler.tick import run_tick
-from service.bootstrap import is_postgres, postgres_conninfo, postgres_parts
+from storage import is_postgres, postgres_conninfo, postgres_parts
 
 log = logging.getLogger("ledger.tick")
 

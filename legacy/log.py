@@ -16,7 +16,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
 from legacy.stored import stored_ids
-from service.bootstrap import is_postgres, persistence_env, sqlite_path
+from storage import is_postgres, persistence_env, sqlite_path
 
 
 def legacy_store_url(ledger_url: str) -> str:

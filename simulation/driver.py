@@ -31,8 +31,8 @@ from pathlib import Path
 
 import httpx
 
-from service.oracle import KINDS, Oracle, Outcome, utc
-from service.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
+from simulation.oracle import KINDS, Oracle, Outcome, utc
+from simulation.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
 
 ADMIN_KEY = "sim-admin"
 STEP = timedelta(seconds=60)
@@ -40,6 +40,7 @@ BATCH = 100
 MAX_TICK_CALLS = 50  # per step: bound on POST /v1/ticks while "more"
 SETTLE_HORIZON = timedelta(hours=6)  # bound on the drain after the last delivery
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REPLAY_TIMEOUT_SECONDS = 600  # bound on the replay audit subprocess
 PRINTED_DIFFERENCES = 500  # printed in full up to this many; all are in the report
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
@@ -60,7 +61,7 @@ class SimulationReport:
 
 
 class ServiceProcess:
-    """`uvicorn api.app:create_app --factory` on a fresh SQLite file with a manual clock."""
+    """`uvicorn runtime.asgi:create_app --factory` on a fresh SQLite file with a manual clock."""
 
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ class ServiceProcess:
                    filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host",
+            [sys.executable, "-m", "uvicorn", "runtime.asgi:create_app", "--factory", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
             cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -697,22 +698,18 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
 
 
 def replay_audit(database_url: str) -> tuple[bool, dict]:
-    from projections import replay_verify
-    from service.bootstrap import build_ledger
-    from service.clock import SystemClock
-    from service.settings import Settings
-
-    settings = Settings(database_url=database_url)
-    ledger = build_ledger(settings, SystemClock())
-    try:
-        report = replay_verify(ledger, database_url, settings.policy())
-    finally:
-        closer = getattr(ledger, "close", None)
-        if callable(closer):
-            closer()
-    return report.ok, {"events": getattr(report, "events", None),
-                       "differences": list(report.differences)[:20],
-                       "notes": list(getattr(report, "notes", []))}
+    """Run the auditor's `ledger replay --verify` on the service's database, from outside
+    (a subprocess, as an operator would); (passed, {events, differences, notes})."""
+    env = {**os.environ, "LEDGER_DATABASE_URL": database_url, "COLUMNS": "1000",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "replay", "--verify"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=REPLAY_TIMEOUT_SECONDS)
+    lines = done.stdout.splitlines()
+    replayed = next((line for line in lines if line.startswith("replayed ")), "")
+    events = int(replayed.split()[1]) if replayed else None
+    differences = [line.removeprefix("DIFF ").strip() for line in lines if line.startswith("DIFF")]
+    notes = [] if done.returncode in (0, 1) else [done.stderr[-2000:]]
+    return done.returncode == 0, {"events": events, "differences": differences[:20], "notes": notes}
 
 
 def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
@@ -789,7 +786,7 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     return SimulationReport(differences=driver.differences, replay_ok=replay_ok, summary=summary)
 
 
-def main() -> int:  # pragma: no cover - `python -m service.simulate`
+def main() -> int:  # pragma: no cover - `python -m simulation.driver`
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

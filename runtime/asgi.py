@@ -1,0 +1,74 @@
+"""The ASGI application factory uvicorn runs: `runtime.asgi:create_app` (`--factory`).
+
+The lifespan builds, per process, the clock, the Ledger application, the Projector, the tick
+and (if `settings.tick_enabled`) the in-process tick scheduler, keeps them in `app.state`, and
+closes them in reverse order on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from fastapi import FastAPI
+
+from api.app import build_app
+from runtime.clock import ManualClock, SystemClock
+from runtime.settings import Settings
+from runtime.wiring import open_ledger
+from scheduler.jobs import start_scheduler
+from scheduler.tick import run_tick
+
+log = logging.getLogger("api")
+
+ProjectorFactory = Callable[[Any, str, Any], Any]  # (ledger, database_url, policy) -> Projector
+
+
+def build_clock(settings: Settings):
+    """The clock `settings.clock` names: the wall clock, or a manual one starting now."""
+    if settings.clock == "manual":
+        return ManualClock(datetime.now(timezone.utc).replace(microsecond=0))
+    return SystemClock()
+
+
+def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] | None = None,
+               projector_factory: ProjectorFactory | None = None) -> FastAPI:
+    """The service's HTTP API with its resources. `clock` overrides the clock chosen by
+    `settings.clock` (tests pass one); `projector_factory(ledger, database_url, policy)`
+    overrides `projections.Projector`."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        state.clock = clock if clock is not None else build_clock(settings)
+        state.ledger = state.projector = state.scheduler = state.tick = None
+        try:
+            state.ledger, state.projector = open_ledger(settings, state.clock, projector_factory)
+            state.tick = lambda as_of: run_tick(state.ledger, state.projector, as_of)
+            try:
+                state.projector.catch_up()
+            except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries
+                log.exception("initial projection catch-up failed")
+            if settings.tick_enabled:
+                state.scheduler = start_scheduler(state)
+            yield
+        finally:
+            _close(state)
+
+    return build_app(settings, lifespan)
+
+
+def _close(state) -> None:
+    """Shut the scheduler down, then close the projector and the ledger, whatever fails."""
+    for name in ("scheduler", "projector", "ledger"):
+        resource = getattr(state, name, None)
+        if resource is None:
+            continue
+        try:
+            resource.shutdown() if name == "scheduler" else resource.close()
+        except Exception:  # noqa: BLE001 - close the rest regardless
+            log.exception("error closing %s", name)
+        setattr(state, name, None)

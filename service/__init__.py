@@ -1,1 +1,0 @@
-"""Composition root of the ledger service: settings, clocks, wiring, CLI and the simulation."""
