@@ -58,7 +58,8 @@ class ApiError(LedgerError):
 
 
 def _api_error(name: str, code: str, status: int, title: str, when: str = "") -> type[ApiError]:
-    return error_type(name, code, status, title, base=ApiError, when=when)  # type: ignore[return-value]
+    return error_type(name, code, status, title, base=ApiError,  # type: ignore[return-value]
+                      when=when)
 
 
 Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,

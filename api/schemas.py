@@ -70,8 +70,8 @@ def parse_timestamp(value: Any) -> datetime:
 
 _WINDOW_MESSAGE = (f"Instants lie in [{EARLIEST_INSTANT.isoformat()}, "
                    f"{LATEST_INSTANT.isoformat()})")
-_WINDOW_DOC = (f"RFC 3339 timestamp with a zone offset, within [{EARLIEST_INSTANT:%Y-%m-%dT%H:%M:%SZ}, "
-               f"{LATEST_INSTANT:%Y-%m-%dT%H:%M:%SZ})")
+_WINDOW_DOC = ("RFC 3339 timestamp with a zone offset, within "
+               f"[{EARLIEST_INSTANT:%Y-%m-%dT%H:%M:%SZ}, {LATEST_INSTANT:%Y-%m-%dT%H:%M:%SZ})")
 
 
 def timestamp(description: str = "") -> Any:

@@ -6,6 +6,7 @@ FakeClock and tick_enabled=False; ticks are driven through POST /v1/ticks.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta, timezone
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from runtime.asgi import create_app
 from api.schemas import EVENT_TYPES
+from ledger.input_rules import ID_PATTERN
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
 from conftest import T0, FakeClock
@@ -707,4 +709,12 @@ def test_openapi_documents_problem_json_and_event_union(api):
     timestamp = schema["components"]["schemas"]["DoctorRegisteredEvent"]["properties"][
         "occurred_at"]
     assert timestamp["type"] == "string" and timestamp["format"] == "date-time"
+    # the window, so that a schema-valid request is not refused by surprise (issue 9 §4)
+    assert "2000-01-01T00:00:00Z" in timestamp["description"]
+    assert "now − 35 days, now + 5 minutes" in timestamp["description"]
+    assert "occurred_at_out_of_range" in timestamp["description"]
+    doctor_id = schema["components"]["schemas"]["DoctorPayload"]["properties"]["doctor_id"]
+    assert doctor_id["pattern"] == ID_PATTERN and doctor_id["maxLength"] == 200
+    tick = schema["components"]["schemas"]["TickRequest"]["properties"]["as_of"]
+    assert "as_of_out_of_range" in json.dumps(tick)
     assert api.client.get("/docs").status_code == 200
