@@ -379,8 +379,9 @@ class Ledger(Application):
         sid, kind, patient_id = p["session_id"], p["kind"], p["patient_id"]
         if kind not in KINDS:
             raise errors.InvalidEvent(f"kind must be one of {KINDS}")
-        if work.get(Session.create_id(sid)) is not None:
-            raise errors.SessionExists(f"session {sid!r} was already requested")
+        if (existing := work.get(Session.create_id(sid))) is not None:
+            raise errors.SessionExists(f"session {sid!r} was already requested",
+                                       **existing.standing())
         doctor = work.get(Doctor.create_id(p["doctor_id"]))
         if doctor is None or not doctor.country:
             raise errors.UnknownDoctor(f"doctor {p['doctor_id']!r} has no recorded country")

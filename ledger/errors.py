@@ -81,7 +81,8 @@ SessionConflict = error_type(
          "names that session (`session_id`, `state`, `ended_at`, `paid_until`)")
 SessionExists = error_type(
     "SessionExists", "session_exists", 409, "Session id already requested",
-    when="a `session.requested` names a session id already requested (with another event id)")
+    when="a `session.requested` names a session id already requested (with another event "
+         "id); carries that session's `session_id`, `state`, `ended_at`, `paid_until`")
 UnknownSession = error_type("UnknownSession", "unknown_session", 404, "Unknown session",
                             when="no request was accepted for this session id")
 UnknownDoctor = error_type(

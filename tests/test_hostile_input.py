@@ -342,6 +342,10 @@ def test_session_refusals_carry_the_session_standing(api):
     body = refused(response, 409, "session_conflict")
     assert members(body) == standing(api) == ("s1", "active", None,
                                               (START + timedelta(minutes=20)).isoformat())
+    # the same session id requested again (another event id): session_exists, naming it
+    body = refused(api.post(api.event("session.requested", session_id="s1", kind="voice",
+                                      patient_id="p1", doctor_id="d1")), 409, "session_exists")
+    assert members(body) == standing(api)
     # the call idles out at START + 15 min; a later start or activity is session_ended
     api.clock.set(START + timedelta(minutes=17))
     api.tick()
