@@ -27,6 +27,7 @@ from ledger.billing import (Step, Work, apply_step, choose_pool, complete_appoin
                             end_session, hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
+from ledger.recording import recording_at
 from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
@@ -247,7 +248,11 @@ class Ledger(Application):
                 raise errors.InvalidEvent(f"unknown event type {event_type!r}")
             work = Work(self.load)
             try:
-                outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+                with recording_at(now):  # every event of this decision: recorded time `now`
+                    outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+                    result = {"event_id": event_id, "type": event_type, **outcome}
+                    receipt = Receipt(event_id=event_id, body_hash=digest,
+                                      event_type=event_type, result=result)
             except errors.LedgerError:
                 if self.get_receipt(event_id) is not None:
                     continue  # a concurrent duplicate committed first: answer with its result
@@ -256,8 +261,6 @@ class Ledger(Application):
                 if work.stale():
                     continue  # decided on a snapshot another writer has moved: a lost race
                 raise
-            result = {"event_id": event_id, "type": event_type, **outcome}
-            receipt = Receipt(event_id=event_id, body_hash=digest, event_type=event_type, result=result)
             try:
                 self.save(*work.to_save(), receipt)
             except IntegrityError:
@@ -726,7 +729,8 @@ class Ledger(Application):
             if step is None or step.due > as_of:
                 return None
             try:
-                line = apply_step(work, session, step, as_of, self.policy)
+                with recording_at(utc_seconds(self.clock())):
+                    line = apply_step(work, session, step, as_of, self.policy)
             except (AssertionError, KeyError):
                 if not work.stale():
                     raise
@@ -749,7 +753,8 @@ class Ledger(Application):
             pool = self.load(UUID(pool_id))
             if pool is None or pool.expired:
                 return
-            pool.expire()
+            with recording_at(utc_seconds(self.clock())):
+                pool.expire()
             try:
                 self.save(pool)
             except IntegrityError:

@@ -12,16 +12,17 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from uuid import UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import event
 
 from ledger.errors import AppointmentClosed, InvalidTransition
+from ledger.recording import LedgerAggregate
 
 JOIN_WINDOW = timedelta(minutes=5)  # the join window opens 5 minutes before the start (§9)
 CLOSED = ("completed", "cancelled", "expired", "no_show")
 APPOINTMENT_KINDS = ("text", "voice", "video")
 
 
-class Appointment(Aggregate):
+class Appointment(LedgerAggregate):
     """A booking. `status`: booked | confirmed | completed | cancelled | expired | no_show;
     `join_open` and `session_id` are recorded separately (a confirmed appointment may be linked
     before or after its join window opens)."""

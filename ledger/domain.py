@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import event
 
 from ledger.presence import Presence, Signal, derive
+from ledger.recording import LedgerAggregate
 from ledger.errors import (
     InvalidTransition,
     InsufficientFunds,
@@ -47,7 +48,7 @@ def _key(session_id: str, block: int) -> str:
 # ----------------------------------------------------------------------------------------- pools
 
 
-class Pool(Aggregate):
+class Pool(LedgerAggregate):
     """One subscription purchase: units per bucket, validity window, owner and members (§4).
 
     `free[bucket]` never goes below zero (I3); conservation per bucket (I6):
@@ -212,7 +213,7 @@ class Pool(Aggregate):
 # -------------------------------------------------------------------------------------- sessions
 
 
-class Session(Aggregate):
+class Session(LedgerAggregate):
     """One consultation. Blocks are 1-based; `holds`/`charges` map block → pool id (§3).
 
     Events: Requested, Ringing, PatientMessaged, Activated (text), Connected (calls),
@@ -498,7 +499,7 @@ class Session(Aggregate):
 # ------------------------------------------------------------------------ patients and doctors
 
 
-class Patient(Aggregate):
+class Patient(LedgerAggregate):
     """A patient's pool links and live sessions (one per presence group, §8)."""
 
     @staticmethod
@@ -526,7 +527,7 @@ class Patient(Aggregate):
             del self.live[group]
 
 
-class Doctor(Aggregate):
+class Doctor(LedgerAggregate):
     """A doctor: ISO 3166-1 alpha-2 country and live sessions (session id → patient id) (§5, §8)."""
 
     @staticmethod
@@ -559,7 +560,7 @@ class Doctor(Aggregate):
 # ---------------------------------------------------------------------------------------- wallets
 
 
-class Wallet(Aggregate):
+class Wallet(LedgerAggregate):
     """Settled pay and withdrawals of one doctor in one ISO 4217 currency (§5, §7).
 
     available = credited − held − withdrawn, in minor units; never negative (I3).
@@ -630,7 +631,7 @@ class Wallet(Aggregate):
 # --------------------------------------------------------------------------------------- receipts
 
 
-class Receipt(Aggregate):
+class Receipt(LedgerAggregate):
     """The idempotency record of one accepted event id, kept forever (I8)."""
 
     @staticmethod
