@@ -1,0 +1,93 @@
+"""The chainer: follows each event log, committed events only, and extends its hash chain.
+
+Not on the write path: it runs after commits, like a projection (audit/follower.py runs it in
+the service every `LEDGER_AUDIT_POLL_SECONDS`; `ledger audit digest` runs it before printing).
+Per batch it reads up to PAGE stored events after its tracked position and not past the log's
+safe head (audit/logs.py), computes their links (audit/chain.py), and writes the links plus the
+new head in ONE transaction (audit/tracking.py: exactly once, even with several processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from audit import tracking
+from audit.chain import Head, empty_head, genesis, link_notification
+from audit.logs import PAGE, Log
+from audit.tracking import LostRace, Tracked
+
+Progress = Callable[[int, int], None]
+
+
+def tracking_name(chain: str) -> str:
+    return f"chain:{chain}"
+
+
+class Chainer:
+    """The hash chain of one log, kept in `audit_chain` and `audit_tracking` of `store`."""
+
+    def __init__(self, log: Log, store: Any) -> None:
+        self.log, self.store = log, store
+        self.name = tracking_name(log.chain)
+
+    def head(self) -> Head:
+        """The chain's head as stored (what a digest states)."""
+        row = tracking.read(self.store, self.name)
+        if row.position == 0:
+            return empty_head(self.log.chain)
+        return Head(self.log.chain, row.position, row.link or genesis(self.log.chain).hex(),
+                    row.events, row.recorded_at)
+
+    def catch_up(self, max_events: int = 100_000, progress: Progress | None = None) -> int:
+        """Chain committed events up to the safe head; returns how many were chained.
+
+        Bounded: at most `max_events` (rounded up to a page) per call. `progress(position,
+        head)` after each batch. Another process chaining the same batch first is not an error:
+        this call stops and the next one continues from the new head.
+        """
+        safe = self.log.safe_head()
+        if safe is None:
+            return 0
+        row, chained = tracking.read(self.store, self.name), 0
+        for page in self.log.pages(row.position, safe):
+            try:
+                row = self._append(row, page)
+            except LostRace:
+                return chained
+            chained += len(page)
+            if progress is not None:
+                progress(row.position, safe)
+            if chained >= max_events:
+                break
+        return chained
+
+    def _append(self, row: Tracked, page: list[Any]) -> Tracked:
+        """Link `page` onto the chain at `row` and store links and head in one transaction."""
+        previous = bytes.fromhex(row.link) if row.link else genesis(self.log.chain)
+        links = []
+        for notification in page:
+            previous = link_notification(previous, notification)
+            links.append((self.log.chain, notification.id, previous))
+        new = Tracked(self.name, page[-1].id, previous.hex(), row.events + len(page),
+                      self.log.recorded_at(page[-1]))
+        store = self.store
+        with store.locked(), store.transaction():
+            store.lock(self.name)
+            tracking.advance(store, row, new)
+            insert_links(store, links)
+        return new
+
+    def lag(self) -> int:
+        """Positions between the chain's head and the log's visible head."""
+        return max(0, self.log.head() - tracking.read(self.store, self.name).position)
+
+
+def insert_links(store: Any, links: list[tuple[str, int, bytes]]) -> None:
+    """Write (chain, position, link) rows: COPY on PostgreSQL, executemany on SQLite."""
+    if store.kind == "postgres":
+        with store.conn.cursor() as cursor:
+            with cursor.copy("COPY audit_chain (chain, position, link) FROM STDIN") as copy:
+                for row in links:
+                    copy.write_row(row)
+        return
+    store.executemany("INSERT INTO audit_chain (chain, position, link) VALUES (?, ?, ?)", links)

@@ -1,0 +1,147 @@
+"""`AuditService`: the audit of one ledger store, as plain functions (no HTTP needed).
+
+It holds the audit tables (in the ledger's database, audit/schema.py), the logs (the ledger's,
+and the legacy log once it exists), one Chainer per log and the History. Everything the API,
+the CLI and a future console ask goes through here:
+
+- `catch_up()`: chain and fold what is committed (the background follower calls it);
+- `digest()`: the heads of every chain (audit/chain.py `Digest`);
+- `verify(digests, progress)`: recompute every chain from zero (audit/verify.py);
+- `patient_balance(id, T)`, `doctor_wallet(id, T)`: as of recorded time T (audit/asof.py);
+- `patient_statement(id, from, to)`, `doctor_statement(id, from, to, currency)`
+  (audit/statements.py).
+
+Reads first bring the history up to the log's safe head (bounded); if it is still behind and
+the answer could miss an event recorded by T, they raise AuditLagging instead of answering.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any, Callable
+
+from audit import asof, statements, tracking
+from audit.chain import Digest
+from audit.chainer import Chainer
+from audit.history import History
+from audit.logs import Log
+from audit.verify import VerifyReport, verify
+from projections.store import open_store
+
+READ_CATCH_UP_EVENTS = 20_000  # events a read may fold before answering
+
+
+class AuditLagging(Exception):
+    """The history is too far behind the log to answer for this instant; retry shortly."""
+
+
+class AuditService:
+    """The audit of the ledger application `ledger` stored at `database_url`.
+
+    `legacy_log()` returns the legacy log's application, or None while there is none (it is
+    asked again at each catch-up, so a log imported later is chained from then on). Thread-safe.
+    """
+
+    def __init__(self, ledger: Any, database_url: str,
+                 legacy_log: Callable[[], Any | None] | None = None) -> None:
+        self.store = open_store(database_url)
+        tracking.create_tables(self.store)
+        self.ledger_log = Log("ledger", ledger)
+        self._legacy_opener = legacy_log
+        self._legacy: Log | None = None
+        self.chainers = {"ledger": Chainer(self.ledger_log, self.store)}
+        self.history = History(self.ledger_log, self.store)
+        self._lock = threading.RLock()  # one catch-up at a time in this process
+
+    # ------------------------------------------------------------------------ following
+
+    def logs(self) -> list[Log]:
+        """The ledger's log, and the legacy log if it exists."""
+        if self._legacy is None and self._legacy_opener is not None:
+            app = self._legacy_opener()
+            if app is not None:
+                self._legacy = Log("legacy", app)
+                self.chainers["legacy"] = Chainer(self._legacy, self.store)
+        return [self.ledger_log] + ([self._legacy] if self._legacy else [])
+
+    def catch_up(self, max_events: int = 100_000, progress: Callable | None = None) -> dict:
+        """Chain every log and fold the history up to their safe heads (bounded per call);
+        returns {"chain:ledger": n, "chain:legacy": n, "history": n} events applied."""
+        with self._lock:
+            done = {}
+            for log in self.logs():
+                done[f"chain:{log.chain}"] = self.chainers[log.chain].catch_up(
+                    max_events, progress=(lambda p, h, c=log.chain: progress(c, p, h))
+                    if progress else None)
+            done["history"] = self.history.catch_up(
+                max_events, progress=(lambda p, h: progress("history", p, h))
+                if progress else None)
+            return done
+
+    def lag(self) -> dict[str, int]:
+        """Positions between each follower and its log's visible head."""
+        out = {f"chain:{log.chain}": self.chainers[log.chain].lag() for log in self.logs()}
+        out["history"] = max(0, self.ledger_log.head() - self.history.position().position)
+        return out
+
+    # ------------------------------------------------------------------------------ chain
+
+    def digest(self) -> Digest:
+        """The head of every chain as stored now (catch up first for the latest)."""
+        return Digest(tuple(self.chainers[log.chain].head() for log in self.logs()))
+
+    def verify(self, digests: list[Digest] = (), progress: Callable | None = None) -> VerifyReport:
+        """Recompute every chain from position zero against stored links and `digests`."""
+        return verify(self.logs(), self.store, list(digests), progress)
+
+    # ---------------------------------------------------------------------------- as of
+
+    def fresh_for(self, as_of: datetime) -> None:
+        """Fold what is committed (bounded); raise AuditLagging if events recorded by `as_of`
+        may still be unfolded."""
+        with self._lock:
+            safe = self.ledger_log.safe_head()
+            self.history.catch_up(READ_CATCH_UP_EVENTS, safe=safe)
+            row = self.history.position()
+        if safe is None or row.position < safe:
+            if row.recorded_at is None or row.recorded_at <= as_of:
+                raise AuditLagging(f"the audit history is at position {row.position} of "
+                                   f"{safe if safe is not None else self.ledger_log.head()}")
+
+    def patient_balance(self, patient_id: str, as_of: datetime) -> dict | None:
+        """As of recorded time `as_of` (audit/asof.py); None if the patient held no pool."""
+        self.fresh_for(as_of)
+        return asof.patient_balance_as_of(self.store, patient_id, as_of)
+
+    def doctor_wallet(self, doctor_id: str, as_of: datetime) -> dict | None:
+        """As of recorded time `as_of` (audit/asof.py); None if unknown then."""
+        self.fresh_for(as_of)
+        return asof.doctor_wallet_as_of(self.store, doctor_id, as_of)
+
+    def patient_statement(self, patient_id: str, start: datetime, end: datetime) -> dict | None:
+        """Opening, movements and closing in (start, end] (audit/statements.py)."""
+        self.fresh_for(end)
+        return statements.patient_statement(self.store, patient_id, start, end)
+
+    def doctor_statement(self, doctor_id: str, start: datetime, end: datetime,
+                         currency: str | None = None) -> dict | None:
+        """Per currency: opening, movements and closing in (start, end]."""
+        self.fresh_for(end)
+        return statements.doctor_statement(self.store, doctor_id, start, end, currency)
+
+    def accounts_at(self, as_of: datetime, limit: int = 100_000) -> tuple[list[str], list[str]]:
+        """(patient ids, doctor ids) with an account recorded by `as_of`, in id order."""
+        at = self.store.ts(as_of)
+        with self.store.locked():
+            patients = self.store.query("SELECT DISTINCT patient_id FROM audit_members WHERE "
+                                        "recorded_at <= ? ORDER BY patient_id LIMIT ?",
+                                        (at, limit))
+            doctors = self.store.query("SELECT DISTINCT doctor_id FROM audit_wallets WHERE "
+                                       "recorded_at <= ? ORDER BY doctor_id LIMIT ?", (at, limit))
+        return [r[0] for r in patients], [r[0] for r in doctors]
+
+    def close(self) -> None:
+        self.store.close()
+        if self._legacy is not None:
+            self._legacy.app.close()
