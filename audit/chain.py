@@ -39,11 +39,14 @@ def uuid_bytes(originator_id: Any) -> bytes:
 
 
 def record(position: int, originator_id: Any, version: int, topic: str, state: bytes) -> bytes:
-    """The canonical bytes of one stored event (see the module docstring)."""
-    topic_bytes = topic.encode("utf-8")
+    """The canonical bytes of one stored event (see the module docstring). Raises ValueError
+    for an originator id that is not a UUID (a stored event no ledger writes)."""
+    topic_bytes = str(topic).encode("utf-8")
+    state_bytes = bytes(state) if isinstance(state, (bytes, bytearray, memoryview)) \
+        else str(state).encode("utf-8")  # a SQLite BLOB column rewritten with text
     return b"".join((_POSITION_ID_VERSION.pack(position, uuid_bytes(originator_id), version),
-                     _U32.pack(len(topic_bytes)), topic_bytes, _U32.pack(len(state)),
-                     bytes(state)))
+                     _U32.pack(len(topic_bytes)), topic_bytes, _U32.pack(len(state_bytes)),
+                     state_bytes))
 
 
 def link(previous: bytes, position: int, originator_id: Any, version: int, topic: str,

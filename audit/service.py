@@ -18,6 +18,7 @@ the answer could miss an event recorded by T, they raise AuditLagging instead of
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from audit.verify import VerifyReport, verify
 from projections.store import open_store
 
 READ_CATCH_UP_EVENTS = 20_000  # events a read may fold before answering
+LEGACY_RECHECK_SECONDS = 30.0  # how often to look again for a legacy log not imported yet
 
 
 class AuditLagging(Exception):
@@ -50,6 +52,7 @@ class AuditService:
         self.ledger_log = Log("ledger", ledger)
         self._legacy_opener = legacy_log
         self._legacy: Log | None = None
+        self._legacy_checked = float("-inf")
         self.chainers = {"ledger": Chainer(self.ledger_log, self.store)}
         self.history = History(self.ledger_log, self.store)
         self._lock = threading.RLock()  # one catch-up at a time in this process
@@ -58,7 +61,9 @@ class AuditService:
 
     def logs(self) -> list[Log]:
         """The ledger's log, and the legacy log if it exists."""
-        if self._legacy is None and self._legacy_opener is not None:
+        recheck = time.monotonic() - self._legacy_checked >= LEGACY_RECHECK_SECONDS
+        if self._legacy is None and self._legacy_opener is not None and recheck:
+            self._legacy_checked = time.monotonic()
             app = self._legacy_opener()
             if app is not None:
                 self._legacy = Log("legacy", app)

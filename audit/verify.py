@@ -116,7 +116,10 @@ def verify_chain(log: Log, store: Any, heads: list[Head],
             _first_bad(report, BadPosition(position, "missing: the chain recorded an event "
                                                      "here (deleted, or the tail truncated)"))
             continue
-        previous = link_notification(previous, event)
+        try:
+            previous = link_notification(previous, event)
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. an id that is no UUID
+            _first_bad(report, _bad(event, f"cannot be read as a stored event: {exc}"))
         report.events += 1
         report.position = position
         if stored is not None and stored != previous:

@@ -16,7 +16,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
 from legacy.stored import stored_ids
-from storage import is_postgres, persistence_env, sqlite_path
+from storage import is_postgres, persistence_env, postgres_conninfo, postgres_parts, sqlite_path
 
 
 def legacy_store_url(ledger_url: str) -> str:
@@ -82,3 +82,23 @@ class LegacyLedger(Application):
 def open_legacy(ledger_url: str) -> LegacyLedger:
     """The legacy log next to the ledger at `ledger_url` (tables created if missing)."""
     return LegacyLedger(env=persistence_env(legacy_store_url(ledger_url)))
+
+
+def legacy_log_exists(ledger_url: str) -> bool:
+    """Whether a legacy log was ever created beside the ledger at `ledger_url` (a
+    `legacy_events` table in its PostgreSQL schema, or the sibling SQLite file)."""
+    url = legacy_store_url(ledger_url)
+    if not is_postgres(url):
+        path = sqlite_path(url)
+        return path != ":memory:" and url != ledger_url and Path(path).exists()
+    import psycopg
+
+    schema = postgres_parts(url)["schema"]
+    with psycopg.connect(postgres_conninfo(url), autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".legacy_events',)).fetchone()
+    return row[0] is not None
+
+
+def open_legacy_if_present(ledger_url: str) -> LegacyLedger | None:
+    """The legacy log next to the ledger, or None if none was ever imported (nothing created)."""
+    return open_legacy(ledger_url) if legacy_log_exists(ledger_url) else None

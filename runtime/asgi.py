@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api.app import build_app
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
-from runtime.wiring import open_ledger
+from runtime.wiring import open_audit, open_ledger
 from scheduler.jobs import start_scheduler
 from scheduler.tick import run_tick
 
@@ -45,8 +45,10 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         state = app.state
         state.clock = clock if clock is not None else build_clock(settings)
         state.ledger = state.projector = state.scheduler = state.tick = None
+        state.audit = state.audit_follower = None
         try:
             state.ledger, state.projector = open_ledger(settings, state.clock, projector_factory)
+            state.audit, state.audit_follower = open_audit(settings, state.ledger)
             state.tick = lambda as_of: run_tick(state.ledger, state.projector, as_of)
             try:
                 state.projector.catch_up()
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
 
 def _close(state) -> None:
     """Shut the scheduler down, then close the projector and the ledger, whatever fails."""
-    for name in ("scheduler", "projector", "ledger"):
+    for name in ("scheduler", "audit_follower", "audit", "projector", "ledger"):
         resource = getattr(state, name, None)
         if resource is None:
             continue

@@ -1,4 +1,5 @@
-"""The `ledger` command: serve, tick, replay --verify, export, simulate (typer + rich)."""
+"""The `ledger` command: serve, tick, replay --verify, export, simulate, audit, balances (typer +
+rich)."""
 
 from __future__ import annotations
 
@@ -150,11 +151,40 @@ def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_00
         raise typer.Exit(1)
 
 
+@contextmanager
+def _audit_opened():
+    """An AuditService on the configured store (no background follower); closed afterwards."""
+    from runtime.clock import SystemClock
+    from runtime.wiring import build_ledger, open_audit
+
+    settings = Settings()
+    ledger = build_ledger(settings, SystemClock())
+    try:
+        service, _ = open_audit(settings, ledger, follow=False)
+        try:
+            yield service
+        finally:
+            service.close()
+    finally:
+        ledger.close()
+
+
+def _audit_instant(value: Optional[str], name: str) -> Optional[datetime]:
+    """An instant option of the audit commands, named in its error."""
+    try:
+        return _parse_instant(value)
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(str(exc).replace("--as-of", name), param_hint=name) from None
+
+
 def _register_commands() -> None:
-    """Commands kept beside the code they drive: `import-legacy` and `reconcile` (legacy/)."""
+    """Commands kept beside the code they drive: `import-legacy` and `reconcile` (legacy/),
+    `audit …` and `balances` (audit/)."""
+    from audit.cli import register as register_audit
     from legacy.cli import register
 
     register(app, console, err, Settings)
+    register_audit(app, console, err, _audit_instant, _audit_opened)
 
 
 _register_commands()

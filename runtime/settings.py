@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         description="minimum withdrawal per ISO 4217 currency, in minor units, as JSON "
                     '(\'{"MWK": 5000000, "USD": 7000}\', the legacy 50,000.00 MWK and 70.00 USD); '
                     "a currency not listed has none; below it: 422 withdrawal_below_minimum")
+    audit_enabled: bool = Field(True, description=(
+        "keep the hash chains and the as-of history caught up in the background (docs/audit.md)"))
+    audit_poll_seconds: float = Field(1.0, ge=0.05, le=60, description=(
+        "how often the audit follower looks for newly committed events"))
     log_level: str = "info"
     # Call providers (docs/providers.md). An endpoint whose provider is unset answers 503.
     public_base_url: str | None = Field(
