@@ -13,6 +13,7 @@ from typing import Any, Callable
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.audit_routes import router as audit_router
 from api.auth import AuthenticationMiddleware
 from api.problems import add_problem_schema, install_problem_handlers
 from api.routes import router
@@ -38,6 +39,7 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(AuthenticationMiddleware, keys=api_keys)
     app.include_router(router)
+    app.include_router(audit_router)  # /v1/audit/digest, statements (docs/audit.md)
     app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys
 
     def openapi() -> dict:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api.audit_routes import AsOfQuery, doctor_wallet_as_of, patient_balance_as_of
 from api.auth import AdminRole, ReadRole, WriteRole
 from api.problems import (
     AsOfOutOfRange,
@@ -252,10 +253,13 @@ def get_appointment(appointment_id: Ident, role: ReadRole, ledger: LedgerDep) ->
 
 @router.get("/v1/patients/{patient_id}/balance", tags=["reads"],
             responses=problem_responses(401, 403, 404, 422, 500, 503))
-def get_patient_balance(patient_id: Ident, role: ReadRole, projector: ProjectorDep,
-                        clock: ClockDep, ledger: LedgerDep) -> dict:
+def get_patient_balance(request: Request, patient_id: Ident, role: ReadRole,
+                        projector: ProjectorDep, clock: ClockDep, ledger: LedgerDep,
+                        as_of: AsOfQuery = None) -> dict:
     """Units per bucket usable now and per pool (projection); 404 `unknown_patient` for a
-    patient who holds no pool."""
+    patient who holds no pool. With `as_of`: as the ledger showed it then (docs/audit.md)."""
+    if as_of is not None:
+        return patient_balance_as_of(request, patient_id, as_of)
     balance = projector.patient_balance(patient_id, clock())
     if not balance["pools"] and not ledger.knows_patient(patient_id):
         raise UnknownPatient(f"no pool was ever granted to or shared with {patient_id!r}")
@@ -264,10 +268,14 @@ def get_patient_balance(patient_id: Ident, role: ReadRole, projector: ProjectorD
 
 @router.get("/v1/doctors/{doctor_id}/wallet", tags=["reads"],
             responses=problem_responses(401, 403, 404, 422, 500, 503))
-def get_doctor_wallet(doctor_id: Ident, role: ReadRole, projector: ProjectorDep,
-                      ledger: LedgerDep) -> dict:
+def get_doctor_wallet(request: Request, doctor_id: Ident, role: ReadRole,
+                      projector: ProjectorDep, ledger: LedgerDep,
+                      as_of: AsOfQuery = None) -> dict:
     """Pending, available, held and withdrawn pay per currency (projection); 404
-    `unknown_doctor` for a doctor never registered."""
+    `unknown_doctor` for a doctor never registered. With `as_of`: as the ledger showed it then
+    (docs/audit.md)."""
+    if as_of is not None:
+        return doctor_wallet_as_of(request, doctor_id, as_of)
     wallet = projector.doctor_wallet(doctor_id)
     if not wallet["wallets"] and not ledger.knows_doctor(doctor_id):
         raise DoctorNotFound(f"doctor {doctor_id!r} was never registered")

@@ -28,14 +28,17 @@ from audit.chainer import Chainer
 from audit.history import History
 from audit.logs import Log
 from audit.verify import VerifyReport, verify
+from ledger.errors import error_type
 from projections.store import open_store
 
 READ_CATCH_UP_EVENTS = 20_000  # events a read may fold before answering
 LEGACY_RECHECK_SECONDS = 30.0  # how often to look again for a legacy log not imported yet
 
 
-class AuditLagging(Exception):
-    """The history is too far behind the log to answer for this instant; retry shortly."""
+AuditLagging = error_type(
+    "AuditLagging", "audit_lagging", 503, "The audit history is catching up; retry",
+    when="an as-of read or a statement whose instant the audit history has not reached yet "
+         "(it is catching up with the log): retry (`Retry-After`)")
 
 
 class AuditService:
@@ -70,15 +73,18 @@ class AuditService:
                 self.chainers["legacy"] = Chainer(self._legacy, self.store)
         return [self.ledger_log] + ([self._legacy] if self._legacy else [])
 
-    def catch_up(self, max_events: int = 100_000, progress: Callable | None = None) -> dict:
-        """Chain every log and fold the history up to their safe heads (bounded per call);
-        returns {"chain:ledger": n, "chain:legacy": n, "history": n} events applied."""
+    def catch_up(self, max_events: int = 100_000, progress: Callable | None = None,
+                 history: bool = True) -> dict:
+        """Chain every log and (if `history`) fold the history up to their safe heads (bounded
+        per call); returns {"chain:ledger": n, "chain:legacy": n, "history": n} events applied."""
         with self._lock:
             done = {}
             for log in self.logs():
                 done[f"chain:{log.chain}"] = self.chainers[log.chain].catch_up(
                     max_events, progress=(lambda p, h, c=log.chain: progress(c, p, h))
                     if progress else None)
+            if not history:
+                return done
             done["history"] = self.history.catch_up(
                 max_events, progress=(lambda p, h: progress("history", p, h))
                 if progress else None)

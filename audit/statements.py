@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from audit.asof import POOL_COLUMNS, currencies_at, latest, links_at, pool_at
+from ledger.errors import error_type
 from ledger.rules import BUCKETS
 
 MAX_MOVEMENTS = 20_000
@@ -34,8 +35,9 @@ EVENT_COLUMNS = ("position", "recorded_at", "occurred_at", "event", "originator_
                  "originator_version", "session_id", "pool_id", "block", "request_id")
 
 
-class StatementTooLong(Exception):
-    """More movements in the period than one statement holds."""
+StatementTooLong = error_type(
+    "StatementTooLong", "statement_too_long", 422, "The period holds too many movements",
+    when=f"a statement period with more than {MAX_MOVEMENTS:,} movements: ask for a shorter one")
 
 
 # ------------------------------------------------------------------------------ patients
