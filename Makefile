@@ -31,6 +31,7 @@ demo: $(STAMP)  ## a simulated day against the running service, compared with gr
 
 bench: $(STAMP)  ## throughput benchmarks (timing lives here, never in pass/fail tests)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.audit
 
 LEGACY_PG ?= postgresql://postgres@127.0.0.1:5432/test
 legacy-demo: $(STAMP)  ## build the legacy fixture database in PostgreSQL, import it, reconcile, apply

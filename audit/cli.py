@@ -85,6 +85,26 @@ def register(app: typer.Typer, console: Console, err: Console, parse_instant: Ca
         if not result.ok:
             raise typer.Exit(1)
 
+    @audit_app.command("follow")
+    def follow(poll: float = typer.Option(1.0, min=0.05, max=60, help="seconds between polls"),
+               report_every: float = typer.Option(60.0, min=1, help="seconds between lag lines")) -> None:
+        """Keep the chains and the as-of history caught up, in this process, until interrupted
+        (run it once beside API workers started with LEDGER_AUDIT_ENABLED=false)."""
+        import time
+
+        from audit.follower import AuditFollower
+
+        with open_audit() as service:
+            follower = AuditFollower(service, poll).start()
+            try:
+                while True:  # until Ctrl-C / SIGTERM
+                    time.sleep(report_every)
+                    err.print(f"audit lag (positions): {service.lag()}")
+            except KeyboardInterrupt:
+                pass
+            finally:
+                follower.close()
+
     @audit_app.command("statement")
     def statement(patient: Optional[str] = typer.Option(None, help="a patient id"),
                   doctor: Optional[str] = typer.Option(None, help="a doctor id"),
