@@ -153,6 +153,5 @@ def get_doctor_statement(
     start, end = _period(request, start, end)
     statement = get_audit(request).doctor_statement(doctor_id, start, end, currency)
     if statement is None:
-        raise DoctorNotFound(f"doctor {doctor_id!r} had no wallet"
-                             f"{' in ' + currency if currency else ''} by {end.isoformat()}")
+        raise DoctorNotFound(f"doctor {doctor_id!r} was not registered by {end.isoformat()}")
     return _answer(statement, fmt, f"statement-{doctor_id}")

@@ -23,7 +23,7 @@ import io
 from datetime import datetime
 from typing import Any, Iterable
 
-from audit.asof import POOL_COLUMNS, currencies_at, latest, links_at, pool_at
+from audit.asof import POOL_COLUMNS, currencies_at, latest, links_at, pool_at, registered_at
 from ledger.errors import error_type
 from ledger.rules import BUCKETS
 
@@ -176,11 +176,12 @@ def _events(store: Any, positions: set[int]) -> dict[int, dict]:
 def doctor_statement(store: Any, doctor_id: str, start: datetime, end: datetime,
                      currency: str | None = None) -> dict | None:
     """{"doctor_id", "from", "to", "currencies": {c: {"opening", "closing", "movements"}}}, or
-    None if the doctor had no wallet by `end` (in `currency`, if given). Movement: the event's
-    description (EVENT_COLUMNS) with "change" and "balance" over MONEY_FIELDS."""
+    None if the doctor was neither registered nor had a wallet by `end` (a registered doctor
+    without pay yet has no currency). Movement: the event's description (EVENT_COLUMNS) with
+    "change" and "balance" over MONEY_FIELDS."""
     lo, hi = store.ts(start), store.ts(end)
     currencies = [c for c in currencies_at(store, doctor_id, hi) if currency in (None, c)]
-    if not currencies:
+    if not currencies and not registered_at(store, doctor_id, hi):
         return None
     sections = {c: _wallet_section(store, doctor_id, c, lo, hi) for c in currencies}
     return {"doctor_id": doctor_id, "from": start.isoformat(), "to": end.isoformat(),

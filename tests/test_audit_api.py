@@ -168,8 +168,10 @@ def test_statement_refusals(audited):
                        params={"from": now, "to": now}), 422, "validation_error")
     assert_problem(get("/v1/patients/p1/statement", headers=BACKEND,
                        params={"from": T0.isoformat(), "to": now}), 404, "unknown_patient")
-    assert_problem(get("/v1/doctors/d1/statement", headers=BACKEND,
+    assert_problem(get("/v1/doctors/d9/statement", headers=BACKEND,
                        params={"from": T0.isoformat(), "to": now}), 404, "unknown_doctor")
+    empty = get("/v1/doctors/d1/statement", headers=BACKEND, params={"from": T0.isoformat()})
+    assert empty.status_code == 200 and empty.json()["currencies"] == {}  # no pay yet
     assert_problem(get("/v1/doctors/d1/statement", headers=BACKEND,
                        params={"from": T0.isoformat(), "to": "2026-12-31T00:00:00Z"}),
                    422, "as_of_in_future")
