@@ -39,10 +39,10 @@ def latest(store: Any, table: str, keys: dict[str, Any], columns: tuple[str, ...
 def position_at(store: Any, as_of: datetime) -> int:
     """The last log position (of an event that moves an account) recorded at or before
     `as_of`; 0 before the first."""
-    with store.locked():
-        rows = store.query("SELECT max(position) FROM audit_events WHERE recorded_at <= ?",
-                           (store.ts(as_of),))
-    return int(rows[0][0] or 0)
+    with store.locked():  # the last index entry at or before as_of (recorded_at is monotone)
+        rows = store.query("SELECT position FROM audit_events WHERE recorded_at <= ? "
+                           "ORDER BY recorded_at DESC, position DESC LIMIT 1", (store.ts(as_of),))
+    return int(rows[0][0]) if rows else 0
 
 
 def links_at(store: Any, patient_id: str, as_of: Any) -> dict[str, tuple]:
@@ -146,7 +146,7 @@ def doctor_wallet_as_of(store: Any, doctor_id: str, as_of: datetime) -> dict | N
 
 def currencies_at(store: Any, doctor_id: str, at: Any) -> list[str]:
     with store.locked():
-        rows = store.query("SELECT DISTINCT currency FROM audit_wallets WHERE doctor_id = ? "
+        rows = store.query("SELECT currency FROM audit_wallet_currencies WHERE doctor_id = ? "
                            "AND recorded_at <= ? ORDER BY currency", (doctor_id, at))
     return [row[0] for row in rows]
 

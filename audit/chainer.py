@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from audit import tracking
+from audit.bulk import insert_rows
 from audit.chain import Head, empty_head, genesis, link_notification
 from audit.logs import PAGE, Log
 from audit.tracking import LostRace, Tracked
@@ -83,11 +84,5 @@ class Chainer:
 
 
 def insert_links(store: Any, links: list[tuple[str, int, bytes]]) -> None:
-    """Write (chain, position, link) rows: COPY on PostgreSQL, executemany on SQLite."""
-    if store.kind == "postgres":
-        with store.conn.cursor() as cursor:
-            with cursor.copy("COPY audit_chain (chain, position, link) FROM STDIN") as copy:
-                for row in links:
-                    copy.write_row(row)
-        return
-    store.executemany("INSERT INTO audit_chain (chain, position, link) VALUES (?, ?, ?)", links)
+    """Write (chain, position, link) rows."""
+    insert_rows(store, "audit_chain", ("chain", "position", "link"), links)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 log = logging.getLogger("ledger.audit")
 EVENTS_PER_CALL = 10_000
@@ -23,6 +24,7 @@ class AuditFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-follower", daemon=True)
         self.failures = 0
+        self.cpu_seconds = 0.0  # CPU time this thread has used (time.thread_time)
 
     def start(self) -> "AuditFollower":
         self._thread.start()
@@ -31,6 +33,7 @@ class AuditFollower:
     def _run(self) -> None:
         wait = self.poll_seconds
         while not self._stop.wait(wait):
+            started = time.thread_time()
             try:
                 done = self.service.catch_up(EVENTS_PER_CALL)
             except Exception:  # noqa: BLE001 - a follower must outlive a bad poll
@@ -38,6 +41,8 @@ class AuditFollower:
                 log.exception("audit catch-up failed; retrying at the next poll")
                 wait = self.poll_seconds
                 continue
+            finally:
+                self.cpu_seconds += time.thread_time() - started
             wait = 0.0 if sum(done.values()) >= EVENTS_PER_CALL else self.poll_seconds
 
     def close(self, timeout: float = 30.0) -> None:

@@ -24,6 +24,7 @@ from uuid import UUID
 from eventsourcing.utils import get_topic
 
 from audit import tracking
+from audit.bulk import insert_rows
 from audit.logs import PAGE, Log
 from audit.tracking import LostRace, Tracked
 from ledger.domain import Doctor, Pool, Session, Wallet
@@ -50,18 +51,26 @@ def event_name(event: Any) -> str:
 
 
 class Accounts:
-    """Current values of the accounts a batch touches, loaded on first use; rows to append."""
+    """Current values of the accounts the history touches, loaded on first use (bounded);
+    the rows a batch appends.
+
+    `complete`: the cache holds every account that has rows (the fold started from position 0
+    in this process and nothing was evicted since), so an account not in it has none and is
+    not looked up — a rebuild from zero reads nothing back.
+    """
 
     def __init__(self, store: Any) -> None:
         self.store = store
         self.values: dict[tuple, list] = {}
         self.rows: dict[str, list[tuple]] = {}
+        self.complete = False
 
     def get(self, table: str, keys: tuple, columns: tuple[str, ...]) -> list:
-        """The account's latest values (a list to change in place), zeros if it has none."""
+        """The account's latest values (a list to change in place), Nones if it has none."""
         cache_key = (table, *keys)
         if cache_key not in self.values:
-            self.values[cache_key] = self._latest(table, keys, columns)
+            self.values[cache_key] = [None] * len(columns) if self.complete \
+                else self._latest(table, keys, columns)
         return self.values[cache_key]
 
     def _latest(self, table: str, keys: tuple, columns: tuple[str, ...]) -> list:
@@ -81,8 +90,12 @@ class Accounts:
     def forget(self) -> None:
         self.values.clear()
         self.rows.clear()
+        self.complete = False
 
 
+EVENT_COLUMNS = ("position", "recorded_at", "occurred_at", "event", "originator_id",
+                 "originator_version", "session_id", "pool_id", "block", "bucket", "patient_id",
+                 "doctor_id", "currency", "request_id")
 KEYS = {"audit_pools": ("pool_id",), "audit_pool_buckets": ("pool_id", "bucket"),
         "audit_members": ("patient_id", "pool_id"),
         "audit_patient_buckets": ("patient_id", "bucket"),
@@ -132,6 +145,8 @@ class History:
         if safe is None:
             return 0
         row, folded = self.position(), 0
+        if row.position == 0 and not self.accounts.values:
+            self.accounts.complete = True  # nothing folded yet: every account starts empty
         for _ in range(max_events // PAGE + 2):
             if row.position >= safe:
                 break
@@ -168,20 +183,18 @@ class History:
             raise
         if len(self.accounts.values) > CACHE_LIMIT:
             self.accounts.values.clear()
+            self.accounts.complete = False
         if len(self.sessions) > CACHE_LIMIT:
             self.sessions.clear()
+            self.accounts.complete = False
         return new
 
     def _flush(self) -> None:
         for table, rows in self.accounts.rows.items():
-            names = ("position", "recorded_at", "occurred_at", "event", "originator_id",
-                     "originator_version", "session_id", "pool_id", "block", "bucket",
-                     "patient_id", "doctor_id", "currency", "request_id") \
-                if table == "audit_events" else (*KEYS[table], "recorded_at", "position",
-                                                  *COLUMNS[table])
-            self.store.executemany(
-                f"INSERT INTO {table} ({', '.join(names)}) "
-                f"VALUES ({', '.join('?' * len(names))})", rows)
+            names = EVENT_COLUMNS if table == "audit_events" else \
+                ("doctor_id", "currency", "recorded_at") if table == "audit_wallet_currencies" \
+                else (*KEYS[table], "recorded_at", "position", *COLUMNS[table])
+            insert_rows(self.store, table, names, rows)
         self.accounts.rows.clear()
 
     # --------------------------------------------------------------------------- helpers
@@ -200,6 +213,8 @@ class History:
         """Add `deltas` to an integer account and append its new values."""
         columns = COLUMNS[table]
         values = self.accounts.get(table, keys, columns)
+        if table == "audit_wallets" and values[0] is None:  # this wallet's first movement
+            self.accounts.rows.setdefault("audit_wallet_currencies", []).append((*keys, recorded))
         for i, name in enumerate(columns):
             values[i] = int(values[i] or 0) + int(deltas.get(name, 0))
         self.accounts.put(table, keys, recorded, position, list(values))
@@ -294,13 +309,13 @@ class History:
     # --------------------------------------------------------------------- session events
 
     def _session_id(self, aggregate_id: UUID) -> str | None:
-        if aggregate_id not in self.sessions:
+        if aggregate_id not in self.sessions and not self.accounts.complete:
             with self.store.locked():
                 rows = self.store.query("SELECT session_id FROM audit_events WHERE "
                                         "originator_id = ? AND originator_version = 1",
                                         (str(aggregate_id),))
             self.sessions[aggregate_id] = rows[0][0] if rows else None
-        return self.sessions[aggregate_id]
+        return self.sessions.get(aggregate_id)
 
     def _requested(self, e: Any, recorded: Any, position: int) -> None:
         self.sessions[e.originator_id] = e.session_id

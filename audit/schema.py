@@ -85,6 +85,12 @@ HISTORY = [
         credited BIGINT NOT NULL, reversed BIGINT NOT NULL, pending BIGINT NOT NULL,
         available BIGINT NOT NULL, held BIGINT NOT NULL, withdrawn BIGINT NOT NULL,
         PRIMARY KEY (doctor_id, currency, recorded_at, position))""",
+    # When each doctor's wallet in each currency first moved (the currencies of an as-of read).
+    """CREATE TABLE IF NOT EXISTS audit_wallet_currencies (
+        doctor_id {KEY} NOT NULL,
+        currency {KEY} NOT NULL,
+        recorded_at {TS} NOT NULL,
+        PRIMARY KEY (doctor_id, currency))""",
     """CREATE TABLE IF NOT EXISTS audit_wallet_ids (
         wallet_id {KEY} PRIMARY KEY,
         doctor_id TEXT NOT NULL,

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from audit import asof, statements, tracking
+from audit.bulk import tune
 from audit.chain import Digest
 from audit.chainer import Chainer
 from audit.history import History
@@ -50,7 +51,7 @@ class AuditService:
 
     def __init__(self, ledger: Any, database_url: str,
                  legacy_log: Callable[[], Any | None] | None = None) -> None:
-        self.store = open_store(database_url)
+        self.store = tune(open_store(database_url))
         tracking.create_tables(self.store)
         self.ledger_log = Log("ledger", ledger)
         self._legacy_opener = legacy_log
@@ -148,8 +149,9 @@ class AuditService:
             patients = self.store.query("SELECT DISTINCT patient_id FROM audit_members WHERE "
                                         "recorded_at <= ? ORDER BY patient_id LIMIT ?",
                                         (at, limit))
-            doctors = self.store.query("SELECT DISTINCT doctor_id FROM audit_wallets WHERE "
-                                       "recorded_at <= ? ORDER BY doctor_id LIMIT ?", (at, limit))
+            doctors = self.store.query("SELECT DISTINCT doctor_id FROM audit_wallet_currencies "
+                                       "WHERE recorded_at <= ? ORDER BY doctor_id LIMIT ?",
+                                       (at, limit))
         return [r[0] for r in patients], [r[0] for r in doctors]
 
     def close(self) -> None:

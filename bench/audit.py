@@ -49,8 +49,9 @@ def loadavg() -> str:
 # ---------------------------------------------------------------------------- write path
 
 
-def ingest_rate(url: str, sessions: int, follow: bool) -> tuple[float, int]:
-    """(events/s ingesting the workload, largest follower lag in positions seen)."""
+def ingest_rate(url: str, sessions: int, follow: bool) -> tuple[float, int, float]:
+    """(events/s ingesting the workload, largest follower lag in positions seen, the
+    follower thread's CPU time as a share of the ingestion's wall time)."""
     clock, settings = StepClock(), Settings(database_url=url)
     ledger = build_ledger(settings, clock)
     service = AuditService(ledger, url)
@@ -71,27 +72,31 @@ def ingest_rate(url: str, sessions: int, follow: bool) -> tuple[float, int]:
         ledger.ingest(f"e{k}", kind, at, payload)
     elapsed = time.perf_counter() - started
     stop.set()
+    cpu = follower.cpu_seconds if follower is not None else 0.0
     if follower is not None:
         follower.close()
         sampler.join()
     service.close()
     ledger.close()
-    return len(events) / elapsed, lag[0]
+    return len(events) / elapsed, lag[0], cpu / elapsed
 
 
 def bench_write_path(label: str, fresh_url, sessions: int, rounds: int) -> list[tuple]:
-    plain, followed, lags = [], [], []
+    plain, followed, lags, shares = [], [], [], []
     for _ in range(rounds):
         with fresh_url() as url:
             plain.append(ingest_rate(url, sessions, follow=False)[0])
         with fresh_url() as url:
-            rate, lag = ingest_rate(url, sessions, follow=True)
+            rate, lag, share = ingest_rate(url, sessions, follow=True)
             followed.append(rate)
             lags.append(lag)
+            shares.append(share)
     a, b = statistics.median(plain), statistics.median(followed)
-    return [(label, "ingest, no audit follower", a, ""),
+    spread = (max(plain) - min(plain)) / a if a else 0.0
+    return [(label, "ingest, no audit follower", a, f"median of {rounds}; spread ±{spread / 2:.0%}"),
             (label, "ingest, audit follower running", b,
-             f"{b / a:.1%} of the line above; follower lag ≤ {max(lags)} positions")]
+             f"{b / a:.1%} of the line above; follower CPU {statistics.median(shares):.1%} of "
+             f"the ingestion's wall time; lag ≤ {max(lags)} positions")]
 
 
 # --------------------------------------------------------------------------- large store
@@ -213,6 +218,9 @@ def bench_large_store(label: str, url: str, sessions: int, copies: int) -> list[
     assert report.ok, "the untouched bench store must verify"
     verify_rate = head / seconds
     rows.append((label, "ledger audit verify", verify_rate, ""))
+    rate, rss_mb = cli_verify(url, digest, head)
+    rows.append((label, "ledger audit verify (the command, own process)", rate,
+                 f"peak RSS {rss_mb:.0f} MB, start-up included"))
     replayed, seconds = timed(replay_verify, ledger, url, Settings(database_url=url).policy())
     assert replayed.ok
     rows.append((label, "ledger replay --verify", replayed.events / seconds,
@@ -222,6 +230,26 @@ def bench_large_store(label: str, url: str, sessions: int, copies: int) -> list[
     projector.close()
     ledger.close()
     return rows
+
+
+def cli_verify(url: str, digest: Any, head: int) -> tuple[float, float]:
+    """(events/s, peak RSS in MB) of `ledger audit verify --digest` run as its own process."""
+    import subprocess
+    import sys
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
+        out.write(digest.to_json())
+    code = ("import resource, sys\nfrom runtime.cli import main\n"
+            "sys.argv = ['ledger', 'audit', 'verify', '--digest', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, out.name], capture_output=True, text=True,
+                          env={**os.environ, "LEDGER_DATABASE_URL": url}, check=False)
+    elapsed = time.perf_counter() - started
+    os.unlink(out.name)
+    assert "verified" in done.stdout, done.stdout + done.stderr
+    return head / elapsed, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
 def bench_reads(label: str, service: AuditService, copies: int, sessions: int) -> list[tuple]:
