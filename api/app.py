@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.auth import AuthenticationMiddleware
 from api.problems import add_problem_schema, install_problem_handlers
+from api.marketplace_routes import router as marketplace_router
 from api.routes import router
 from api.webhooks import router as webhook_router
 
@@ -38,6 +39,7 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(AuthenticationMiddleware, keys=api_keys)
     app.include_router(router)
+    app.include_router(marketplace_router)  # priced consultations and money wallets (§10)
     app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys
 
     def openapi() -> dict:

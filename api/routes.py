@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import AdminRole, ReadRole, WriteRole
+from api.event_permissions import authorize_event
 from api.problems import (
     AsOfOutOfRange,
     ClockNotManual,
@@ -137,8 +138,10 @@ def healthz() -> dict:
 # ------------------------------------------------------------------------------- events
 
 
-def _ingest(ledger, event) -> tuple[int, dict, bool]:
-    """(status, result, replayed) of one validated event; raises LedgerError on refusal."""
+def _ingest(ledger, event, role: str) -> tuple[int, dict, bool]:
+    """(status, result, replayed) of one validated event; raises LedgerError on refusal
+    (Forbidden when `role` may not post its type, api/event_permissions.py)."""
+    authorize_event(role, event.type)
     accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
                              event.payload.model_dump(mode="json"))
     return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
@@ -165,15 +168,15 @@ def post_events(
 ) -> JSONResponse:
     """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
     if isinstance(body, EventBatch):
-        return _post_batch(request, ledger, body)
-    status, result, replayed = _ingest(ledger, body)
+        return _post_batch(request, ledger, body, role)
+    status, result, replayed = _ingest(ledger, body, role)
     if not replayed:
         catch_up(request)
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     return JSONResponse(result, status_code=status, headers=headers)
 
 
-def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
+def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONResponse:
     limit = request.app.state.settings.batch_limit
     if len(batch.events) > limit:
         return problem_response(validation_problem(
@@ -183,7 +186,7 @@ def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
     results, accepted = [], False
     for event in batch.events:  # array order; a refusal does not stop the others
         try:
-            status, result, replayed = _ingest(ledger, event)
+            status, result, replayed = _ingest(ledger, event, role)
         except LedgerError as exc:
             results.append({"event_id": event.event_id, "status": exc.status,
                             "problem": error_problem(exc)})

@@ -26,6 +26,7 @@ from ledger.appointments import APPOINTMENT_KINDS, Appointment
 from ledger.billing import (Work, apply_step, choose_pool, complete_appointment, end_session,
                             hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
+from ledger.marketplace import Marketplace
 from ledger.rules import KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
@@ -56,13 +57,15 @@ class TickReport:
     settled: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    consultations: list[str] = field(default_factory=list)  # §10 steps (ledger/marketplace.py)
     conflicts: int = 0
     more: bool = False
 
     def as_dict(self) -> dict:
         return {"as_of": self.as_of.isoformat(), "charged": self.charged, "ended": self.ended,
                 "settled": self.settled, "expired": self.expired, "failed": self.failed,
-                "conflicts": self.conflicts, "more": self.more}
+                "consultations": self.consultations, "conflicts": self.conflicts,
+                "more": self.more}
 
 
 def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
@@ -149,6 +152,10 @@ class Ledger(Application):
             "withdrawal.completed": self._withdrawal_finished,
             "withdrawal.rejected": self._withdrawal_finished,
         }
+        # Priced consultations and money wallets (§10): their handlers, and §10's guards
+        # around the unit-billed handlers they touch.
+        self.marketplace = Marketplace(self.policy)
+        self._handlers.update(self.marketplace.handlers(self._handlers))
 
     @property
     def event_types(self) -> tuple[str, ...]:

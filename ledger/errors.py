@@ -63,3 +63,40 @@ AppointmentExists = error_type("AppointmentExists", "appointment_exists", 409,
                                "Appointment id already booked with other content")
 AppointmentClosed = error_type("AppointmentClosed", "appointment_closed", 409,
                                "Appointment is completed, cancelled, expired or a no-show")
+
+# Priced consultations and patient money wallets (billing-rules.md §10).
+WalletInDebt = error_type("WalletInDebt", "wallet_in_debt", 409,
+                          "The wallet owes money from a reversed payment")
+UnknownPayment = error_type("UnknownPayment", "unknown_payment", 404, "Unknown top-up payment")
+InvalidPriceList = error_type("InvalidPriceList", "invalid_price_list", 422,
+                              "Price list version is invalid")
+PriceListConflict = error_type("PriceListConflict", "price_list_conflict", 409,
+                               "Price list version already published with other content")
+InvalidBooking = error_type("InvalidBooking", "invalid_booking", 422,
+                            "Booking is too soon or not in the price list in force")
+UnknownConsultation = error_type("UnknownConsultation", "unknown_consultation", 404,
+                                 "Unknown consultation")
+ConsultationExists = error_type("ConsultationExists", "consultation_exists", 409,
+                                "Consultation id already booked with other content")
+ConsultationNotScheduled = error_type("ConsultationNotScheduled", "consultation_not_scheduled",
+                                      409, "Consultation is not awaiting activation")
+ActivationTooLate = error_type("ActivationTooLate", "activation_too_late", 409,
+                               "Activation at or after the consultation's start")
+ConsultationNotActivated = error_type("ConsultationNotActivated", "consultation_not_activated",
+                                      409, "Consultation has not been activated")
+JoinWindowNotOpen = error_type("JoinWindowNotOpen", "join_window_not_open", 409,
+                               "The join window opens 5 minutes before the start")
+JoinWindowClosed = error_type("JoinWindowClosed", "join_window_closed", 409,
+                              "The join window closed at the consultation's scheduled end")
+ConsultationNotStarted = error_type("ConsultationNotStarted", "consultation_not_started", 409,
+                                    "Both participants have not joined")
+CancellationWindowClosed = error_type("CancellationWindowClosed", "cancellation_window_closed",
+                                      409, "A patient cancels at least 2 hours before the start")
+ConsultationInProgress = error_type("ConsultationInProgress", "consultation_in_progress", 409,
+                                    "Consultation is in progress")
+ConsultationClosed = error_type("ConsultationClosed", "consultation_closed", 409,
+                                "Consultation is completed, a no-show, cancelled or expired")
+NotRefundable = error_type("NotRefundable", "not_refundable", 409,
+                           "Only a completed consultation or a patient no-show is refunded, once")
+ConsultationNotUnitBilled = error_type("ConsultationNotUnitBilled", "consultation_not_unit_billed",
+                                       409, "A priced consultation is not a unit-billed session")

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from runtime.asgi import create_app
 from api.schemas import EVENT_TYPES
+from ledger.marketplace import TICK_ONLY_TYPES
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
 from conftest import T0, FakeClock
@@ -440,7 +441,8 @@ def test_invalid_body_is_422_validation_error_and_records_nothing(api, body):
 
 
 def test_every_ledger_event_type_has_a_model(api):
-    assert set(EVENT_TYPES) == set(api.ledger.event_types)
+    # The tick-only types of §10 have a model (so posting one is a 403, not a 422) and no handler.
+    assert set(EVENT_TYPES) == set(api.ledger.event_types) | set(TICK_ONLY_TYPES)
 
 
 # ---------------------------------------------------------------------------------- batch
@@ -600,7 +602,7 @@ def test_admin_tick_defaults_to_now_and_refuses_far_future(api):
     report = api.tick()
     assert report["as_of"] == T0.isoformat()
     assert set(report) == {"as_of", "charged", "ended", "settled", "expired", "failed",
-                           "conflicts", "more"}
+                           "consultations", "conflicts", "more"}
     assert api.tick(T0 + timedelta(minutes=5))["as_of"] == (T0 + timedelta(minutes=5)).isoformat()
     response = api.client.post("/v1/ticks", json={"as_of": (T0 + timedelta(minutes=6))
                                                   .isoformat()}, headers=ADMIN)
