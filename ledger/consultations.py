@@ -418,7 +418,7 @@ class Consultation(Aggregate):
         if self.closed:
             raise errors.ConsultationClosed(
                 f"consultation {self.consultation_id} is {self.status}; {what} does not apply",
-                status=self.status)
+                consultation_status=self.status)
 
     # ---- events
 
@@ -486,7 +486,7 @@ class Consultation(Aggregate):
         if not self.captured:
             raise errors.NotRefundable(f"consultation {self.consultation_id} is {self.status}: "
                                        "only a completed consultation or a patient no-show "
-                                       "is refundable", status=self.status)
+                                       "is refundable", consultation_status=self.status)
         pending = self.earning == "pending"
         p = self.price
         self._refunded(admin_id=admin_id, reason=reason, at=at, total_minor=p["total_minor"],

@@ -285,7 +285,7 @@ class Marketplace:
             raise errors.ConsultationClosed(
                 f"consultation {c.consultation_id} is due to be closed ({step.action}) at "
                 f"{step.due.isoformat()}; {what} at {at.isoformat()} comes after",
-                status=c.status)
+                consultation_status=c.status)
         return c
 
     def booked(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
@@ -336,7 +336,7 @@ class Marketplace:
         c = self._open(work, p["consultation_id"], at, "activation")
         if c.status != "scheduled":
             raise errors.ConsultationNotScheduled(
-                f"consultation {c.consultation_id} is {c.status}", status=c.status)
+                f"consultation {c.consultation_id} is {c.status}", consultation_status=c.status)
         if at >= c.start:
             raise errors.ActivationTooLate(f"activation at {at.isoformat()} is not before the "
                                            f"start {c.start.isoformat()}")
@@ -357,7 +357,7 @@ class Marketplace:
         self._open(work, c.consultation_id, at, f"a {role} join")
         if not c.activated:
             raise errors.ConsultationNotActivated(f"consultation {c.consultation_id} is "
-                                                  f"{c.status}", status=c.status)
+                                                  f"{c.status}", consultation_status=c.status)
         if at < c.start - JOIN_EARLY:
             raise errors.JoinWindowNotOpen(
                 f"the join window opens at {(c.start - JOIN_EARLY).isoformat()}")

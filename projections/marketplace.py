@@ -6,8 +6,8 @@ integer minor units. The practitioners' shares go to the §5 doctor wallets, kep
 `wallets` projection (projections/views.py).
 
 I11 per money wallet: topped_up − refunded_to_source − reversed_payments + debt
-                      = available + held + captured − refunded.
-I14 per currency:     captured − refunded = (shares − shares_reversed) + platform + tax_payable.
+                      = available + held + captured − refunds.
+I14 per currency:     captured − refunds = (shares − shares_reversed) + platform + tax_payable.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from ledger.rules import Policy
 from projections.store import Store
 from projections.views import Deltas, Projection, SessionCache, event_classes, topics_of
 
+# Columns; `refunds` is read as `refunded_minor` (a column named `refunded` is a pool flag
+# elsewhere, and replay verification compares columns by name).
 MONEY_WALLET_FIELDS = ("topped_up", "refunded_to_source", "reversed_payments", "debt",
-                       "available", "held", "captured", "refunded")
-PLATFORM_FIELDS = ("captured", "refunded", "shares", "shares_reversed", "platform", "tax_payable")
+                       "available", "held", "captured", "refunds")
+PLATFORM_FIELDS = ("captured", "refunds", "shares", "shares_reversed", "platform", "tax_payable")
 CONSULTATION_CACHE_SIZE = 20_000
 
 
@@ -92,7 +94,7 @@ class MarketplaceView(Projection):
         self.wallets.add(self._key(e), held=-e.amount_minor, available=e.amount_minor)
 
     def _consultation_refunded(self, e: Any) -> None:
-        self.wallets.add(self._key(e), refunded=e.amount_minor, debt=-e.debt_repaid_minor,
+        self.wallets.add(self._key(e), refunds=e.amount_minor, debt=-e.debt_repaid_minor,
                          available=e.amount_minor - e.debt_repaid_minor)
 
     # ---- platform and tax payable (I14)
@@ -105,7 +107,7 @@ class MarketplaceView(Projection):
                           platform=c["platform_minor"], tax_payable=c["tax_payable_minor"])
 
     def _refunded(self, e: Any) -> None:
-        self.platform.add((e.currency,), refunded=e.total_minor,
+        self.platform.add((e.currency,), refunds=e.total_minor,
                           shares_reversed=e.share_reversed_minor,
                           platform=-e.platform_reversed_minor,
                           tax_payable=-e.tax_reversed_minor)
@@ -132,26 +134,29 @@ class MarketplaceView(Projection):
 # ------------------------------------------------------------------------------------ reads
 
 
+def _minor(fields: tuple[str, ...], values: tuple) -> dict[str, int]:
+    names = ("refunded" if f == "refunds" else f for f in fields)
+    return {f"{name}_minor": int(v) for name, v in zip(names, values)}
+
+
 def patient_money_wallet(store: Store, patient_id: str) -> dict:
-    """{"patient_id", "wallets": [{"currency", "<field>_minor" for each of
-    MONEY_WALLET_FIELDS}]} ordered by currency (minor units)."""
+    """{"patient_id", "wallets": [{"currency", "topped_up_minor", "refunded_to_source_minor",
+    "reversed_payments_minor", "debt_minor", "available_minor", "held_minor", "captured_minor",
+    "refunded_minor"}]} ordered by currency (minor units)."""
     with store.locked():
         rows = store.query(f"SELECT currency, {', '.join(MONEY_WALLET_FIELDS)} FROM money_wallets "
                            "WHERE patient_id = ? ORDER BY currency", (patient_id,))
-    return {"patient_id": patient_id, "wallets": [
-        {"currency": r[0], **{f"{k}_minor": int(v) for k, v in zip(MONEY_WALLET_FIELDS, r[1:])}}
-        for r in rows]}
+    return {"patient_id": patient_id,
+            "wallets": [{"currency": r[0], **_minor(MONEY_WALLET_FIELDS, r[1:])} for r in rows]}
 
 
 def platform_accounts(store: Store) -> dict:
-    """{"accounts": [{"currency", "platform_minor", "tax_payable_minor", "captured_minor",
-    "refunded_minor", "shares_minor", "shares_reversed_minor"}]} ordered by currency."""
+    """{"accounts": [{"currency", "captured_minor", "refunded_minor", "shares_minor",
+    "shares_reversed_minor", "platform_minor", "tax_payable_minor"}]} ordered by currency."""
     with store.locked():
         rows = store.query(f"SELECT currency, {', '.join(PLATFORM_FIELDS)} FROM platform_accounts "
                            "ORDER BY currency LIMIT 1000")
-    return {"accounts": [
-        {"currency": r[0], **{f"{k}_minor": int(v) for k, v in zip(PLATFORM_FIELDS, r[1:])}}
-        for r in rows]}
+    return {"accounts": [{"currency": r[0], **_minor(PLATFORM_FIELDS, r[1:])} for r in rows]}
 
 
 def due_consultations(store: Store, as_of: datetime, limit: int = 1000) -> list[str]:

@@ -80,11 +80,11 @@ MARKETPLACE = [
         currency {KEY} NOT NULL,
         topped_up BIGINT NOT NULL, refunded_to_source BIGINT NOT NULL,
         reversed_payments BIGINT NOT NULL, debt BIGINT NOT NULL, available BIGINT NOT NULL,
-        held BIGINT NOT NULL, captured BIGINT NOT NULL, refunded BIGINT NOT NULL,
+        held BIGINT NOT NULL, captured BIGINT NOT NULL, refunds BIGINT NOT NULL,
         PRIMARY KEY (patient_id, currency))""",
     """CREATE TABLE IF NOT EXISTS platform_accounts (
         currency {KEY} PRIMARY KEY,
-        captured BIGINT NOT NULL, refunded BIGINT NOT NULL, shares BIGINT NOT NULL,
+        captured BIGINT NOT NULL, refunds BIGINT NOT NULL, shares BIGINT NOT NULL,
         shares_reversed BIGINT NOT NULL, platform BIGINT NOT NULL, tax_payable BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS live_consultations (
         consultation_id {KEY} PRIMARY KEY,

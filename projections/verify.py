@@ -256,15 +256,15 @@ def check_money(account: Account, row: tuple, report: VerifyReport) -> list[str]
     v = row[1]
     if account.table == "money_wallets":
         lhs = v["topped_up"] - v["refunded_to_source"] - v["reversed_payments"] + v["debt"]
-        rhs = v["available"] + v["held"] + v["captured"] - v["refunded"]
+        rhs = v["available"] + v["held"] + v["captured"] - v["refunds"]
         if lhs != rhs:
             report.differences.append(
                 f"I11 {name(account, row[0])}: topped_up-refunded_to_source-reversed_payments"
-                f"+debt={lhs} available+held+captured-refunded={rhs}")
+                f"+debt={lhs} available+held+captured-refunds={rhs}")
         return [c for c in ("available", "held", "debt") if v[c] < 0]
-    lhs = v["captured"] - v["refunded"]
+    lhs = v["captured"] - v["refunds"]
     rhs = v["shares"] - v["shares_reversed"] + v["platform"] + v["tax_payable"]
     if lhs != rhs:
-        report.differences.append(f"I14 {name(account, row[0])}: captured-refunded={lhs} "
+        report.differences.append(f"I14 {name(account, row[0])}: captured-refunds={lhs} "
                                   f"shares-shares_reversed+platform+tax_payable={rhs}")
     return [c for c in ("tax_payable",) if v[c] < 0]  # the platform account may go negative
