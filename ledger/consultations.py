@@ -55,8 +55,8 @@ class MoneyWallet(Aggregate):
     I11: topped_up − refunded_to_source − reversed_payments + debt
          = available + held + captured − refunded,
     where `captured` and `refunded` (consultation refunds back into the wallet) are gross and
-    never decrease, and `available` is never negative. Money coming in (a top-up, a refund)
-    first repays debt; a wallet with debt takes no booking.
+    never decrease, and `available` is never negative. Money coming into `available` (a
+    top-up, a released hold, a refund) first repays debt; a wallet with debt takes no booking.
     """
 
     @staticmethod
@@ -161,16 +161,19 @@ class MoneyWallet(Aggregate):
         self.captured_minor += amount_minor
 
     def release(self, consultation_id: str, at: datetime) -> None:
-        """Void the consultation's whole hold: held → available."""
-        self._released(consultation_id=consultation_id, amount_minor=self.holds[consultation_id],
-                       patient_id=self.patient_id, currency=self.currency, at=at)
+        """Void the consultation's whole hold: held → available (debt is repaid first)."""
+        amount = self.holds[consultation_id]
+        self._released(consultation_id=consultation_id, amount_minor=amount,
+                       debt_repaid_minor=self._repayment(amount), patient_id=self.patient_id,
+                       currency=self.currency, at=at)
 
     @event("Released")
-    def _released(self, consultation_id: str, amount_minor: int, patient_id: str, currency: str,
-                  at: datetime) -> None:
+    def _released(self, consultation_id: str, amount_minor: int, debt_repaid_minor: int,
+                  patient_id: str, currency: str, at: datetime) -> None:
         assert self.holds.pop(consultation_id) == amount_minor, "release of another amount"
         self.held_minor -= amount_minor
-        self.available_minor += amount_minor
+        self.debt_minor -= debt_repaid_minor
+        self.available_minor += amount_minor - debt_repaid_minor
 
     def refund(self, consultation_id: str, amount_minor: int, at: datetime) -> None:
         """Credit a refunded consultation's total back; debt is repaid first."""

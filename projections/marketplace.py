@@ -91,7 +91,8 @@ class MarketplaceView(Projection):
         self.wallets.add(self._key(e), held=-e.amount_minor, captured=e.amount_minor)
 
     def _released(self, e: Any) -> None:
-        self.wallets.add(self._key(e), held=-e.amount_minor, available=e.amount_minor)
+        self.wallets.add(self._key(e), held=-e.amount_minor, debt=-e.debt_repaid_minor,
+                         available=e.amount_minor - e.debt_repaid_minor)
 
     def _consultation_refunded(self, e: Any) -> None:
         self.wallets.add(self._key(e), refunds=e.amount_minor, debt=-e.debt_repaid_minor,
