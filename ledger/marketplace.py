@@ -584,7 +584,13 @@ def _tick_one(app: Any, cid: str, as_of: datetime, report: ConsultationTick) -> 
         step = next_step(c, app.policy)
         if step is None or step.due > as_of:
             return None
-        line = apply_step(work, c, step, as_of, app.policy)
+        try:
+            line = apply_step(work, c, step, as_of, app.policy)
+        except (AssertionError, KeyError):
+            if not work.stale():
+                raise
+            report.conflicts += 1  # decided on a snapshot another writer has moved
+            continue
         try:
             app.save(*work.to_save())
         except IntegrityError:
