@@ -256,9 +256,11 @@ class Marketplace:
         `effective_from` (default: occurred_at; never earlier)."""
         if work.get(Doctor.create_id(p["practitioner_id"])) is None:
             raise errors.UnknownDoctor(f"practitioner {p['practitioner_id']!r} is not registered")
-        version = price_version(p, at)
         price_list = work.get(PriceList.create_id(p["practitioner_id"])) \
             or PriceList(practitioner_id=p["practitioner_id"])
+        existing = price_list.find(p["version"])
+        # Published again without `effective_from`: the same version if the rest is the same.
+        version = price_version(p, at, existing["effective_from"] if existing else None)
         if price_list.publish(version):
             work.add(price_list)
         return {"practitioner_id": p["practitioner_id"], "version": version["version"],
@@ -447,14 +449,18 @@ def provider_roles(c: Consultation, identity: str) -> list[str]:
             if identity == who][:1]
 
 
-def price_version(p: dict, at: datetime) -> dict:
+def price_version(p: dict, at: datetime, published_from: datetime | None = None) -> dict:
     """A price list version from a `price_list.published` payload; raises InvalidPriceList.
 
     fees: [{"consultation_type", "duration_minutes", "fee_minor"}] → {"<type>:<minutes>": fee}.
+    `effective_from` defaults to `at`, or to `published_from` when that version name exists.
     """
-    effective_from = _instant(p["effective_from"]) if p.get("effective_from") else at
-    if effective_from < at:
-        raise errors.InvalidPriceList("a version takes effect no earlier than it is recorded")
+    if p.get("effective_from"):
+        effective_from = _instant(p["effective_from"])
+        if effective_from < at and effective_from != published_from:
+            raise errors.InvalidPriceList("a version takes effect no earlier than it is recorded")
+    else:
+        effective_from = published_from or at
     tax_bps, share_bps = int(p["tax_bps"]), int(p.get("share_bps", DEFAULT_SHARE_BPS))
     if not (0 <= tax_bps <= BPS and 0 <= share_bps <= BPS):
         raise errors.InvalidPriceList("tax_bps and share_bps are within 0..10000")
