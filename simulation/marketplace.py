@@ -174,7 +174,8 @@ class MarketBuilder:
             mode = rng.choices(("video", "audio", "chat"), weights=(0.6, 0.25, 0.15))[0]
             c = ConsultationPlan(cid, patient, practitioner, story, start, minutes, kind, mode)
             self.plan.consultations.append(c)
-            self.spend[(patient, currency)] += TOTAL_INR * 2 if currency == "INR" else 2_500
+            # Each half of the day's top-ups covers the bookings (most patients, see wallets()).
+            self.spend[(patient, currency)] += 2 * (TOTAL_INR if currency == "INR" else 2_500)
             Story(self, c).run()
         self.double_booking(pool)
 
@@ -237,25 +238,31 @@ class MarketBuilder:
         debtor = f"{self.b.tag}-debtor"
         self.plan.patients.append(debtor)
         paid = self.top_up(debtor, "INR", 3 * TOTAL_INR, self.b.setup + timedelta(minutes=4))
-        practitioner = next(p for p, c in self.plan.practitioners.items() if c == "INR")
-        for k, (start, story) in enumerate(((self.hours(6.75), "completed"),
-                                            (self.hours(20.75), "completed"))):
-            c = ConsultationPlan(f"{self.b.tag}-cd{k}", debtor, practitioner, story, start, 50,
-                                 "individual", "video")
-            if self.fits(practitioner, start, 50):
-                self.plan.consultations.append(c)
-                Story(self, c, booked=self.hours(5.5) if k == 0 else self.hours(13.5)).run()
+        inr = [p for p, c in self.plan.practitioners.items() if c == "INR"]
+        practitioner = inr[0]
+        # Consultations before the chargeback (captured: it leaves debt) and after the top-up.
+        for k, (first, booked) in enumerate(((6.0, 5.5), (19.5, 13.5))):
+            slot = next(((p, self.hours(first + q / 4)) for q in range(16) for p in inr
+                         if self.fits(p, self.hours(first + q / 4), 50)), None)
+            if slot is None:
+                continue
+            c = ConsultationPlan(f"{self.b.tag}-cd{k}", debtor, slot[0], "completed", slot[1],
+                                 50, "individual", "video")
+            self.plan.consultations.append(c)
+            Story(self, c, booked=self.hours(booked)).run()
         self.post("wallet.payment_reversed", self.hours(12), {
             "payment_reference": paid.event.payload["payment_reference"],
             "amount_minor": 3 * TOTAL_INR, "reason": "chargeback"})
         self.post("consultation.booked", self.hours(12.5), self.booking(
-            f"{self.b.tag}-cd9", debtor, practitioner, self.hours(19), 50))  # wallet_in_debt
+            f"{self.b.tag}-cd9", debtor, inr[0], self.hours(19), 50))  # wallet_in_debt
         self.top_up(debtor, "INR", 250_000, self.hours(13))
         # Refunds to source of part of what is left; one more than the top-up.
-        for k, patient in enumerate(rng.sample(pool[2:], min(3, len(pool) - 2))):
-            ref = next(d.event.payload["payment_reference"] for d in self.money_deliveries
-                       if d.event.type == "wallet.topped_up"
-                       and d.event.payload["patient_id"] == patient)
+        paid_by = {}
+        for d in self.money_deliveries:
+            if d.event.type == "wallet.topped_up" and d.event.payload["patient_id"] != debtor:
+                paid_by.setdefault(d.event.payload["patient_id"], d.event.payload)
+        for k, patient in enumerate(rng.sample(sorted(paid_by), min(3, len(paid_by)))):
+            ref = paid_by[patient]["payment_reference"]
             amount = 10_000 if k else 10_000_000
             self.post("wallet.refunded_to_source", self.hours(21 + k / 10), {
                 "refund_id": f"{self.b.tag}-rf{k}", "payment_reference": ref,
