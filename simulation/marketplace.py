@@ -201,7 +201,7 @@ class MarketBuilder:
             c = ConsultationPlan(cid, pool[k % len(pool)], practitioner, story,
                                  start + timedelta(minutes=20 * k), 50, "individual", "video")
             self.plan.consultations.append(c)
-            self.spend[(c.patient_id, "INR")] += TOTAL_INR * 2
+            self.top_up(c.patient_id, "INR", TOTAL_INR, self.b.setup + timedelta(minutes=5))
             Story(self, c).run()
 
     # ---- money
@@ -286,7 +286,9 @@ class MarketBuilder:
         session event naming a consultation (consultation_not_unit_billed), bookings off the
         price list or too soon (invalid_booking)."""
         rng = self.rng
-        ongoing = [c for c in self.plan.consultations if c.story == "by_time"]
+        debtor_first = [c for c in self.plan.consultations
+                        if c.consultation_id == f"{self.b.tag}-cd0"]  # funded: surely ongoing
+        ongoing = debtor_first + [c for c in self.plan.consultations if c.story == "by_time"]
         for k, c in enumerate(ongoing[:2]):
             sid = f"{self.b.tag}-sx{k}"
             self.post("session.requested", c.start + timedelta(minutes=20), {

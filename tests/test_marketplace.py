@@ -666,3 +666,12 @@ def test_every_refusal_of_the_lifecycle_records_nothing_and_names_a_stable_code(
                  "unknown_consultation", "not_refundable", "consultation_not_unit_billed",
                  "session_conflict", "payment_conflict"):
         assert code in codes
+
+
+def test_a_version_published_again_without_effective_from_later_is_a_no_op(clinic) -> None:
+    clinic.at(T0 + 30 * MIN)
+    before = len(clinic.events())
+    clinic.practitioner()  # v1 again, half an hour later, without effective_from
+    assert len(clinic.events()) == before + 1  # its receipt only
+    refused("price_list_conflict", clinic.practitioner,
+            effective_from=(T0 + 30 * MIN).isoformat())  # v1 at another instant

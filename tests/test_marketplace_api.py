@@ -6,6 +6,7 @@ PostgreSQL, ending with `replay --verify` (I7, I11, I14).
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -210,3 +211,31 @@ def test_a_provider_join_of_room_call_consultation_id_is_a_join(api):
     assert "never ends" in left.json()["ignored"]
     c = get(api, "/v1/consultations/c1")
     assert c["status"] == "in_progress" and set(c["joins"]) == {"patient", "practitioner"}
+
+
+def test_replay_verify_names_a_money_wallet_or_platform_account_that_breaks_i11_or_i14(api):
+    open_shop(api)
+    book(api)
+    app = api.client.app.state
+    store = app.projector._store
+    with store.locked(), store.transaction():
+        store.execute("UPDATE money_wallets SET available = available + 1")
+    report = replay_verify(app.ledger, app.settings.database_url, Policy())
+    assert any(d.startswith("money wallet p1/INR: live available=118001 replay available=118000")
+               for d in report.differences), report.differences
+    assert any(d.startswith("I11 money wallet p1/INR") for d in report.differences)
+
+
+def test_export_writes_the_marketplace_events(api, tmp_path):
+    import io
+
+    from projections import export_events
+
+    open_shop(api)
+    book(api)
+    out = io.StringIO()
+    export_events(api.client.app.state.ledger, out)
+    topics = [json.loads(line)["topic"] for line in out.getvalue().splitlines()]
+    for topic in ("ledger.consultations:MoneyWallet.Held", "ledger.consultations:Consultation",
+                  "ledger.consultations:PriceList.Published", "ledger.consultations:TopUp"):
+        assert any(t.startswith(topic) for t in topics), topic
