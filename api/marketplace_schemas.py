@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, Field, StrictInt
 
 from ledger.consultations import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 from ledger.marketplace import TICK_ONLY_TYPES
@@ -25,11 +25,10 @@ Minutes = Annotated[StrictInt, Field(ge=MIN_DURATION_MINUTES, le=MAX_DURATION_MI
 def marketplace_payloads() -> dict[str, type[BaseModel]]:
     """event type → payload model, for api/schemas.py's PAYLOADS."""
     base = sys.modules["api.schemas"]  # partly initialised: its field types exist by now
-    Strict, Id, Text, Timestamp, Currency = (base.Strict, base.Id, base.Text, base.Timestamp,
-                                             base.Currency)
+    Strict, Id, Text, Currency = base.Strict, base.Id, base.Text, base.Currency
+    Instant = base.PayloadInstant  # within 366 days of occurred_at (else instant_out_of_range)
     Minor = Annotated[StrictInt, Field(gt=0, le=base.MAX_MINOR, description="minor units")]
-    Provider = Annotated[str, StringConstraints(min_length=1, max_length=50),
-                         Field(description="the payment provider, e.g. razorpay")]
+    Provider = Id  # the payment provider's name (e.g. razorpay): an identifier
 
     class WalletToppedUpPayload(Strict):
         patient_id: Id
@@ -61,7 +60,7 @@ def marketplace_payloads() -> dict[str, type[BaseModel]]:
         currency: Currency
         tax_bps: Bps
         share_bps: Bps = 5000
-        effective_from: Timestamp | None = Field(
+        effective_from: Instant | None = Field(
             None, description="in force from (default: occurred_at; never earlier)")
         fees: Annotated[list[Fee], Field(min_length=1, max_length=100)]
 
@@ -71,7 +70,7 @@ def marketplace_payloads() -> dict[str, type[BaseModel]]:
         practitioner_id: Id
         consultation_type: ConsultationType
         mode: Mode
-        start: Timestamp
+        start: Instant
         duration_minutes: Minutes
 
     class ConsultationPayload(Strict):

@@ -44,6 +44,7 @@ from ledger.consultations import (
     next_step,
 )
 from ledger.domain import Doctor, Pool, Session, Wallet
+from ledger.input_rules import payload_instant_window, within
 from ledger.money import BPS, DEFAULT_SHARE_BPS, breakdown
 from ledger.rules import Policy, utc_seconds
 
@@ -61,8 +62,15 @@ TICK_ONLY_TYPES = ("consultation.confirmed", "consultation.completed", "consulta
                    "consultation.expired", "consultation.earning_released")
 
 
-def _instant(value: Any) -> datetime:
-    return utc_seconds(value if isinstance(value, datetime) else datetime.fromisoformat(str(value)))
+def _instant(value: Any, name: str, at: datetime) -> datetime:
+    """A payload instant in UTC whole seconds; raises InstantOutOfRange beyond 366 days of the
+    event's `at` (ledger/input_rules.py, the door's one rule)."""
+    moment = utc_seconds(value if isinstance(value, datetime)
+                         else datetime.fromisoformat(str(value)))
+    if not within(moment, payload_instant_window(at)):
+        raise errors.InstantOutOfRange(f"{name} {moment.isoformat()} is more than 366 days from "
+                                       f"occurred_at {at.isoformat()}", field=name)
+    return moment
 
 
 def _positive(value: Any, what: str) -> int:
@@ -293,7 +301,7 @@ class Marketplace:
     def booked(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         """`consultation.booked`: stamp the price in force and hold the total (§10 booked)."""
         cid = p["consultation_id"]
-        start = _instant(p["start"])
+        start = _instant(p["start"], "start", at)
         fields = {"patient_id": p["patient_id"], "practitioner_id": p["practitioner_id"],
                   "consultation_type": p["consultation_type"], "mode": p["mode"],
                   "start": start, "duration_minutes": int(p["duration_minutes"])}
@@ -456,7 +464,7 @@ def price_version(p: dict, at: datetime, published_from: datetime | None = None)
     `effective_from` defaults to `at`, or to `published_from` when that version name exists.
     """
     if p.get("effective_from"):
-        effective_from = _instant(p["effective_from"])
+        effective_from = _instant(p["effective_from"], "effective_from", at)
         if effective_from < at and effective_from != published_from:
             raise errors.InvalidPriceList("a version takes effect no earlier than it is recorded")
     else:
@@ -540,12 +548,35 @@ def release_earning(work: Work, c: Consultation, as_of: datetime) -> None:
 
 @dataclass
 class ConsultationTick:
-    """What one tick decided for consultations: report lines, failures, lost races."""
+    """What one tick decided for consultations, as data and as lines.
 
+    `steps`: one dict per step, in the order taken: {"consultation_id", "action" (confirm |
+    expire | no_show | complete | release), "status" (after the step), "reason" (the close's
+    reason, else None), "money" ("captured" | "released" | "earning_available" | None),
+    "amount_minor", "currency"}; `failures`: {"consultation_id", "error"}; `lines` and `failed`
+    are the same for the CLI and the logs; `conflicts` counts lost races.
+    """
+
+    steps: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     conflicts: int = 0
     more: bool = False
+
+
+def step_record(c: Consultation, step: Step) -> dict:
+    """The report's data for one step `c` has just taken."""
+    if step.action == "confirm":
+        money, amount = None, 0
+    elif step.action == "release":
+        money, amount = "earning_available", c.price["share_minor"]
+    else:
+        money, amount = ("captured" if c.captured else "released"), c.total_minor
+    closing = step.action in ("expire", "no_show", "complete")
+    return {"consultation_id": c.consultation_id, "action": step.action, "status": c.status,
+            "reason": c.close["reason"] if closing else None, "money": money,
+            "amount_minor": amount, "currency": c.currency}
 
 
 def tick_consultations(app: Any, as_of: datetime, consultation_ids: Iterable[str],
@@ -575,6 +606,7 @@ def tick_consultations(app: Any, as_of: datetime, consultation_ids: Iterable[str
         except Exception as exc:  # one broken consultation must not stop everyone's billing
             log.exception("tick failed for consultation %s", cid)
             report.failed.append(f"consultation {cid}: {type(exc).__name__}: {exc}")
+            report.failures.append({"consultation_id": cid, "error": type(exc).__name__})
             continue
         if due is not None:
             heapq.heappush(queue, (due, cid))
@@ -603,6 +635,7 @@ def _tick_one(app: Any, cid: str, as_of: datetime, report: ConsultationTick) -> 
             report.conflicts += 1
             continue
         report.lines.append(f"consultation {cid}: {line}")
+        report.steps.append(step_record(c, step))
         following = next_step(c, app.policy)
         return following.due if following and following.due <= as_of else None
     report.conflicts += 1

@@ -14,7 +14,8 @@ from storage import ddl_lock, persistence_env
 def build_ledger(settings: Settings, clock: Callable[[], datetime]) -> Ledger:
     """The Ledger application for these settings, with `clock` injected."""
     env = persistence_env(settings.database_url)
-    return Ledger(env=env, clock=clock, policy=settings.policy())
+    return Ledger(env=env, clock=clock, policy=settings.policy(),
+                  withdrawal_minimum_minor=settings.withdrawal_minimums)
 
 
 def open_ledger(settings: Settings, clock: Callable[[], datetime],

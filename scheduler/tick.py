@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ledger.application import Ledger, TickReport
-from ledger.marketplace import tick_consultations
+from ledger.marketplace import ConsultationTick, tick_consultations
 
 PAGE = 1000  # due sessions fetched per round
 MAX_ROUNDS = 50  # bound on rounds per tick; a longer backlog continues at the next tick
@@ -44,15 +44,18 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
     return total
 
 
-def _merge_consultations(report: TickReport, consultations) -> None:
-    """Fold the consultation steps of one round (ledger.marketplace.ConsultationTick) in."""
+def _merge_consultations(report: TickReport, consultations: ConsultationTick) -> None:
+    """Fold one round's consultation steps into the round's report."""
     report.consultations.extend(consultations.lines)
+    report.consultation_steps.extend(consultations.steps)
     report.failed.extend(consultations.failed)
+    report.failures.extend(consultations.failures)
     report.conflicts += consultations.conflicts
     report.more = report.more or consultations.more
 
 
 def _merge(total: TickReport, report: TickReport) -> None:
-    for name in ("charged", "ended", "settled", "expired", "failed", "consultations"):
+    for name in ("charged", "ended", "settled", "expired", "failed", "steps", "pools", "failures",
+                 "consultations", "consultation_steps"):
         getattr(total, name).extend(getattr(report, name))
     total.conflicts += report.conflicts

@@ -487,42 +487,46 @@ class MarketOracle:
             return max(c.start - JOIN_EARLY, c.activated_at), "confirm"
         return self.closing(c)
 
-    def tick(self, as_of: datetime) -> list[str]:
-        """Every consultation step due by `as_of`; the tick report's lines (any order)."""
-        as_of, lines = utc(as_of), []
+    def tick(self, as_of: datetime) -> list[dict]:
+        """Every consultation step due by `as_of`, as the tick report's `consultations` lists
+        them (in any order): {"consultation_id", "action", "status", "reason", "money",
+        "amount_minor", "currency"}."""
+        as_of, steps = utc(as_of), []
         for c in self.consultations.values():
             for _ in range(6):  # confirm, close, release: at most a few steps each
                 step = self.next_step(c)
                 if step is None or step[0] > as_of:
                     break
-                lines.append(f"consultation {c.cid}: {self._apply(c, step[1], as_of)}")
-        return lines
+                steps.append(self._apply(c, step[1], as_of))
+        return steps
 
-    def _apply(self, c: OConsultation, action: str, as_of: datetime) -> str:
+    def _apply(self, c: OConsultation, action: str, as_of: datetime) -> dict:
+        total, share = c.price["total_minor"], c.price["share_minor"]
+        money, amount = None, 0
         if action == "confirm":
             c.status = "confirmed"
-            return "confirmed"
-        if action == "expire":
+        elif action == "expire":
             self._close(c, "expired", "never_activated", as_of, capture=False)
-            return "expired: hold released"
-        if action == "no_show":
-            deadline = c.start + NO_SHOW
-            if not c.joined_by("practitioner", deadline):
-                self._close(c, "no_show", "practitioner_absent", as_of, capture=False)
-                return "no-show (practitioner): hold released"
+        elif action == "no_show" and not c.joined_by("practitioner", c.start + NO_SHOW):
+            self._close(c, "no_show", "practitioner_absent", as_of, capture=False)
+        elif action == "no_show":
             self._close(c, "no_show", "patient_absent", as_of, capture=True,
-                        completed_at=deadline)
-            return "no-show (patient): captured"
-        if action == "complete":
+                        completed_at=c.start + NO_SHOW)
+        elif action == "complete":
             self._close(c, "completed", "completed_by_time", as_of, capture=True,
                         completed_at=c.end)
-            return "completed by time: captured"
-        c.earning_at = as_of
-        share, currency = c.price["share_minor"], c.price["currency"]
-        self._pending(c, -share)
-        if share > 0:
-            self.o.wallets.setdefault((c.practitioner, currency), OWallet()).credited += share
-        return f"earning of {share} {currency} minor units available"
+        else:
+            c.earning_at = as_of
+            self._pending(c, -share)
+            if share > 0:
+                self.o.wallets.setdefault((c.practitioner, c.price["currency"]),
+                                          OWallet()).credited += share
+            money, amount = "earning_available", share
+        if action in ("expire", "no_show", "complete"):
+            money, amount = ("captured" if c.captured else "released"), total
+        return {"consultation_id": c.cid, "action": action, "status": c.status,
+                "reason": c.close_reason if action in ("expire", "no_show", "complete") else None,
+                "money": money, "amount_minor": amount, "currency": c.price["currency"]}
 
     @property
     def unsettled(self) -> bool:

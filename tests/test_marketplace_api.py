@@ -159,7 +159,9 @@ def test_marketplace_flow_with_the_documents_numbers(store_api):
     assert admin_ok(api, "consultation.activated", consultation_id="c1",
                     admin_id="admin-7")["status"] == "activated"
     api.clock.set(START - 5 * MIN)
-    assert api.tick()["consultations"] == ["consultation c1: confirmed"]
+    assert api.tick()["consultations"] == [{
+        "consultation_id": "c1", "action": "confirm", "status": "confirmed", "reason": None,
+        "money": None, "amount_minor": 0, "currency": "INR"}]
     api.clock.set(START)
     api.ok("consultation.joined", consultation_id="c1", participant="patient")
     api.ok("consultation.joined", START + MIN, consultation_id="c1", participant="practitioner")
@@ -180,8 +182,11 @@ def test_marketplace_flow_with_the_documents_numbers(store_api):
                              "platform_minor": PLATFORM, "tax_payable_minor": TAX}
     assert (earnings(api)["pending_minor"], earnings(api)["available_minor"]) == (SHARE, 0)
     api.clock.set(START + 60 * MIN)
-    assert api.tick()["consultations"] == [
-        "consultation c1: earning of 50000 INR minor units available"]
+    report = api.tick()
+    assert report["consultations"] == [{
+        "consultation_id": "c1", "action": "release", "status": "completed", "reason": None,
+        "money": "earning_available", "amount_minor": SHARE, "currency": "INR"}]
+    assert report["counts"]["consultations"] == 1
     assert (earnings(api)["pending_minor"], earnings(api)["available_minor"]) == (0, SHARE)
     refund = admin_ok(api, "consultation.refunded", consultation_id="c1", admin_id="admin-7",
                       reason="complaint upheld")

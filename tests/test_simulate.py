@@ -175,11 +175,15 @@ def test_market_oracle_follows_the_documents_numbers_and_refund_rules():
     _post(o, 8, "consultation.joined", start, consultation_id="c1", participant="practitioner")
     assert m.tick(start) == []  # confirmation is skipped once it is in progress
     end = start + timedelta(minutes=50)
-    assert m.tick(end + timedelta(seconds=60)) == ["consultation c1: completed by time: captured"]
+    assert m.tick(end + timedelta(seconds=60)) == [{
+        "consultation_id": "c1", "action": "complete", "status": "completed",
+        "reason": "completed_by_time", "money": "captured", "amount_minor": 118_000,
+        "currency": "INR"}]
     assert o.wallet_numbers("t1") == {"INR": {"pending_minor": 50_000, "available_minor": 0,
                                               "held_minor": 0, "withdrawn_minor": 0}}
-    assert m.tick(end + timedelta(seconds=600)) == [
-        "consultation c1: earning of 50000 INR minor units available"]
+    assert [(s["action"], s["money"], s["amount_minor"])
+            for s in m.tick(end + timedelta(seconds=600))] == [
+        ("release", "earning_available", 50_000)]
     _post(o, 9, "consultation.refunded", end + timedelta(hours=1), consultation_id="c1",
           admin_id="a", reason="r")
     assert m.accounts["INR"] == {"captured_minor": 118_000, "refunded_minor": 118_000,
