@@ -24,10 +24,12 @@ from api.problems import (
     problem_responses,
     validation_problem,
 )
+from api.observe import event_answered
 from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest
 from api.statements import session_resource
 from ledger.errors import LedgerError
 from ledger.rules import utc_seconds
+from storage import is_unavailable
 
 log = logging.getLogger("api")
 
@@ -138,9 +140,17 @@ def healthz() -> dict:
 
 
 def _ingest(ledger, event) -> tuple[int, dict, bool]:
-    """(status, result, replayed) of one validated event; raises LedgerError on refusal."""
-    accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
-                             event.payload.model_dump(mode="json"))
+    """(status, result, replayed) of one validated event; raises LedgerError on refusal.
+    Each answer is reported to the request's log line and metrics (api/observe.py)."""
+    session_id = getattr(event.payload, "session_id", None)
+    try:
+        accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
+                                 event.payload.model_dump(mode="json"))
+    except LedgerError as exc:
+        event_answered(event.type, event.event_id, session_id, "refused", exc.code)
+        raise
+    event_answered(event.type, event.event_id, session_id,
+                   "replayed" if accepted.replayed else "accepted")
     return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
 
 
@@ -188,7 +198,9 @@ def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
             results.append({"event_id": event.event_id, "status": exc.status,
                             "problem": error_problem(exc)})
             continue
-        except Exception:  # noqa: BLE001 - earlier events are durable; report this one
+        except Exception as exc:  # noqa: BLE001 - earlier events are durable; report this one
+            if is_unavailable(exc):
+                raise  # the whole batch answers 503 retry_later; its accepted events replay
             log.exception("unexpected error ingesting %s", event.event_id)
             results.append({"event_id": event.event_id, "status": 500, "problem": problem_body(
                 "internal_error", 500, "Internal server error",

@@ -19,9 +19,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.observe import event_answered
 from api.problems import PayloadTooLarge, ProviderNotConfigured
 from api.providers import PROVIDERS, Ignored, Provider, WebhookRequest
 from api.routes import catch_up, get_ledger
+from ledger.errors import LedgerError
 
 log = logging.getLogger("api")
 
@@ -42,8 +44,15 @@ def handle(request: Request, provider: Provider, hook: WebhookRequest) -> JSONRe
     if isinstance(outcome, Ignored):
         log.info("%s callback ignored: %s", provider.name, outcome.reason)
         return JSONResponse({"ignored": outcome.reason})
-    accepted = get_ledger(request).ingest(outcome.event_id, outcome.type, outcome.occurred_at,
-                                          outcome.payload)
+    session_id = outcome.payload.get("session_id")
+    try:
+        accepted = get_ledger(request).ingest(outcome.event_id, outcome.type,
+                                              outcome.occurred_at, outcome.payload)
+    except LedgerError as exc:
+        event_answered(outcome.type, outcome.event_id, session_id, "refused", exc.code)
+        raise
+    event_answered(outcome.type, outcome.event_id, session_id,
+                   "replayed" if accepted.replayed else "accepted")
     if not accepted.replayed:
         catch_up(request)
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
