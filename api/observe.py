@@ -75,7 +75,6 @@ def store_unavailable_answered() -> None:
     record = _current.get()
     if record is not None and record.metrics is not None:
         record.metrics.retry_later.labels("store_unavailable").inc()
-        record.metrics.store_up.set(0)
 
 
 class RequestObservation:
@@ -117,8 +116,6 @@ class RequestObservation:
         if self.metrics is not None:
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.request_seconds.labels(method, route).observe(seconds)
-            if status != 503 and scope["path"].startswith("/v1"):
-                self.metrics.store_up.set(1)
             if self.pool_usage is not None:
                 self.metrics.observe_pool(self.pool_usage())
         level = _level(scope["path"], status)

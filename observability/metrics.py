@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STORE_UP_HELP = "1 if the event store answered this scrape's reads, 0 if it is unreachable"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TICK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -62,11 +63,6 @@ class Metrics:
             "ledger_db_pool_connections", "Event-store connection pool (PostgreSQL): size, idle, "
             "max, and requests waiting for a connection; summed over live workers", ["state"],
             multiprocess_mode="livesum", registry=registry)
-        self.store_up = Gauge(
-            "ledger_store_up", "1 if the event store answered the last call, 0 while it is "
-            "unreachable (minimum over live workers)", multiprocess_mode="livemin",
-            registry=registry)
-        self.store_up.set(1)
 
     def observe_pool(self, usage: dict[str, int] | None) -> None:
         """Record the pool's `{"size", "idle", "max", "waiting"}` (None: no pool to report)."""
@@ -103,8 +99,8 @@ class _Union:
 
 
 class ProjectionCollector:
-    """Projection lag read at scrape time from `health()` (Projector.health shape); nothing if
-    the store cannot be read (ledger_store_up says so)."""
+    """Read at scrape time: `ledger_store_up` (1 if `health()` could read the store, else 0)
+    and, when it could, the projections' head, position, lag and stall (Projector.health)."""
 
     def __init__(self, health: Callable[[], dict]) -> None:
         self.health = health
@@ -112,8 +108,10 @@ class ProjectionCollector:
     def collect(self):
         try:
             health = self.health()
-        except Exception:  # noqa: BLE001 - an unreachable store shows as ledger_store_up 0
+        except Exception:  # noqa: BLE001 - an unreachable store is what ledger_store_up says
+            yield GaugeMetricFamily("ledger_store_up", STORE_UP_HELP, value=0)
             return
+        yield GaugeMetricFamily("ledger_store_up", STORE_UP_HELP, value=1)
         gauges = (
             ("ledger_event_store_head", "Notification id of the newest stored event", health["head"]),
             ("ledger_projection_position", "Slowest projection's applied notification id",

@@ -6,8 +6,8 @@ bound on open connections per worker process.
   (from connecting, or from the first byte of a following request) is closed; idle kept-alive
   connections are closed by uvicorn's own keep-alive timeout;
 - beyond `max_connections` open connections, a new one is answered 503 `retry_later`
-  (problem+json, Retry-After, Connection: close) and closed at once, so a flood of connections
-  cannot exhaust file descriptors.
+  (problem+json, Retry-After, Connection: close) and closed within LINGER_SECONDS, so a flood
+  of connections cannot exhaust file descriptors.
 Settings come from the `LEDGER_*` environment (runtime/settings.py), read once per process.
 `ledger serve` runs uvicorn with it (`http=PROTOCOL`).
 """
@@ -25,6 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from runtime.settings import Settings
 
 PROTOCOL = "runtime.server:LedgerHttpProtocol"
+LINGER_SECONDS = 2.0  # how long a refused connection's request is read and discarded
 log = structlog.get_logger("ledger.server")
 
 
@@ -57,7 +58,11 @@ class LedgerHttpProtocol(H11Protocol):
             log.warning("connection refused: too many open connections",
                         open=len(self.connections), limit=max_connections)
             transport.write(_busy_response())
-            transport.close()
+            # Half-close and discard what the client still sends, briefly: closing at once
+            # with its request unread would reset the connection and lose the answer.
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
             return
         super().connection_made(transport)
         self._arm_header_timer()
