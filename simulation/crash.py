@@ -276,6 +276,8 @@ class CrashReport:
     gave_up: int = 0
     server_errors: list[str] = field(default_factory=list)
     events_in_log: int = 0
+    blocks_charged: int = 0
+    sessions_settled: int = 0
     lost: list[str] = field(default_factory=list)
     double_charges: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
@@ -297,7 +299,8 @@ class CrashReport:
             f"events posted {self.posted}, acknowledged {self.acknowledged}, refused "
             f"{sum(self.refused.values())} {dict(self.refused)}, client retries {self.retries}, "
             f"gave up {self.gave_up}, 5xx answers {len(self.server_errors)}",
-            f"events in the log {self.events_in_log}; acknowledged but lost {len(self.lost)}; "
+            f"events in the log {self.events_in_log} ({self.blocks_charged} blocks charged, "
+            f"{self.sessions_settled} sessions settled); acknowledged but lost {len(self.lost)}; "
             f"(session, block) charged twice {len(self.double_charges)}; negative amounts "
             f"{len(self.negative)}; HTTP charged ≠ log {len(self.charged_mismatch)}; "
             f"replay --verify {'ok' if self.replay_ok else 'FAILED'}",
@@ -316,6 +319,8 @@ def check(service: Service, tally: Tally, report: CrashReport, workdir: Path) ->
         raise RuntimeError(f"ledger export failed: {done.stderr[-2000:]}")
     records = [json.loads(line) for line in export.read_text().splitlines() if line.strip()]
     report.events_in_log = len(records)
+    report.blocks_charged = sum(r["topic"].endswith(":Pool.Charged") for r in records)
+    report.sessions_settled = sum(r["topic"].endswith(":Session.Settled") for r in records)
     receipts = {r["event_id"] for r in records if r["topic"].endswith(":Receipt.Recorded")}
     report.lost = sorted(tally.acknowledged - receipts)
     report.double_charges = double_charges(records)

@@ -22,7 +22,7 @@ import pytest
 from conftest import PG_URL
 from simulation.crash import ADMIN_KEY, Service
 from storage import postgres_parts
-from tcp_proxy import TcpProxy
+from simulation.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 

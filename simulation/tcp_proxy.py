@@ -1,6 +1,7 @@
-"""A TCP proxy for outage tests: forwards 127.0.0.1:<port> to a target; `kill()` closes the
-listener and every open connection (clients see a reset and then "connection refused"),
-`restore()` listens again on the same port."""
+"""A TCP proxy for the outage tests and `python -m bench.outage`: forwards 127.0.0.1:<port> to
+a target; `kill()` closes the listener and every open connection (clients see a reset, then
+"connection refused"), `restore()` listens again on the same port. Bounded: one thread per
+direction of each open connection, which the proxy closes on `kill()`."""
 
 from __future__ import annotations
 
