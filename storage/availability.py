@@ -103,20 +103,26 @@ def probe_postgres(conninfo: str, timeout_seconds: int) -> None:
         conn.execute("SELECT 1")
 
 
-_TRANSIENT = (StoreUnavailable, OperationalError, InterfaceError, psycopg.OperationalError,
-              psycopg.InterfaceError, sqlite3.OperationalError)
+_SQLITE_TRANSIENT = ("database is locked", "database table is locked", "unable to open database",
+                     "disk i/o error")
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it was raised from) means the store is unreachable or
-    too busy now: connection failures, pool timeouts, a locked SQLite file. Not constraint
-    violations or bad SQL, which retrying cannot cure."""
+    too busy now: a closed gate, psycopg connection failures and pool timeouts, a locked or
+    unopenable SQLite file. Not constraint violations or bad SQL (SQLite reports "no such
+    table" as an OperationalError too), which retrying cannot cure."""
     seen = 0
     while exc is not None and seen < 8:  # bounded walk of the cause chain
-        if isinstance(exc, _TRANSIENT):
+        if isinstance(exc, (StoreUnavailable, psycopg.OperationalError, psycopg.InterfaceError)):
             return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
+        if isinstance(exc, sqlite3.OperationalError):
+            return any(text in str(exc).lower() for text in _SQLITE_TRANSIENT)
+        cause = exc.__cause__ or exc.__context__
+        if cause is None and isinstance(exc, (OperationalError, InterfaceError)):
+            return any(text in str(exc).lower() for text in _SQLITE_TRANSIENT) or \
+                "connection" in str(exc).lower()
+        exc, seen = cause, seen + 1
     return False
 
 
