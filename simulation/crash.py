@@ -47,6 +47,7 @@ CLI_TIMEOUT_SECONDS = 300
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -127,6 +128,7 @@ class Service:
 
 
 def iso(moment: datetime) -> str:
+    """RFC 3339 UTC with a Z, whole seconds."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -234,6 +236,7 @@ class Poster:
 
 
 def client_loop(number: int, base_url: str, tally: Tally, seed: int, stop: threading.Event) -> None:
+    """One backend client posting stories (half as one batch, half event by event) until `stop`."""
     rng = random.Random(seed * 1000 + number)
     poster = Poster(base_url, tally, rng)
     try:
@@ -266,6 +269,9 @@ def ticker_loop(base_url: str, stop: threading.Event) -> None:
 
 @dataclass
 class CrashReport:
+    """What the crash test saw and found; `ok` when nothing was lost, doubled or negative, no
+    5xx was answered and the replay audit passed."""
+
     store: str
     kills: int
     workers: int
@@ -313,6 +319,7 @@ class CrashReport:
 
 
 def check(service: Service, tally: Tally, report: CrashReport, workdir: Path) -> None:
+    """Fill `report` from the exported log, the HTTP balances and wallets, and replay --verify."""
     export = workdir / "events.jsonl"
     done = service.cli("export", "-o", str(export))
     if done.returncode != 0:
@@ -391,6 +398,7 @@ def postgres_store(base_url: str) -> tuple[str, str]:
 
 
 def drop_schema(url: str, schema: str) -> None:
+    """Drop the crash test's schema (only after a passing run: a failing one is kept to inspect)."""
     import psycopg
 
     conninfo = url.split("?")[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -207,7 +207,8 @@ def test_metrics_sum_over_worker_processes(pg_url, tmp_path):
         for n in range(posted):  # a new connection each: the kernel spreads them over workers
             answer = httpx.post(service.base_url + "/v1/events",
                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                                json=event(f"w{n}", "doctor.registered", _now(),
+                                json=event(f"w{n}", "doctor.registered",
+                                           datetime.now(timezone.utc).replace(microsecond=0),
                                            doctor_id=f"d{n}", country="MW"))
             assert answer.status_code == 201, answer.text
         for _ in range(3):  # whichever worker answers the scrape reports every worker's counts
@@ -222,18 +223,3 @@ def test_metrics_sum_over_worker_processes(pg_url, tmp_path):
         assert ticks >= 1 and found[("ledger_db_pool_connections", ("state", "size"))] >= 1
     finally:
         service.stop()
-
-
-def _now():
-    from datetime import datetime, timezone
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _lines(service: Service) -> list[dict]:
-    out = []
-    for raw in service.log_path.read_text().splitlines():
-        try:
-            out.append(json.loads(raw))
-        except ValueError:
-            pass
-    return out
