@@ -51,6 +51,8 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
     Waits for the database first (bounded by LEDGER_STARTUP_WAIT_SECONDS, each retry logged);
     exits with code 3 and one clear line if it never answers. Limits: docs/operations.md.
     """
+    import os
+
     import structlog
     import uvicorn
 
@@ -71,7 +73,7 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
     except StoreUnreachableAtStartup as exc:
         log.error("not starting", reason=str(exc))
         raise typer.Exit(3) from None
-    if workers > 1:
+    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _prepare_multiprocess_metrics()
     log.info("serving", url=f"http://{host or settings.host}:{port or settings.port}",
              store=redacted_url(settings.database_url), workers=workers,
@@ -86,10 +88,15 @@ def _prepare_multiprocess_metrics() -> None:
     """Several workers share metrics through prometheus-client's multiprocess directory: the
     operator's PROMETHEUS_MULTIPROC_DIR, else a fresh temporary one; emptied at start (samples
     of a previous run would otherwise be added to this one's)."""
+    import atexit
     import os
+    import shutil
     import tempfile
 
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="ledger-metrics-")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="ledger-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     Path(directory).mkdir(parents=True, exist_ok=True)
     for entry in Path(directory).glob("*.db"):
         entry.unlink()

@@ -63,7 +63,9 @@ class Service:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "LEDGER_DATABASE_URL": database_url,
-                    "LEDGER_API_KEYS": f"{ADMIN_KEY}:admin", "PYTHONPATH": os.pathsep.join(
+                    "LEDGER_API_KEYS": f"{ADMIN_KEY}:admin",
+                    "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / "metrics"),
+                    "PYTHONPATH": os.pathsep.join(
                         filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))),
                     **(env or {})}
         self.proc: subprocess.Popen | None = None
