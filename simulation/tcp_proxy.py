@@ -1,6 +1,6 @@
 """A TCP proxy for the outage tests and `python -m bench.outage`: forwards 127.0.0.1:<port> to
 a target; `kill()` closes the listener and every open connection (clients see a reset, then
-"connection refused"), `restore()` listens again on the same port. Bounded: one thread per
+"connection refused"), `restore()` listens again on the same port, `drop_connections()` only closes the open ones. Bounded: one thread per
 direction of each open connection, which the proxy closes on `kill()`."""
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ class TcpProxy:
             doomed, self._sockets = list(self._sockets), set()
         if listener is not None:
             _close(listener)
+        for sock in doomed:
+            _close(sock)
+
+    def drop_connections(self) -> None:
+        """Close every open connection but keep listening: what clients see when the database
+        server restarts (their pooled connections die; new ones succeed)."""
+        with self._lock:
+            doomed, self._sockets = list(self._sockets), set()
         for sock in doomed:
             _close(sock)
 

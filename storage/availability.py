@@ -62,6 +62,15 @@ class StoreGate:
         if probed:
             self._last_probe = time.monotonic()
 
+    def verify(self) -> None:
+        """Probe now: return if the database answers; else close the gate and raise
+        StoreUnavailable (a connection just broke, and retrying would only wait)."""
+        try:
+            self._probe()
+        except Exception as exc:  # noqa: BLE001 - any failure to answer means down
+            self.failed(exc, probed=True)
+            raise StoreUnavailable(f"the event store is unreachable: {exc}") from None
+
     def check(self) -> None:
         """Return if the store is up (probing it if due); raise StoreUnavailable otherwise."""
         if self._up:

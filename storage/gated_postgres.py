@@ -30,13 +30,19 @@ class GatedPostgresDatastore(PostgresDatastore):
     @contextmanager
     def get_connection(self) -> Iterator[Any]:
         self.gate.check()
+        used = None
         try:
             with super().get_connection() as conn:
+                used = conn
                 yield conn
         except OperationalError as exc:
             if isinstance(exc.__cause__, PoolTimeout):  # no connection could be had in time
-                self.gate.failed(exc)
+                self.gate.failed(exc, probed=True)
                 raise StoreUnavailable(f"the event store is unreachable: {exc}") from exc
+            if used is not None and used.broken:
+                # A pooled connection died: the server restarted (a retry on a fresh connection
+                # succeeds) or is gone (a retry would wait out the pool). One probe tells which.
+                self.gate.verify()
             raise
 
 

@@ -5,7 +5,8 @@ writes and reads answer 503 `retry_later` with Retry-After (problem+json), never
 500 (the HTTP client's timeout is ten times the configured bound, so a hang fails the test);
 /readyz says not ready and why; the scheduled tick logs "skipped". After the proxy is restored
 everything works again without a restart, and the event refused during the outage is accepted
-when retried with the same id. Start-up with the database down waits with logged retries and
+when retried with the same id. Connections dropped while the database still answers (a server
+restart) are replaced without refusing anything. Start-up with the database down waits with logged retries and
 starts once it is back, or gives up with a clear message and exit code 3.
 """
 
@@ -120,6 +121,18 @@ def test_outage_answers_503_retry_later_fast_and_recovers_without_restart(proxy,
     lines = log_lines(service.log_path)
     assert not [line for line in lines if line.get("status") == 500]
     assert service.starts == 1
+
+
+def test_connections_dropped_by_a_database_restart_are_replaced_without_a_refusal(proxy, service):
+    service.start()
+    service.wait_ready()
+    http = httpx.Client(base_url=service.base_url, headers=HEADERS, timeout=CLIENT_TIMEOUT_SECONDS)
+    for n in range(10):  # several pooled connections
+        assert http.post("/v1/events", json=event(f"warm{n}", f"d{n}")).status_code == 201
+    proxy.drop_connections()  # every pooled connection dies; the database still answers
+    assert http.post("/v1/events", json=event("after-restart", "dx")).status_code == 201
+    assert http.get("/v1/doctors/dx/wallet").status_code == 200
+    assert http.get("/readyz").status_code == 200
 
 
 def _last_skip(path: Path) -> str:
