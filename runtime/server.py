@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from functools import lru_cache
 
 import h11
@@ -45,6 +46,18 @@ def _busy_response() -> bytes:
     return head.encode() + body
 
 
+_last_refusal_log = [float("-inf")]
+
+
+def _log_refusal(open_connections: int, limit: int) -> None:
+    """At most one line per second: a flood of connections must not become a flood of logs."""
+    now = time.monotonic()
+    if now - _last_refusal_log[0] >= 1.0:
+        _last_refusal_log[0] = now
+        log.warning("connections refused: too many open connections", open=open_connections,
+                    limit=limit)
+
+
 class LedgerHttpProtocol(H11Protocol):
     """uvicorn's H11Protocol with a request-header timeout and a connection bound."""
 
@@ -55,8 +68,7 @@ class LedgerHttpProtocol(H11Protocol):
         max_connections = _limits()[1]
         if len(self.connections) >= max_connections:
             self._refused = True
-            log.warning("connection refused: too many open connections",
-                        open=len(self.connections), limit=max_connections)
+            _log_refusal(len(self.connections), max_connections)
             transport.write(_busy_response())
             # Half-close and discard what the client still sends, briefly: closing at once
             # with its request unread would reset the connection and lose the answer.
