@@ -90,12 +90,12 @@ class RequestObservation:
             return
         request_id = _request_id(scope)
         record = RequestRecord(metrics=self.metrics)
-        status = {"code": 500}
+        status = {"value": 500}
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["value"] = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
@@ -106,7 +106,7 @@ class RequestObservation:
                 try:
                     await self.app(scope, receive, send_with_id)
                 finally:
-                    self._finish(scope, record, status["code"], time.perf_counter() - started)
+                    self._finish(scope, record, status["value"], time.perf_counter() - started)
         finally:
             _current.reset(token)
 

@@ -20,10 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.observe import problem_answered, store_unavailable_answered
-from ledger.errors import LedgerError, RetryLater, error_type
+from ledger.errors import ERROR_CODES, LedgerError, RetryLater, error_type
 from storage import is_unavailable
 
 log = logging.getLogger("api")
+# A code returned without being registered is logged here; the test suite fails on it.
+unregistered_log = logging.getLogger("api.error_codes")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "/problems/"
@@ -58,35 +60,72 @@ class ApiError(LedgerError):
             self.headers = headers
 
 
-def _api_error(name: str, code: str, status: int, title: str) -> type[ApiError]:
-    return error_type(name, code, status, title, base=ApiError)
+def _api_error(name: str, code: str, status: int, title: str, when: str = "") -> type[ApiError]:
+    return error_type(name, code, status, title, base=ApiError,  # type: ignore[return-value]
+                      when=when)
 
 
 Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,
-                             "Missing or unknown API key")
-Forbidden = _api_error("Forbidden", "forbidden", 403, "The API key's role does not allow this")
-ValidationFailed = _api_error("ValidationFailed", "validation_error", 422,
-                              "Request body is invalid")
-AsOfOutOfRange = _api_error("AsOfOutOfRange", "as_of_out_of_range", 422,
-                            "as_of is later than the clock allows")
+                             "Missing or unknown API key",
+                             when="no API key, or one the service does not know")
+Forbidden = _api_error("Forbidden", "forbidden", 403, "The API key's role does not allow this",
+                       when="the API key's role may not do this (e.g. an auditor posting)")
+ValidationFailed = _api_error(
+    "ValidationFailed", "validation_error", 422, "Request body is invalid",
+    when="the request breaks the schema or the door's rules (ledger/input_rules.py): "
+         "`errors` lists each field (`loc`, `msg`, `type`)")
+AsOfOutOfRange = _api_error(
+    "AsOfOutOfRange", "as_of_out_of_range", 422, "as_of is outside the window of the clock",
+    when="a tick's `as_of` is outside [now − 35 days, now + 5 minutes] of the service clock")
 ClockNotManual = _api_error("ClockNotManual", "clock_not_manual", 409,
-                            "The service does not run a manual clock")
+                            "The service does not run a manual clock",
+                            when="`PUT /v1/clock` on a service running the system clock")
 ServiceUnavailable = _api_error("ServiceUnavailable", "service_unavailable", 503,
-                                "The service is not ready")
+                                "The service is not ready",
+                                when="the service is starting or stopping: retry")
 InvalidSignature = _api_error("InvalidSignature", "invalid_signature", 403,
-                              "The provider's signature is missing or invalid")
+                              "The provider's signature is missing or invalid",
+                              when="a provider webhook whose signature is missing or wrong")
 PayloadTooLarge = _api_error("PayloadTooLarge", "payload_too_large", 413,
-                             "The request body is too large")
+                             "The request body is too large",
+                             when="the request body is larger than the limit "
+                                  "(`LEDGER_MAX_BODY_BYTES`, 1 MiB; `max_bytes` says it)")
 ProviderNotConfigured = _api_error("ProviderNotConfigured", "provider_not_configured", 503,
-                                   "This call provider is not configured")
-NotReady = _api_error("NotReady", "not_ready", 503, "The service is not ready")
-
+                                   "This call provider is not configured",
+                                   when="a provider webhook whose credentials are not set")
+NotReady = _api_error("NotReady", "not_ready", 503, "The service is not ready",
+                      when="`GET /readyz`: the store, the projections or the scheduler is not "
+                           "ready; `checks` says which and why")
+InternalError = _api_error("InternalError", "internal_error", 500, "Internal server error",
+                           when="an unexpected error; it is logged, nothing is recorded for it")
+# What the framework itself answers (routing, body parsing), by status.
+BadRequest = _api_error("BadRequest", "bad_request", 400, "Bad Request",
+                        when="the body could not be read")
+NotFound = _api_error("NotFound", "not_found", 404, "Not Found", when="no such route")
+MethodNotAllowed = _api_error("MethodNotAllowed", "method_not_allowed", 405,
+                              "Method Not Allowed",
+                              when="the route does not take this method (see `Allow`)")
+NotAcceptable = _api_error("NotAcceptable", "not_acceptable", 406, "Not Acceptable",
+                           when="the `Accept` header excludes JSON")
+UnsupportedMediaType = _api_error("UnsupportedMediaType", "unsupported_media_type", 415,
+                                  "Unsupported Media Type",
+                                  when="the body's content type is not one the route reads")
+TooManyRequests = _api_error("TooManyRequests", "too_many_requests", 429, "Too Many Requests",
+                             when="too many requests: retry after `Retry-After`")
+HttpError = _api_error("HttpError", "http_error", 400, "Request refused",
+                       when="any other refusal by the HTTP framework (status as given)")
 
 # ------------------------------------------------------------------------------ building
 
 
 def problem_body(code: str, status: int, title: str, detail: str,
                  instance: str | None = None, **extra: Any) -> dict:
+    """A problem object; `code` must be in the registry (ledger.errors.ERROR_CODES) with this
+    `status`: an unregistered one is logged as an error (and fails the test suite)."""
+    known = ERROR_CODES.get(code)
+    if known is None or (status not in known.statuses and code != HttpError.code):
+        unregistered_log.error("problem code %r (status %d) is not in the error-code registry "
+                               "(ledger/errors.py ERROR_CODES)", code, status)
     body = {"type": PROBLEM_BASE + code, "title": title, "status": status,
             "detail": detail, "code": code}
     if instance is not None:
@@ -156,10 +195,10 @@ def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(validation_problem(exc.errors(), request.url.path))
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-               413: "payload_too_large", 415: "unsupported_media_type",
-               422: "validation_error", 429: "too_many_requests", 503: "service_unavailable"}
+_HTTP_ERRORS: dict[int, type[ApiError]] = {
+    e.status: e for e in (BadRequest, Unauthenticated, Forbidden, NotFound, MethodNotAllowed,
+                          NotAcceptable, PayloadTooLarge, UnsupportedMediaType, ValidationFailed,
+                          TooManyRequests, ServiceUnavailable)}
 
 
 def _http_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -169,7 +208,8 @@ def _http_handler(request: Request, exc: Exception) -> JSONResponse:
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
-    code = _HTTP_CODES.get(status, "internal_error" if status >= 500 else "http_error")
+    code = _HTTP_ERRORS[status].code if status in _HTTP_ERRORS \
+        else InternalError.code if status >= 500 else HttpError.code
     detail = exc.detail if isinstance(exc.detail, str) else title
     headers = dict(getattr(exc, "headers", None) or {})
     if status == 405:
@@ -198,12 +238,6 @@ def unavailable_response(path: str, retry_after_seconds: int) -> JSONResponse:
         "The ledger's database cannot be reached right now. Retry the same request (with the "
         "same event ids) after Retry-After seconds: an event already recorded is answered as a "
         "replay, never applied twice.", path), headers={"Retry-After": str(retry_after_seconds)})
-
-
-def unexpected_response(path: str) -> JSONResponse:
-    return problem_response(problem_body(
-        "internal_error", 500, "Internal server error",
-        "An unexpected error occurred; it has been logged", path))
 
 
 class UnexpectedErrors:
@@ -238,7 +272,9 @@ class UnexpectedErrors:
             else:
                 log.exception("unexpected error on %s %s", scope["method"], scope["path"],
                               exc_info=exc)
-                response = unexpected_response(scope["path"])
+                response = error_response(
+                    InternalError("An unexpected error occurred; it has been logged"),
+                    scope["path"])
             await response(scope, receive, send)
 
 
@@ -252,27 +288,36 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 # ----------------------------------------------------------------------- OpenAPI declaration
 
-_DESCRIPTIONS = {400: "Body is not parseable JSON (`bad_request`)", 401: "Missing or unknown API key (`unauthenticated`)",
-                 403: "The key's role does not allow this (`forbidden`)",
-                 404: "Not found (`unknown_session`, …)",
-                 409: "Conflict (`insufficient_units`, `session_conflict`, `idempotency_conflict`, …)",
-                 422: "Validation failed (`validation_error`, `occurred_at_out_of_range`, …)",
-                 413: "Request body too large (`payload_too_large`)",
-                 500: "Unexpected error (`internal_error`)",
-                 503: "Retry later (`retry_later`): too many concurrent writers or the store is "
-                      "unreachable; see Retry-After"}
+def _codes_with(status: int) -> list[str]:
+    return sorted(c.code for c in ERROR_CODES.values() if status in c.statuses)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict]:
-    """`responses=` entries declaring `application/problem+json` for these statuses."""
+    """`responses=` entries declaring `application/problem+json` for these statuses, each
+    described by the registered codes that come with it."""
     schema = {"$ref": "#/components/schemas/Problem"}
-    return {status: {"description": _DESCRIPTIONS.get(status, "Problem"),
+    return {status: {"description": f"{HTTPStatus(status).phrase}: "
+                                    + ", ".join(f"`{c}`" for c in _codes_with(status)),
                      "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}}}
             for status in statuses}
 
 
+def error_code_table() -> str:
+    """The registry as a Markdown table (status, code, when), for the OpenAPI description."""
+    rows = sorted(ERROR_CODES.values(), key=lambda c: (c.statuses[0], c.code))
+    lines = ["| status | code | when |", "|---|---|---|"]
+    lines += [f"| {' / '.join(map(str, c.statuses))} | `{c.code}` | {c.when} |" for c in rows]
+    return "\n".join(lines)
+
+
 def add_problem_schema(openapi_schema: dict) -> dict:
-    """Put the Problem schema in components (the responses above refer to it by $ref)."""
+    """Put the Problem schema in components (the responses above refer to it by $ref), its
+    `code` restricted to the registry, and the registry's table in the API description."""
     schemas = openapi_schema.setdefault("components", {}).setdefault("schemas", {})
-    schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    problem["properties"]["code"]["enum"] = sorted(ERROR_CODES)
+    schemas["Problem"] = problem
+    info = openapi_schema.setdefault("info", {})
+    info["description"] = (info.get("description", "") + "\n\n## Error codes\n\n"
+                           + error_code_table())
     return openapi_schema

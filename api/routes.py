@@ -5,36 +5,37 @@ its thread pool). Errors are raised as LedgerError subclasses and rendered by ap
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Body, Depends, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.auth import AdminRole, ReadRole, WriteRole
 from api.problems import (
     AsOfOutOfRange,
     ClockNotManual,
+    InternalError,
     Problem,
     ServiceUnavailable,
     error_problem,
-    problem_body,
     problem_response,
     problem_responses,
     validation_problem,
 )
 from api.observe import event_answered
-from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest
+from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest, parse_event
 from api.statements import session_resource
-from ledger.errors import LedgerError
+from ledger.errors import DoctorNotFound, LedgerError, UnknownPatient
+from ledger.input_rules import ID_MAX_LENGTH, ID_PATTERN, id_problem, occurred_at_window, within
 from ledger.rules import utc_seconds
 from storage import is_unavailable
 
 log = logging.getLogger("api")
 
-MAX_TICK_AHEAD = timedelta(minutes=5)
-Ident = Annotated[str, Path(min_length=1, max_length=200)]
+# Path ids follow the same rule as the ids in event bodies (ledger/input_rules.py).
+Ident = Annotated[str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN,
+                            description="an identifier: 1–200 of A–Z a–z 0–9 . _ - : @ + = ~")]
 
 router = APIRouter()
 
@@ -57,7 +58,8 @@ class BatchAccepted(BaseModel):
 
 
 class BatchRefused(BaseModel):
-    event_id: str
+    event_id: str | None = Field(description="the item's event_id, null when it is not a "
+                                             "valid identifier")
     status: int = Field(ge=400, le=599)
     problem: Problem
 
@@ -157,7 +159,8 @@ def _ingest(ledger, event) -> tuple[int, dict, bool]:
 _EVENT_RESPONSES: dict[int | str, dict] = {
     201: {"description": "Event accepted now; the body is its result", "model": EventResult},
     200: {"description": "A re-posted event (header `Idempotent-Replayed: true`, the original "
-                         "result), or a batch (`{\"results\": [...]}` in array order)",
+                         "result), or a batch (`{\"results\": [...]}` in array order, one per "
+                         "item: a malformed item gets its own 422 and the others apply)",
           "model": Union[EventResult, BatchResult],
           "headers": {"Idempotent-Replayed": {"description": "`true` on a re-post",
                                               "schema": {"type": "string", "enum": ["true"]}}}},
@@ -184,33 +187,62 @@ def post_events(
 
 
 def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
+    """Validate each item on its own; hand the valid ones to the ledger in array order; merge
+    the results by index (a malformed item's 422 sits at its own position)."""
     limit = request.app.state.settings.batch_limit
     if len(batch.events) > limit:
         return problem_response(validation_problem(
             [{"loc": ("body", "events"), "type": "too_long",
               "msg": f"List should have at most {limit} items, not {len(batch.events)}"}],
             request.url.path, detail=f"a batch holds at most {limit} events"))
-    results, accepted = [], False
-    for event in batch.events:  # array order; a refusal does not stop the others
+    results: list[dict | None] = [None] * len(batch.events)
+    valid = []
+    for index, item in enumerate(batch.events):
         try:
-            status, result, replayed = _ingest(ledger, event)
+            valid.append((index, parse_event(item)))
+        except ValidationError as exc:
+            results[index] = _invalid_item(index, item, exc)
+            event_answered("(invalid)", results[index]["event_id"] or f"#{index}", None,
+                           "refused", "validation_error")
+    outcomes = ingest_in_order(ledger, [event for _, event in valid])
+    for (index, _), outcome in zip(valid, outcomes):
+        results[index] = outcome
+    if any(r["status"] == 201 for r in outcomes):
+        catch_up(request)
+    return JSONResponse({"results": results}, status_code=200)
+
+
+def ingest_in_order(ledger, events: list) -> list[dict]:
+    """Per validated event, in order: {"event_id", "status": 201|200, "result"} or {"event_id",
+    "status", "problem"}; a refusal does not stop the others (earlier events are durable)."""
+    out = []
+    for event in events:
+        try:
+            status, result, _ = _ingest(ledger, event)
         except LedgerError as exc:
-            results.append({"event_id": event.event_id, "status": exc.status,
-                            "problem": error_problem(exc)})
+            out.append({"event_id": event.event_id, "status": exc.status,
+                        "problem": error_problem(exc)})
             continue
         except Exception as exc:  # noqa: BLE001 - earlier events are durable; report this one
             if is_unavailable(exc):
                 raise  # the whole batch answers 503 retry_later; its accepted events replay
             log.exception("unexpected error ingesting %s", event.event_id)
-            results.append({"event_id": event.event_id, "status": 500, "problem": problem_body(
-                "internal_error", 500, "Internal server error",
-                "An unexpected error occurred; it has been logged")})
+            error = InternalError("An unexpected error occurred; it has been logged")
+            out.append({"event_id": event.event_id, "status": 500,
+                        "problem": error_problem(error)})
             continue
-        accepted = accepted or not replayed
-        results.append({"event_id": event.event_id, "status": status, "result": result})
-    if accepted:
-        catch_up(request)
-    return JSONResponse({"results": results}, status_code=200)
+        out.append({"event_id": event.event_id, "status": status, "result": result})
+    return out
+
+
+def _invalid_item(index: int, item: Any, exc: ValidationError) -> dict:
+    """The 422 result of one malformed batch item; its event_id is echoed only if valid."""
+    event_id = item.get("event_id") if isinstance(item, dict) else None
+    if not isinstance(event_id, str) or id_problem(event_id):
+        event_id = None
+    errors = [{**e, "loc": ("body", "events", index, *e.get("loc", ()))} for e in exc.errors()]
+    problem = validation_problem(errors, detail=f"event {index} of the batch failed validation")
+    return {"event_id": event_id, "status": 422, "problem": problem}
 
 
 # -------------------------------------------------------------------------------- reads
@@ -233,18 +265,27 @@ def get_appointment(appointment_id: Ident, role: ReadRole, ledger: LedgerDep) ->
 
 
 @router.get("/v1/patients/{patient_id}/balance", tags=["reads"],
-            responses=problem_responses(401, 403, 422, 500, 503))
+            responses=problem_responses(401, 403, 404, 422, 500, 503))
 def get_patient_balance(patient_id: Ident, role: ReadRole, projector: ProjectorDep,
-                        clock: ClockDep) -> dict:
-    """Units per bucket usable now and per pool (projection)."""
-    return projector.patient_balance(patient_id, clock())
+                        clock: ClockDep, ledger: LedgerDep) -> dict:
+    """Units per bucket usable now and per pool (projection); 404 `unknown_patient` for a
+    patient who holds no pool."""
+    balance = projector.patient_balance(patient_id, clock())
+    if not balance["pools"] and not ledger.knows_patient(patient_id):
+        raise UnknownPatient(f"no pool was ever granted to or shared with {patient_id!r}")
+    return balance
 
 
 @router.get("/v1/doctors/{doctor_id}/wallet", tags=["reads"],
-            responses=problem_responses(401, 403, 422, 500, 503))
-def get_doctor_wallet(doctor_id: Ident, role: ReadRole, projector: ProjectorDep) -> dict:
-    """Pending, available, held and withdrawn pay per currency (projection)."""
-    return projector.doctor_wallet(doctor_id)
+            responses=problem_responses(401, 403, 404, 422, 500, 503))
+def get_doctor_wallet(doctor_id: Ident, role: ReadRole, projector: ProjectorDep,
+                      ledger: LedgerDep) -> dict:
+    """Pending, available, held and withdrawn pay per currency (projection); 404
+    `unknown_doctor` for a doctor never registered."""
+    wallet = projector.doctor_wallet(doctor_id)
+    if not wallet["wallets"] and not ledger.knows_doctor(doctor_id):
+        raise DoctorNotFound(f"doctor {doctor_id!r} was never registered")
+    return wallet
 
 
 @router.get("/v1/projections", tags=["reads"], responses=problem_responses(401, 403, 500, 503))
@@ -259,12 +300,14 @@ def get_projections(role: ReadRole, projector: ProjectorDep, ledger: LedgerDep) 
 @router.post("/v1/ticks", tags=["admin"],
              responses=problem_responses(400, 401, 403, 422, 500, 503))
 def post_tick(role: AdminRole, tick: TickDep, clock: ClockDep, body: Annotated[TickRequest | None, Body()] = None) -> dict:
-    """Run one tick now: charge due blocks, apply timeouts, settle, expire pools."""
+    """Run one tick now: charge due blocks, apply timeouts, settle, expire pools. The report
+    lists each decision (`steps`: session, action, block, units, pool, reason)."""
     now = utc_seconds(clock())
     as_of = body.as_of if body is not None and body.as_of is not None else now
-    if as_of > now + MAX_TICK_AHEAD:
-        raise AsOfOutOfRange(f"as_of {as_of.isoformat()} is later than the clock "
-                             f"({now.isoformat()}) + 5 minutes")
+    window = occurred_at_window(now)
+    if not within(as_of, window):
+        raise AsOfOutOfRange(f"as_of {as_of.isoformat()} is outside [{window[0].isoformat()}, "
+                             f"{window[1].isoformat()}] (the clock − 35 days, + 5 minutes)")
     return tick(as_of).as_dict()
 
 

@@ -1,9 +1,12 @@
 """Request bodies of the HTTP API: one pydantic model per event type, discriminated on `type`.
 
-Every model forbids unknown members. Integers are strict (a JSON string or float is refused),
-strings have bounded lengths, timestamps must be RFC 3339 strings with a zone (a naive time,
-a date alone, or a number is refused), and are normalised to UTC whole seconds, so equal
-instants written differently hash equally for idempotency (billing-rules.md I8).
+Every model forbids unknown members. Integers are strict (a JSON string or float is refused).
+Ids, free text and instants follow the one rule of `ledger/input_rules.py` (the `Id`, `text()`
+and `Timestamp` types below): an id is 1–200 characters of `A–Z a–z 0–9 . _ - : @ + = ~`, text
+has no control character, and a timestamp is an RFC 3339 string with a zone (a naive time, a
+date alone, or a number is refused) within [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z),
+normalised to UTC whole seconds, so equal instants written differently hash equally for
+idempotency (billing-rules.md I8). A batch is validated item by item (`EventBatch`, `parse_event`).
 """
 
 from __future__ import annotations
@@ -13,18 +16,24 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
+    SkipValidation,
     StrictInt,
     StringConstraints,
     Tag,
+    TypeAdapter,
     WithJsonSchema,
     create_model,
 )
 from pydantic_core import PydanticCustomError
+
+from ledger.input_rules import (EARLIEST_INSTANT, ID_MAX_LENGTH, ID_PATTERN, LATEST_INSTANT,
+                                TEXT_PATTERN, instant_problem, text_problem)
 
 MAX_BATCH = 100  # hard ceiling in the schema; settings.batch_limit may lower it
 
@@ -48,22 +57,59 @@ def parse_timestamp(value: Any) -> datetime:
         head, _, rest = text.partition(".")
         text = head + rest.lstrip("0123456789")
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text).astimezone(timezone.utc)
     except ValueError as exc:
         raise PydanticCustomError("timestamp_value", "Invalid timestamp: {reason}",
                                   {"reason": str(exc)}) from None
-    return moment.astimezone(timezone.utc).replace(microsecond=0)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise PydanticCustomError("instant_window", _WINDOW_MESSAGE) from None
+    if instant_problem(moment):
+        raise PydanticCustomError("instant_window", _WINDOW_MESSAGE)
+    return moment.replace(microsecond=0)
 
 
-Timestamp = Annotated[
-    datetime,
-    BeforeValidator(parse_timestamp),
-    WithJsonSchema({"type": "string", "format": "date-time",
-                    "description": "RFC 3339 timestamp with a zone offset"}),
-]
+_WINDOW_MESSAGE = (f"Instants lie in [{EARLIEST_INSTANT.isoformat()}, "
+                   f"{LATEST_INSTANT.isoformat()})")
+_WINDOW_DOC = ("RFC 3339 timestamp with a zone offset, within "
+               f"[{EARLIEST_INSTANT:%Y-%m-%dT%H:%M:%SZ}, {LATEST_INSTANT:%Y-%m-%dT%H:%M:%SZ})")
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-Text = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+def timestamp(description: str = "") -> Any:
+    """An RFC 3339 instant (`parse_timestamp`) documented with its window and `description`."""
+    return Annotated[datetime, BeforeValidator(parse_timestamp), WithJsonSchema({
+        "type": "string", "format": "date-time",
+        "description": f"{_WINDOW_DOC}{'; ' + description if description else ''}"})]
+
+
+Timestamp = timestamp()
+PayloadInstant = timestamp("within 366 days of the event's `occurred_at` "
+                           "(else 422 `instant_out_of_range`)")
+OccurredAt = timestamp("when it happened, within [now − 35 days, now + 5 minutes] of the "
+                       "ledger's clock (else 422 `occurred_at_out_of_range`)")
+
+
+def _check_text(max_length: int):
+    def check(value: str) -> str:
+        problem = text_problem(value, max_length)
+        if problem:
+            raise PydanticCustomError("text_rule", problem)
+        return value
+    return check
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN),
+               Field(description="an identifier: 1–200 of A–Z a–z 0–9 . _ - : @ + = ~")]
+
+
+def text(max_length: int, description: str = "") -> Any:
+    """Free text of 1..max_length characters without control characters (ledger/input_rules)."""
+    return Annotated[str, StringConstraints(min_length=1, max_length=max_length,
+                                            pattern=TEXT_PATTERN),
+                     AfterValidator(_check_text(max_length)),
+                     Field(description=description or "text without control characters")]
+
+
+Text = text(500)
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$"),
                     Field(description="ISO 3166-1 alpha-2 country code", examples=["MW"])]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"),
@@ -103,7 +149,7 @@ class SubscriptionGrantedPayload(Strict):
     payment_reference: Id
     owner_id: Id
     plan: Plan
-    starts_at: Timestamp
+    starts_at: PayloadInstant
 
 
 class PaymentPayload(Strict):
@@ -129,17 +175,19 @@ class SessionPayload(Strict):
 class SessionEndedPayload(Strict):
     session_id: Id
     ended_by: Literal["patient", "doctor", "system"]
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "completed"
+    reason: text(100) = "completed"
 
 
-Provider = Annotated[str, StringConstraints(min_length=1, max_length=50),
+Provider = Annotated[str, StringConstraints(min_length=1, max_length=50, pattern=ID_PATTERN),
                      Field(description="who reported it: livekit, twilio-video, backend, …")]
 
 
 class PresencePayload(Strict):
     session_id: Id
-    participant: Annotated[str, StringConstraints(min_length=1, max_length=200), Field(
-        description="provider identity: the patient or doctor id, or patient:<id> / doctor:<id>")]
+    participant: Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH,
+                                                  pattern=rf"^\*$|{ID_PATTERN}"), Field(
+        description="provider identity: the patient or doctor id, or patient:<id> / doctor:<id> "
+                    "(`*`: both, a two-party call reported as one, e.g. Twilio Voice)")]
     provider: Provider = "backend"
 
 
@@ -153,7 +201,7 @@ class AppointmentBookedPayload(Strict):
     patient_id: Id
     doctor_id: Id
     kind: Literal["text", "voice", "video"]
-    starts_at: Timestamp
+    starts_at: PayloadInstant
     duration_minutes: Annotated[StrictInt, Field(ge=1, le=24 * 60)] = 30
 
 
@@ -169,7 +217,7 @@ class AppointmentLinkedPayload(Strict):
 class AppointmentCancelledPayload(Strict):
     appointment_id: Id
     cancelled_by: Literal["patient", "doctor", "system"]
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "cancelled"
+    reason: text(200) = "cancelled"
 
 
 class AppointmentNoShowPayload(Strict):
@@ -233,9 +281,9 @@ EVENT_TYPES = tuple(PAYLOADS)
 
 
 class EventBase(Strict):
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=200),
-                        Field(description="the backend's unique id of this event (idempotency key)")]
-    occurred_at: Timestamp
+    event_id: Annotated[Id, Field(description="the backend's unique id of this event (the "
+                                              "idempotency key): an identifier")]
+    occurred_at: OccurredAt
 
 
 def _model_name(event_type: str) -> str:
@@ -252,8 +300,25 @@ EVENT_MODELS: dict[str, type[EventBase]] = {
 Event = Annotated[Union[tuple(EVENT_MODELS.values())], Field(discriminator="type")]
 
 
+EVENT_ADAPTER: TypeAdapter = TypeAdapter(Event)
+# Any JSON value: the schema of an item is the single-event body's; an item that breaks it is
+# answered in `results` (422), so the batch itself accepts it.
+BatchItem = Annotated[SkipValidation[Any], WithJsonSchema({
+    "description": "one event, as the single-event body (`event_id`, `type`, `occurred_at`, "
+                   "`payload`); validated on its own: a malformed item gets a 422 result at its "
+                   "index and the other items apply"})]
+
+
 class EventBatch(Strict):
-    events: Annotated[list[Event], Field(min_length=1, max_length=MAX_BATCH)]
+    """Up to 100 events, applied in array order. The list is validated here; each item on its
+    own by `parse_event`, so one malformed item gets its own 422 result and the others apply."""
+
+    events: Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+def parse_event(item: Any) -> EventBase:
+    """One event of a batch as its model; raises pydantic.ValidationError."""
+    return EVENT_ADAPTER.validate_python(item)
 
 
 def _body_kind(value: Any) -> str:
@@ -273,7 +338,9 @@ EventsBody = Annotated[
 
 class TickRequest(Strict):
     as_of: Timestamp | None = Field(
-        None, description="decide everything due by this instant (default: the service clock)")
+        None, description="decide everything due by this instant (default: the service clock); "
+                          "within [now − 35 days, now + 5 minutes] of the service clock "
+                          "(else 422 `as_of_out_of_range`)")
 
 
 class ClockRequest(Strict):

@@ -32,7 +32,9 @@ def released_blocks(events: Iterable[Any]) -> dict[int, str]:
 
 
 def blocks(session: Any, released: dict[int, str] | None = None) -> list[dict]:
-    """Every block the session has held, charged, reversed or released, by number."""
+    """Every block the session has held, charged, reversed or released, in block order:
+    {"block", "start", "end", "status", "pool_id"} (`block` is the number k ≥ 1 everywhere in
+    the statement: blocks, charges, reversals)."""
     status: dict[int, tuple[str, str]] = {}
     for number, pool_id in (released or {}).items():
         status[number] = ("released", pool_id)
@@ -46,7 +48,7 @@ def blocks(session: Any, released: dict[int, str] | None = None) -> list[dict]:
     out = []
     for number in sorted(status):
         state, pool_id = status[number]
-        out.append({"number": number,
+        out.append({"block": number,
                     "start": _iso(block_end(start, number - 1)) if start else None,
                     "end": _iso(block_end(start, number)) if start else None,
                     "status": state, "pool_id": pool_id})

@@ -8,6 +8,11 @@ Answers:
 - 403 `invalid_signature`, 503 `provider_not_configured`, 422 `validation_error`,
   413 `payload_too_large` (over 64 KiB), and the
   ledger's own refusals (404 `unknown_session`, 409 `session_settled`, …): nothing recorded.
+
+A translated event is validated by the same schema as a posted one (api/schemas.py, the rule of
+ledger/input_rules.py): a room name, participant identity or timestamp no event may carry (a
+control character, an id outside the alphabet, an instant outside its window) is refused with
+422 `validation_error` and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from typing import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.observe import event_answered
-from api.problems import PayloadTooLarge, ProviderNotConfigured
-from api.providers import PROVIDERS, Ignored, Provider, WebhookRequest
+from api.problems import PayloadTooLarge, ProviderNotConfigured, ValidationFailed, validation_errors
+from api.providers import PROVIDERS, Ignored, LedgerEvent, Provider, WebhookRequest
 from api.routes import catch_up, get_ledger
+from api.schemas import parse_event
 from ledger.errors import LedgerError
 
 log = logging.getLogger("api")
@@ -44,19 +51,32 @@ def handle(request: Request, provider: Provider, hook: WebhookRequest) -> JSONRe
     if isinstance(outcome, Ignored):
         log.info("%s callback ignored: %s", provider.name, outcome.reason)
         return JSONResponse({"ignored": outcome.reason})
+    checked = validated(outcome)
     session_id = outcome.payload.get("session_id")
     try:
-        accepted = get_ledger(request).ingest(outcome.event_id, outcome.type,
-                                              outcome.occurred_at, outcome.payload)
+        accepted = get_ledger(request).ingest(checked.event_id, checked.type,
+                                              checked.occurred_at, outcome.payload)
     except LedgerError as exc:
-        event_answered(outcome.type, outcome.event_id, session_id, "refused", exc.code)
+        event_answered(checked.type, checked.event_id, session_id, "refused", exc.code)
         raise
-    event_answered(outcome.type, outcome.event_id, session_id,
+    event_answered(checked.type, checked.event_id, session_id,
                    "replayed" if accepted.replayed else "accepted")
     if not accepted.replayed:
         catch_up(request)
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None
     return JSONResponse({**accepted.result, "replayed": accepted.replayed}, headers=headers)
+
+
+def validated(event: LedgerEvent):
+    """The translated event checked by the schema of `POST /v1/events` (one rule for every
+    door); raises ValidationFailed (422) with the field errors."""
+    try:
+        return parse_event({"event_id": event.event_id, "type": event.type,
+                            "occurred_at": event.occurred_at.isoformat(),
+                            "payload": event.payload})
+    except ValidationError as exc:
+        raise ValidationFailed("the callback's event breaks the ledger's input rules",
+                               errors=validation_errors(exc.errors())) from None
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

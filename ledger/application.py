@@ -23,19 +23,19 @@ from eventsourcing.persistence import IntegrityError
 
 from ledger import errors
 from ledger.appointments import APPOINTMENT_KINDS, Appointment
-from ledger.billing import (Work, apply_step, choose_pool, complete_appointment, end_session,
-                            hold_ahead, next_step)
+from ledger.billing import (Step, Work, apply_step, choose_pool, complete_appointment,
+                            end_session, hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
-from ledger.rules import KINDS, Policy, presence_group, utc_seconds
+from ledger.input_rules import occurred_at_window, payload_instant_window, within
+from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
 log = logging.getLogger("ledger")
 Clock = Callable[[], datetime]
 MAX_ATTEMPTS = 8  # optimistic retries per command before answering retry_later
-MAX_FUTURE = timedelta(minutes=5)
-MAX_AGE = timedelta(days=35)
 END_BY = ("patient", "doctor", "system")
-WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}  # legacy minimums (§7), configurable
+# Legacy minimums (§7); the service takes LEDGER_WITHDRAWAL_MINIMUMS (runtime/settings.py).
+WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,16 @@ class Accepted:
 
 @dataclass
 class TickReport:
-    """What one tick did: lists of human-readable lines per category, and whether work is left."""
+    """What one tick did, as data and as lines.
+
+    `steps`: one dict per decision, in the order taken: {"session_id", "action" ("charge" |
+    "end" | "settle"), "block" (the block charged, or at whose start the balance ran out; else
+    None), "units" (1 per charge; units owed at settlement; else 0), "pool_id" (the pool a charge
+    was taken from; else None), "reason" (the end's reason; else None), "ended_at" (ISO, ends
+    only)}; `pools`: {"pool_id", "payment_reference", "forfeited": {bucket: units}} per expired
+    pool; `failures`: {"session_id", "error"}. The human lines (`charged`, `ended`, `settled`,
+    `expired`, `failed`) are for the CLI and the logs. `more`: work is left for the next tick.
+    """
 
     as_of: datetime
     charged: list[str] = field(default_factory=list)
@@ -56,13 +65,54 @@ class TickReport:
     settled: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    pools: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
     conflicts: int = 0
     more: bool = False
 
     def as_dict(self) -> dict:
-        return {"as_of": self.as_of.isoformat(), "charged": self.charged, "ended": self.ended,
-                "settled": self.settled, "expired": self.expired, "failed": self.failed,
-                "conflicts": self.conflicts, "more": self.more}
+        """The structured report `POST /v1/ticks` answers (no human lines)."""
+        counts = {"charged": sum(1 for s in self.steps if s["action"] == "charge"),
+                  "ended": sum(1 for s in self.steps if s["action"] == "end"),
+                  "settled": sum(1 for s in self.steps if s["action"] == "settle"),
+                  "expired": len(self.pools), "failed": len(self.failures)}
+        return {"as_of": self.as_of.isoformat(), "steps": self.steps, "expired": self.pools,
+                "failed": self.failures, "counts": counts, "conflicts": self.conflicts,
+                "more": self.more}
+
+    def record(self, session_id: str, step: Step, session: Session, line: str) -> None:
+        """Add what one step did to `session` (as saved) to the data and the lines."""
+        lines = {"charge": self.charged, "timeout": self.ended, "settle": self.settled}
+        lines[step.action].append(f"{session_id}: {line}")
+        base = {"session_id": session_id, "block": None, "units": 0, "pool_id": None,
+                "reason": None, "ended_at": None}
+        if step.action == "settle":
+            self.steps.append({**base, "action": "settle",
+                               "units": session.settlement["units_owed"]})
+            return
+        if step.action == "charge" and step.block in session.charges:
+            self.steps.append({**base, "action": "charge", "block": step.block, "units": 1,
+                               "pool_id": session.charges[step.block]})
+        if step.action == "timeout":
+            self.steps.append({**base, "action": "end", "reason": step.reason,
+                               "ended_at": step.ended_at.isoformat()})
+        elif session.end_reason == "balance_exhausted" and session.ended_at \
+                and session.ended_at <= self.as_of:
+            self.ended.append(f"{session_id}: balance_exhausted at {session.ended_at.isoformat()}")
+            first_unpaid = int((session.ended_at - session.started_at).total_seconds()) \
+                // BLOCK_SECONDS + 1
+            self.steps.append({**base, "action": "end", "reason": "balance_exhausted",
+                               "block": first_unpaid, "ended_at": session.ended_at.isoformat()})
+
+    def fail(self, session_id: str, exc: Exception) -> None:
+        self.failed.append(f"{session_id}: {type(exc).__name__}: {exc}")
+        self.failures.append({"session_id": session_id, "error": type(exc).__name__})
+
+    def expire(self, pool: Pool) -> None:
+        self.expired.append(f"{pool.payment_reference}: forfeited {pool.forfeited}")
+        self.pools.append({"pool_id": str(pool.id), "payment_reference": pool.payment_reference,
+                           "forfeited": dict(pool.forfeited)})
 
 
 def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
@@ -223,9 +273,34 @@ class Ledger(Application):
 
     @staticmethod
     def _check_age(occurred_at: datetime, now: datetime) -> None:
-        if occurred_at > now + MAX_FUTURE or occurred_at < now - MAX_AGE:
+        """Raise OccurredAtOutOfRange outside [now − 35 days, now + 5 minutes] (input_rules)."""
+        if not within(occurred_at, occurred_at_window(now)):
             raise errors.OccurredAtOutOfRange(
                 f"occurred_at {occurred_at.isoformat()} is outside [now − 35 days, now + 5 minutes]")
+
+    @staticmethod
+    def _payload_instant(p: dict, name: str, at: datetime) -> datetime:
+        """The payload instant `name` (aware datetime or ISO string) in UTC whole seconds;
+        raises InstantOutOfRange beyond 366 days of the event's `at` (input_rules.py)."""
+        value = p[name]
+        moment = utc_seconds(value if isinstance(value, datetime)
+                             else datetime.fromisoformat(str(value)))
+        if not within(moment, payload_instant_window(at)):
+            raise errors.InstantOutOfRange(
+                f"{name} {moment.isoformat()} is more than 366 days from occurred_at "
+                f"{at.isoformat()}", field=name)
+        return moment
+
+    def knows_patient(self, patient_id: str) -> bool:
+        """Whether the ledger holds a patient record (a pool was granted or shared to them)."""
+        return self._exists(Patient.create_id(patient_id))
+
+    def knows_doctor(self, doctor_id: str) -> bool:
+        """Whether the doctor was registered."""
+        return self._exists(Doctor.create_id(doctor_id))
+
+    def _exists(self, aggregate_id: UUID) -> bool:
+        return next(iter(self.events.get(aggregate_id, limit=1)), None) is not None
 
     # ---------------------------------------------------------------------------- doctors
 
@@ -251,8 +326,7 @@ class Ledger(Application):
 
     def _subscription_granted(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         plan = p["plan"]
-        starts_at = utc_seconds(p["starts_at"]) if isinstance(p["starts_at"], datetime) \
-            else utc_seconds(datetime.fromisoformat(p["starts_at"]))
+        starts_at = self._payload_instant(p, "starts_at", at)
         content = body_hash("grant", starts_at, {"owner_id": p["owner_id"], "plan": plan})
         pool = work.get(Pool.create_id(p["payment_reference"]))
         if pool is not None:
@@ -311,8 +385,9 @@ class Ledger(Application):
         sid, kind, patient_id = p["session_id"], p["kind"], p["patient_id"]
         if kind not in KINDS:
             raise errors.InvalidEvent(f"kind must be one of {KINDS}")
-        if work.get(Session.create_id(sid)) is not None:
-            raise errors.SessionExists(f"session {sid!r} was already requested")
+        if (existing := work.get(Session.create_id(sid))) is not None:
+            raise errors.SessionExists(f"session {sid!r} was already requested",
+                                       **existing.standing())
         doctor = work.get(Doctor.create_id(p["doctor_id"]))
         if doctor is None or not doctor.country:
             raise errors.UnknownDoctor(f"doctor {p['doctor_id']!r} has no recorded country")
@@ -320,9 +395,11 @@ class Ledger(Application):
         group = presence_group(kind)
         if patient is not None and group in patient.live:
             raise errors.SessionConflict(
-                f"patient has live session {patient.live[group]!r} of the same kind")
+                f"patient has live session {patient.live[group]!r} of the same kind",
+                **self._standing(work, patient.live[group]))
         if busy := doctor.busy_with_other_than(patient_id):
-            raise errors.SessionConflict(f"doctor has live session {busy!r} with another patient")
+            raise errors.SessionConflict(f"doctor has live session {busy!r} with another patient",
+                                         **self._standing(work, busy))
         pool = choose_pool(work, patient_id, kind, at)
         if pool is None:
             raise errors.InsufficientUnits(f"no {kind} unit can be held for block 1")
@@ -334,6 +411,12 @@ class Ledger(Application):
         work.add(session, pool, patient, doctor)
         return session_view(session)
 
+    @staticmethod
+    def _standing(work: Work, session_id: str) -> dict:
+        """The conflicting session's session_id, state, ended_at, paid_until (for a 409)."""
+        session = work.get(Session.create_id(session_id))
+        return session.standing() if session is not None else {"session_id": session_id}
+
     def _live_session(self, work: Work, p: dict, at: datetime) -> Session:
         session = work.get(Session.create_id(p["session_id"]))
         if session is None:
@@ -343,7 +426,8 @@ class Ledger(Application):
             # A report from before a backend-reported end still counts until settlement (§3);
             # a recorded timeout (or decline) stays final even if an earlier end report has
             # since replaced the end's time and reason (§8).
-            raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}")
+            raise errors.SessionEnded(f"session {session.session_id} ended: {session.end_reason}",
+                                      **session.standing(), reason=session.end_reason)
         if at < session.requested_at:
             raise errors.InvalidTransition(
                 f"occurred_at {at.isoformat()} precedes the session's request")
@@ -462,9 +546,22 @@ class Ledger(Application):
             raise errors.InvalidEvent(f"ended_by must be one of {END_BY}")
         # A timeout deadline before `at` is not applied here but by the tick at deadline + skew
         # (the earliest end stands), so a start or activity reported late within the skew counts.
-        end_session(work, session, at, by, reason, now)
+        recorded = end_session(work, session, at, by, reason, now)
         return {**session_view(session), "ended_at": session.ended_at.isoformat(),
-                "reason": session.end_reason}
+                "reason": session.end_reason, "end_recorded": recorded,
+                "standing_end": self._standing_end(session, recorded)}
+
+    @staticmethod
+    def _standing_end(session: Session, recorded: bool) -> dict:
+        """The end that stands after an end report (§3: the earliest; a timeout is final):
+        its ended_at, reason and who ended it, and why a report that changed nothing did not."""
+        end = {"ended_at": session.ended_at.isoformat(), "reason": session.end_reason,
+               "ended_by": session.end_by}
+        if not recorded:
+            final = " (a timeout, exhaustion or decline is final)" if session.ended_finally else ""
+            end["note"] = (f"the session already ended at {end['ended_at']} "
+                           f"({session.end_reason}){final}; this later end changes nothing")
+        return end
 
     # ----------------------------------------------------------------------- appointments
     # A booking, never a charge (§9, I10): these handlers touch no pool and no wallet.
@@ -487,7 +584,7 @@ class Ledger(Application):
     def _appointment_booked(self, work: Work, at: datetime, p: dict, now: datetime) -> dict:
         if p["kind"] not in APPOINTMENT_KINDS:
             raise errors.InvalidEvent(f"kind must be one of {APPOINTMENT_KINDS}")
-        starts_at = utc_seconds(datetime.fromisoformat(str(p["starts_at"])))
+        starts_at = self._payload_instant(p, "starts_at", at)
         fields = {"patient_id": p["patient_id"], "doctor_id": p["doctor_id"], "kind": p["kind"],
                   "starts_at": starts_at, "duration_minutes": int(p.get("duration_minutes", 30))}
         existing = work.get(Appointment.create_id(p["appointment_id"]))
@@ -548,7 +645,8 @@ class Ledger(Application):
         currency, amount = p["currency"], int(p["amount_minor"])
         minimum = self.withdrawal_minimum_minor.get(currency, 0)
         if amount < minimum:
-            raise errors.BelowMinimum(f"minimum withdrawal is {minimum} {currency} minor units")
+            raise errors.BelowMinimum(f"minimum withdrawal is {minimum} {currency} minor units",
+                                      minimum_minor=minimum, currency=currency)
         wallet = work.get(Wallet.create_id(p["doctor_id"], currency))
         if wallet is None:
             raise errors.InsufficientFunds("no settled pay in this currency", available_minor=0)
@@ -597,7 +695,7 @@ class Ledger(Application):
                 step_due = self._tick_session(key, as_of, report, known)
             except Exception as exc:  # one broken session must not stop everyone's billing
                 log.exception("tick failed for session %s", key)
-                report.failed.append(f"{key}: {type(exc).__name__}: {exc}")
+                report.fail(key, exc)
                 continue
             if step_due is not None:
                 heapq.heappush(queue, (step_due, "session", key))
@@ -645,12 +743,7 @@ class Ledger(Application):
             except IntegrityError:
                 report.conflicts += 1
                 continue
-            bucket = {"charge": report.charged, "timeout": report.ended,
-                      "settle": report.settled}[step.action]
-            if step.action == "charge" and session.end_reason == "balance_exhausted" \
-                    and session.ended_at and session.ended_at <= as_of:
-                report.ended.append(f"{session_id}: balance_exhausted at {session.ended_at.isoformat()}")
-            bucket.append(f"{session_id}: {line}")
+            report.record(session_id, step, session, line)
             known[session_id] = session  # saved: current for its next step in this tick
             following = next_step(session, self.policy)
             return following.due if following and following.due <= as_of else None
@@ -668,6 +761,6 @@ class Ledger(Application):
             except IntegrityError:
                 report.conflicts += 1
                 continue
-            report.expired.append(f"{pool.payment_reference}: forfeited {pool.forfeited}")
+            report.expire(pool)
             return
 

@@ -339,12 +339,20 @@ class Session(Aggregate):
             return None
         return settlement_due(self.ended_at, self.end_received_at, policy)
 
+    def standing(self) -> dict:
+        """What a refusal about this session carries so the backend can act without a second
+        call (issue 9 §4): session_id, state, ended_at and paid_until (ISO 8601 or None)."""
+        paid_until = self.paid_until()
+        return {"session_id": self.session_id, "state": self.state,
+                "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+                "paid_until": paid_until.isoformat() if paid_until else None}
+
     # ---- guards
 
     def check_open(self) -> None:
         """Raise SessionSettled after settlement; nothing about the session changes then."""
         if self.settled:
-            raise SessionSettled(f"session {self.session_id} is settled")
+            raise SessionSettled(f"session {self.session_id} is settled", **self.standing())
 
     def check_live_at(self, at: datetime, policy: Policy) -> None:
         """Raise SessionEnded if a timeout of a live session has passed by `at` (§8)."""
@@ -352,7 +360,8 @@ class Session(Aggregate):
         pending = self.pending_end(policy)
         if pending and at > pending[0]:
             raise SessionEnded(f"session {self.session_id} timed out ({pending[1]}) at "
-                               f"{pending[0].isoformat()}")
+                               f"{pending[0].isoformat()}", **self.standing(),
+                               timeout=pending[1], timeout_at=pending[0].isoformat())
 
     # ---- commands and events
 

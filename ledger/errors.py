@@ -1,17 +1,61 @@
-"""Domain errors, each with a stable code and an HTTP status (RFC 9457 `code` extension).
+"""Domain errors, each with a stable code and an HTTP status (RFC 9457 `code` extension), and
+the one registry of every code the service can return (`ERROR_CODES`).
 
 One hierarchy; api/ maps it to problem+json. Every refusal changes nothing.
+
+The registry fills itself: every `LedgerError` subclass that defines `code` (the `error_type`
+helper below, the API's own in api/problems.py, anyone's later) is registered when its class is
+created, with its status, title and `when` (what the client did or must do). A code returned
+without being registered is logged as an error by api/problems.py, and the test suite fails on
+such a log line (tests/conftest.py); tests/test_error_codes.py checks that README and the
+OpenAPI document list exactly the registered codes. To add a code: define its error type with a
+`when=` text, raise it, and add its row to README's table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One registered code: the HTTP `statuses` it comes with (usually one), a `title`, and
+    `when` it is returned (one sentence for README and the OpenAPI document)."""
+
+    code: str
+    statuses: tuple[int, ...]
+    title: str
+    when: str
+
+
+ERROR_CODES: dict[str, ErrorCode] = {}
+
+
+def register_code(code: str, status: int, title: str, when: str = "") -> ErrorCode:
+    """Add `code` with `status` to the registry (idempotent). A code registered again with
+    another status keeps both (e.g. `unknown_doctor`: 422 on an event, 404 on a read)."""
+    known = ERROR_CODES.get(code)
+    if known is None:
+        ERROR_CODES[code] = ErrorCode(code, (status,), title, when or title)
+    elif status not in known.statuses:
+        ERROR_CODES[code] = ErrorCode(code, tuple(sorted((*known.statuses, status))),
+                                      known.title, f"{known.when}; {when or title}")
+    return ERROR_CODES[code]
+
 
 class LedgerError(Exception):
-    """Base of every refusal. `code` is stable and documented; `status` is the HTTP status."""
+    """Base of every refusal. `code` is stable and documented; `status` is the HTTP status;
+    `extra` are problem extension members (JSON-safe values)."""
 
     code = "ledger_error"
     status = 400
     title = "Request refused"
+    when = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:  # a concrete error type: its code is part of the contract
+            register_code(cls.code, cls.status, cls.title, cls.__dict__.get("when", ""))
 
     def __init__(self, detail: str = "", **extra: object) -> None:
         super().__init__(detail or self.title)
@@ -20,46 +64,96 @@ class LedgerError(Exception):
 
 
 def error_type(name: str, code: str, status: int, title: str,
-               base: type[LedgerError] = LedgerError) -> type[LedgerError]:
-    """A LedgerError subclass with a stable `code`, HTTP `status` and `title`."""
+               base: type[LedgerError] = LedgerError, when: str = "") -> type[LedgerError]:
+    """A LedgerError subclass with a stable `code`, HTTP `status`, `title` and `when` (the
+    sentence documenting when it is returned); registered in ERROR_CODES."""
     return type(name, (base,), {"code": code, "status": status, "title": title,
+                                "when": when or title,
                                 "__doc__": f"{title} ({status} `{code}`)."})
 
 
-InsufficientUnits = error_type("InsufficientUnits", "insufficient_units", 409,
-                               "No unit can be held")
-SessionConflict = error_type("SessionConflict", "session_conflict", 409, "A live session conflicts")
-SessionExists = error_type("SessionExists", "session_exists", 409, "Session id already requested")
-UnknownSession = error_type("UnknownSession", "unknown_session", 404, "Unknown session")
-UnknownDoctor = error_type("UnknownDoctor", "unknown_doctor", 422, "Doctor has no recorded country")
-SessionEnded = error_type("SessionEnded", "session_ended", 409, "Session has ended")
-SessionSettled = error_type("SessionSettled", "session_settled", 409, "Session is settled")
+InsufficientUnits = error_type(
+    "InsufficientUnits", "insufficient_units", 409, "No unit can be held",
+    when="no unit can be held for block 1 of a requested session (billing-rules §3)")
+SessionConflict = error_type(
+    "SessionConflict", "session_conflict", 409, "A live session conflicts",
+    when="the patient has a live session of that kind, or the doctor one with another patient; "
+         "names that session (`session_id`, `state`, `ended_at`, `paid_until`)")
+SessionExists = error_type(
+    "SessionExists", "session_exists", 409, "Session id already requested",
+    when="a `session.requested` names a session id already requested (with another event "
+         "id); carries that session's `session_id`, `state`, `ended_at`, `paid_until`")
+UnknownSession = error_type("UnknownSession", "unknown_session", 404, "Unknown session",
+                            when="no request was accepted for this session id")
+UnknownDoctor = error_type(
+    "UnknownDoctor", "unknown_doctor", 422, "Doctor has no recorded country",
+    when="422 on an event naming a doctor with no recorded country (billing-rules §5)")
+DoctorNotFound = error_type("DoctorNotFound", "unknown_doctor", 404, "Unknown doctor",
+                            when="404 on a read of a doctor never registered")
+UnknownPatient = error_type("UnknownPatient", "unknown_patient", 404, "Unknown patient",
+                            when="a read of a patient who holds no pool (never granted or "
+                                 "added as a member)")
+SessionEnded = error_type(
+    "SessionEnded", "session_ended", 409, "Session has ended",
+    when="the session has ended (a timeout, exhaustion or decline is final); carries "
+         "`session_id`, `state`, `ended_at`, `paid_until`")
+SessionSettled = error_type(
+    "SessionSettled", "session_settled", 409, "Session is settled",
+    when="the session is settled: nothing about it changes any more; carries `session_id`, "
+         "`state`, `ended_at`, `paid_until`")
 InvalidTransition = error_type("InvalidTransition", "invalid_transition", 409,
-                               "Event does not apply to the session's state")
+                               "Event does not apply to the session's state",
+                               when="the event does not apply to the session or appointment "
+                                    "as it stands (e.g. `call.connected` on a text session)")
 PaymentConflict = error_type("PaymentConflict", "payment_conflict", 409,
-                             "Payment reference already granted with other content")
+                             "Payment reference already granted with other content",
+                             when="the payment reference was granted with other content")
 UnknownSubscription = error_type("UnknownSubscription", "unknown_subscription", 404,
-                                 "Unknown payment reference")
+                                 "Unknown payment reference",
+                                 when="no grant was accepted for this payment reference")
 SeatsExhausted = error_type("SeatsExhausted", "seats_exhausted", 409,
-                            "All seats of the plan are taken")
-UnknownMember = error_type("UnknownMember", "unknown_member", 404, "Not an active member")
+                            "All seats of the plan are taken",
+                            when="every seat of the plan is taken (owner included)")
+UnknownMember = error_type("UnknownMember", "unknown_member", 404, "Not an active member",
+                           when="`member.removed` names a patient who is not an active member")
 IdempotencyConflict = error_type("IdempotencyConflict", "idempotency_conflict", 409,
-                                 "Event id already used with a different body")
-OccurredAtOutOfRange = error_type("OccurredAtOutOfRange", "occurred_at_out_of_range", 422,
-                                  "occurred_at too far in the future or the past")
-InvalidEvent = error_type("InvalidEvent", "invalid_event", 422, "Event payload is invalid")
+                                 "Event id already used with a different body",
+                                 when="the event id was accepted earlier with another body")
+OccurredAtOutOfRange = error_type(
+    "OccurredAtOutOfRange", "occurred_at_out_of_range", 422,
+    "occurred_at too far in the future or the past",
+    when="`occurred_at` is outside [now − 35 days, now + 5 minutes] of the ledger's clock")
+InstantOutOfRange = error_type(
+    "InstantOutOfRange", "instant_out_of_range", 422, "A payload instant is outside its window",
+    when="a payload instant (`starts_at`) is more than 366 days from the event's `occurred_at`")
+InvalidEvent = error_type("InvalidEvent", "invalid_event", 422, "Event payload is invalid",
+                          when="the payload names something the ledger does not know "
+                               "(an event type or kind outside its lists)")
 InsufficientFunds = error_type("InsufficientFunds", "insufficient_funds", 409,
-                               "Amount exceeds the available balance")
+                               "Amount exceeds the available balance",
+                               when="a withdrawal exceeds the doctor's available money "
+                                    "(`available_minor` says how much is)")
 BelowMinimum = error_type("BelowMinimum", "withdrawal_below_minimum", 422,
-                          "Amount is below the withdrawal minimum")
+                          "Amount is below the withdrawal minimum",
+                          when="a withdrawal is below its currency's minimum "
+                               "(`LEDGER_WITHDRAWAL_MINIMUMS`; `minimum_minor` says which)")
 WithdrawalConflict = error_type("WithdrawalConflict", "withdrawal_conflict", 409,
-                                "Withdrawal request id already used or not pending")
+                                "Withdrawal request id already used or not pending",
+                                when="the withdrawal request id exists, or is no longer held")
 UnknownWithdrawal = error_type("UnknownWithdrawal", "unknown_withdrawal", 404,
-                               "Unknown withdrawal request")
-RetryLater = error_type("RetryLater", "retry_later", 503, "Too many concurrent writers; retry")
+                               "Unknown withdrawal request",
+                               when="no withdrawal request was accepted with this id")
+RetryLater = error_type("RetryLater", "retry_later", 503, "Too many concurrent writers; retry",
+                        when="too many concurrent writers, the database unreachable, or too many "
+                             "open connections: retry the same request, same event ids "
+                             "(`Retry-After`)")
 UnknownAppointment = error_type("UnknownAppointment", "unknown_appointment", 404,
-                                "Unknown appointment")
+                                "Unknown appointment",
+                                when="no booking was accepted for this appointment id")
 AppointmentExists = error_type("AppointmentExists", "appointment_exists", 409,
-                               "Appointment id already booked with other content")
+                               "Appointment id already booked with other content",
+                               when="the appointment id was booked with other content")
 AppointmentClosed = error_type("AppointmentClosed", "appointment_closed", 409,
-                               "Appointment is completed, cancelled, expired or a no-show")
+                               "Appointment is completed, cancelled, expired or a no-show",
+                               when="the appointment is completed, cancelled, expired or a "
+                                    "no-show")

@@ -53,12 +53,20 @@ def _apply(console: Console, err: Console, legacy, rec, history) -> None:
     changed = changed_adjustments(targets, history)
     planned = plan_adjustments(rec, history)
     new = apply_adjustments(legacy, planned)
-    console.print(f"adjustments: {new} new recorded, {len(planned) - new} already recorded "
-                  f"({len(targets)} corrections in all)")
+    console.print(apply_summary(new, len(targets)))
     if changed:
         err.print(f"[yellow]{len(changed)} adjustment(s) were recorded earlier with other amounts "
                   f"(facts, rules or classification changed since): only the difference was "
                   f"recorded, as a revision (id suffix #r<n>), e.g. {changed[0]}[/]")
+
+
+def apply_summary(recorded: int, corrections: int) -> str:
+    """The line `--apply` prints: what this run recorded, and how many of the corrections owed
+    the legacy log already held (recorded by an earlier run), never a count of ids skipped."""
+    earlier = max(0, corrections - recorded)
+    held = "" if not earlier else f"; all {earlier} were recorded by an earlier --apply" \
+        if not recorded else f"; the other {earlier} were recorded by an earlier --apply"
+    return f"adjustments: {recorded} recorded ({corrections} corrections in all{held})"
 
 
 def _print_summary(console: Console, rec, bugs: list[tuple[str, ...]],

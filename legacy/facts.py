@@ -31,6 +31,8 @@ SUBJECT_TABLES = ("text_sessions", "appointments", "withdrawal_requests",
 # (legacy-system.md §7): its created_at is at paid_at or just after. Allow this much clock
 # difference the other way (the panel and the database may stamp with different clocks).
 SECOND_DEBIT_TOLERANCE_SECONDS = 60
+# The balance moved by wallet_transactions rows the import rejected (wallet_residuals).
+REJECTED_ROWS = "rejected_rows_residual"
 # Statuses whose request the admin panel never debited a second time (only `completed` does).
 NO_SECOND_DEBIT = frozenset({"pending", "rejected", "failed"})
 EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
@@ -114,16 +116,11 @@ def transaction_fact(row: dict, currency: str, withdrawal_for) -> Fact:
     withdrawal a debit without `withdrawal_request_id` belongs to (`match_second_debit`); the
     detail then says so (`withdrawal_match`), or lists the tied candidates
     (`withdrawal_candidates`). Raises Rejected on an unknown type, a missing doctor or a
-    non-numeric or negative amount.
+    non-numeric or negative amount, and on a row that references nothing (`transaction_subject`).
     """
     row_id = required_id(row, "id")
     doctor_id = required_id(row, "doctor_id")
-    kind = {"credit": "LegacyCredit", "debit": "LegacyDebit"}.get(status_of(row.get("type")))
-    if kind is None:
-        raise Rejected(f"type {row.get('type')!r} is neither credit nor debit")
-    amount = to_minor(row.get("amount"))
-    if amount < 0:
-        raise Rejected(f"negative amount {row.get('amount')!r}")
+    kind, amount = money_of(row)
     metadata = json_of(row.get("metadata"))
     at = to_utc(row.get("created_at"), "created_at")
     subject, note = transaction_subject(row, metadata, kind, doctor_id, amount, at, withdrawal_for)
@@ -133,14 +130,32 @@ def transaction_fact(row: dict, currency: str, withdrawal_for) -> Fact:
                 amount_minor=amount, currency=currency, detail=detail)
 
 
+def money_of(row: dict) -> tuple[str, int]:
+    """(LegacyCredit | LegacyDebit, amount in minor units) of a wallet_transactions row;
+    Rejected on an unknown type or a non-numeric or negative amount."""
+    kind = {"credit": "LegacyCredit", "debit": "LegacyDebit"}.get(status_of(row.get("type")))
+    if kind is None:
+        raise Rejected(f"type {row.get('type')!r} is neither credit nor debit")
+    amount = to_minor(row.get("amount"))
+    if amount < 0:
+        raise Rejected(f"negative amount {row.get('amount')!r}")
+    return kind, amount
+
+
 def transaction_subject(row: dict, metadata: dict, kind: str, doctor_id: str, amount: int,
                         at: datetime | None, withdrawal_for) -> tuple[str, dict]:
     """(subject, detail note) of a transaction row: its session_table/session_id, else the
     withdrawal named in its metadata, else — a debit naming none, like the admin panel's second
     debit (B22) — the withdrawal matched by doctor, amount and time (`match_second_debit`; note
-    {"withdrawal_match": "doctor, amount, time"}), else the row itself (note
-    {"withdrawal_candidates": [keys]} when two or more requests tied)."""
+    {"withdrawal_match": "doctor, amount, time"}), else, when two or more requests tie, the row
+    itself (note {"withdrawal_candidates": [keys]}). Rejected: a row that references nothing (a
+    credit naming no session or withdrawal, a debit matching no request), an unknown
+    session_table, a session_table without a session_id."""
     table, session_id = row.get("session_table"), id_of(row.get("session_id"))
+    if table and table not in CALL_TABLES + SUBJECT_TABLES:
+        raise Rejected(f"session_table {table!r} is not a legacy billing table")
+    if table and not session_id:
+        raise Rejected(f"session_table {table!r} without a session_id")
     if session_id and table in CALL_TABLES:
         return f"call_sessions:{session_id}", {}
     if session_id and table in SUBJECT_TABLES:
@@ -148,13 +163,17 @@ def transaction_subject(row: dict, metadata: dict, kind: str, doctor_id: str, am
     request_id = id_of(metadata.get("withdrawal_request_id"))
     if request_id:
         return f"withdrawal_requests:{request_id}", {}
-    note: dict = {}
-    if kind == "LegacyDebit":
-        matched, tied = withdrawal_for(doctor_id, amount, at)
-        if matched:
-            return matched, {"withdrawal_match": "doctor, amount, time"}
-        note = {"withdrawal_candidates": list(tied)} if tied else {}
-    return f"wallet_transactions:{required_id(row, 'id')}", note
+    if kind == "LegacyCredit":
+        raise Rejected("a credit that references nothing: no session_table/session_id and no "
+                       "withdrawal_request_id in its metadata")
+    matched, tied = withdrawal_for(doctor_id, amount, at)
+    if matched:
+        return matched, {"withdrawal_match": "doctor, amount, time"}
+    if not tied:
+        raise Rejected("a debit that references nothing: no withdrawal_request_id, and no "
+                       "request of this doctor and amount completed within "
+                       f"{SECOND_DEBIT_TOLERANCE_SECONDS} s of it")
+    return f"wallet_transactions:{required_id(row, 'id')}", {"withdrawal_candidates": list(tied)}
 
 
 def match_second_debit(debit_at: datetime | None, requests: list[RequestRef],
@@ -302,15 +321,23 @@ def _unattributed(pool: Pool, left: dict) -> list[Fact]:
 
 # ---- wallet residuals -----------------------------------------------------------------------
 
-def wallet_residuals(wallet: dict, sums: WalletSums) -> list[Fact]:
+def wallet_residuals(wallet: dict, sums: WalletSums, rejected: int = 0,
+                     rejected_rows: tuple[str, ...] = ()) -> list[Fact]:
     """Facts for what the `doctor_wallets` row holds beyond its transaction facts (signed).
 
-    balance → LegacyCredit "balance_residual" (moves the balance only: B18 added 3500 with no
-    row and no total_earned); total_earned → LegacyCredit "total_earned_residual" (that total
-    only); total_withdrawn → LegacyDebit "total_withdrawn_residual" (that total only; B22's
-    admin debit moved the balance, not total_withdrawn)."""
+    balance → LegacyCredit "rejected_rows_residual" for what the doctor's rejected
+    wallet_transactions rows moved (`rejected`, signed: credits − debits, naming
+    `rejected_rows`): kept as recorded, never reconciled into money; the rest → LegacyCredit
+    "balance_residual" (moves the balance only: B18 added 3500 with no row and no
+    total_earned); total_earned → LegacyCredit "total_earned_residual" (that total only);
+    total_withdrawn → LegacyDebit "total_withdrawn_residual" (that total only; B22's admin
+    debit moved the balance, not total_withdrawn)."""
     key, doctor_id = wallet["key"], wallet["doctor_id"]
-    wanted = (("LegacyCredit", "balance_residual", wallet["balance_minor"] - sums.balance,
+    wanted = (("LegacyCredit", REJECTED_ROWS, rejected,
+               dict(affects_total_earned=False, affects_total_withdrawn=False,
+                    detail={"rejected_rows": list(rejected_rows)})),
+              ("LegacyCredit", "balance_residual",
+               wallet["balance_minor"] - sums.balance - rejected,
                dict(affects_total_earned=False, affects_total_withdrawn=False)),
               ("LegacyCredit", "total_earned_residual",
                wallet["total_earned_minor"] - sums.earned,

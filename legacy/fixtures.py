@@ -42,7 +42,8 @@ class Expected:
     conventions: `units_*` are units taken from the patient (a grant counts as negative units
     taken, B24), legacy (the counters) vs owed by billing-rules.md; `paid_*_minor` is money put
     into the doctor's wallet in minor units of `currency` (a withdrawal counts as negative,
-    B22); `blocked_minor` is what legacy would not let the doctor withdraw (B23)."""
+    B22); `blocked_minor` is what legacy would not let the doctor withdraw (B23), and
+    `refused_minor` a withdrawal request it refused for that reason."""
 
     bug: str
     subject: str
@@ -53,6 +54,7 @@ class Expected:
     currency: str | None
     note: str
     blocked_minor: int = 0
+    refused_minor: int = 0
 
 
 EXPECTED: tuple[Expected, ...] = (
@@ -80,11 +82,15 @@ EXPECTED: tuple[Expected, ...] = (
              "text ended at exactly 20:00: floor+1 = 3"),
     Expected("B14", "call_sessions:404", 3, 2, 3 * MWK_UNIT, 2 * MWK_UNIT, "MWK",
              "call of exactly 1200 s: 2 buckets + hangup 1 = 3"),
-    Expected("B17", "appointments:601", 2, 1, 2 * MWK_UNIT, MWK_UNIT, "MWK",
-             "unlinked audio appointment ended twice: 2 units, 2 credits; 1 + 1 accepted"),
+    Expected("B16", "call_sessions:410", 2, 2, 2 * 400000, 2 * OLD_VOICE_UNIT, "MWK",
+             "2025-12 12-min voice call: 2 units as owed, each paid the text rate 4000.00"),
+    Expected("B17", "appointments:601", 2, 0, 2 * MWK_UNIT, 0, "MWK",
+             "unlinked audio appointment ended twice: 2 units, 2 credits; an appointment owes 0"),
+    Expected("A2", "appointments:602", 1, 0, MWK_UNIT, 0, "MWK",
+             "completed unlinked video appointment billed 1 unit and 1 credit; it owes 0"),
     Expected("B18", "doctor_wallets:3", 0, 0, 2 * MWK_UNIT, 0, "MWK",
              "process-payment twice: balance +7000.00 with no row, total_earned unchanged"),
-    Expected("B19", "appointments:604", 2, 1, 2 * MWK_UNIT, MWK_UNIT, "MWK",
+    Expected("B19", "appointments:604", 2, 0, 2 * MWK_UNIT, 0, "MWK",
              "legacy text appointment: processDeduction(1) and endSession(1) on manual end"),
     Expected("B22", "withdrawal_requests:701", 0, 0, -2 * 1000000, -1000000, "MWK",
              "10 000.00 withdrawal debited at request and again when the admin completed it"),
@@ -92,14 +98,61 @@ EXPECTED: tuple[Expected, ...] = (
              "doctor paid only for calls: credits lack payment_transaction_id → withdrawable 0",
              blocked_minor=3 * USD_UNIT),
     Expected("B23", "doctor_wallets:1", 0, 0, 0, 0, "MWK",
-             "doctor 101's call credits (H1, B7, B14) carry no payment_transaction_id",
-             blocked_minor=4_450_000),
+             "doctor 101's call credits (H1, B7, B14, B16) carry no payment_transaction_id",
+             blocked_minor=5_250_000),
+    Expected("B23", "withdrawal_requests:702", 0, 0, 0, 0, "MWK",
+             "doctor 101's request for 60,000.00 refused: 56,000.00 verified of 108,500.00",
+             refused_minor=6_000_000),
     Expected("B23", "doctor_wallets:2", 0, 0, 0, 0, "USD",
-             "doctor 102's call credits (B9) carry no payment_transaction_id",
-             blocked_minor=600),
+             "doctor 102's call credits (B9, and call 411's) carry no payment_transaction_id",
+             blocked_minor=900),
     Expected("B24", "subscriptions:318", -5, 0, 0, 0, None,
              "webhook retry granted a second subscription for tx_ref of payment 801"),
 )
+
+@dataclass(frozen=True)
+class Reject:
+    """A row the import must reject, with a fragment of its reason. Wallet transactions are
+    numbered when the fixture is built: `description` finds theirs (`rejected_rows`)."""
+
+    table: str
+    row_id: int | None
+    reason: str
+    description: str | None = None
+
+
+REJECTED: tuple[Reject, ...] = (
+    Reject("call_sessions", 411, "connected_at 2026-02-25T09:40:00+00:00 before "
+                                 "2026-02-25T10:00:00+00:00"),
+    Reject("text_sessions", 517, "status ended but no ended_at"),
+    Reject("text_sessions", 518, "status 'closed' is not a text_sessions status"),
+    Reject("call_sessions", 412, "doctor_id 201 names a patient, not a doctor"),
+    Reject("wallet_transactions", None, "doctor_id 201 names a patient, not a doctor",
+           "Payment for voice session 412"),
+    Reject("doctor_wallets", 101, "doctor_id 201 names a patient, not a doctor"),
+    Reject("wallet_transactions", None, "a credit that references nothing",
+           "Manual balance adjustment"),
+    Reject("withdrawal_requests", 703, "status 'processing' is not a withdrawal_requests status"),
+    Reject("appointments", 606, "status 9 is not an appointment status"),
+)
+# What the rejected rows' facts are about: kept as legacy recorded them, never corrected.
+REJECTED_SUBJECTS = ("call_sessions:411", "text_sessions:517", "text_sessions:518",
+                     "withdrawal_requests:703")
+
+
+def rejected_rows(rows: dict[str, list[dict]] | None = None) -> set[tuple[str, str, str]]:
+    """(table, row id, reason fragment) of every row of `REJECTED` in the built fixture."""
+    rows = rows if rows is not None else legacy_rows().rows
+    out = set()
+    for r in REJECTED:
+        if r.row_id is not None:
+            out.add((r.table, str(r.row_id), r.reason))
+            continue
+        for row in rows[r.table]:
+            if row.get("description") == r.description:
+                out.add((r.table, str(row["id"]), r.reason))
+    return out
+
 
 CLEAN: tuple[tuple[str, str], ...] = (
     ("text_sessions:509", "12-min text: auto 1 + end 1 = 2"),
@@ -113,7 +166,6 @@ CLEAN: tuple[tuple[str, str], ...] = (
     ("call_sessions:407", "missed call (status outside the enum)"),
     ("call_sessions:408", "status `answered`, hung up 3 s after the answer: under the grace"),
     ("call_sessions:409", "40-s call: under the 60-s grace, 0 units"),
-    ("appointments:602", "completed unlinked video appointment: 1 unit, 1 credit (accepted)"),
     ("appointments:603", "appointment linked to text session 511, billed through it"),
     ("appointments:605", "appointment linked to the expired session 514"),
 )
@@ -217,7 +269,7 @@ def _people_and_plans(w: LegacyRows) -> None:
     for doctor, country in ((101, "Malawi"), (102, "Zambia"), (103, "malawi"), (104, "Kenya"),
                             (105, "MALAWI"), (106, None)):
         w.doctor(doctor, country)
-    for patient in range(201, 227):
+    for patient in range(201, 230):
         w.patient(patient)
     for plan_id, name, currency, price, days, counters, seats in (
             (1, "Life Balance", "MWK", 55, 21, (5, 3, 2), 1),
@@ -494,13 +546,72 @@ def _out_of_enum(w: LegacyRows) -> None:
            started_at=at(day, "13:00:00"), scheduled_at=at("2026-03-01", "09:00:00"))
     w.text(516, 221, 106, None, None, used=0, processed=0, status="pending",
            started_at=at(day, "13:30:00"))
-    _appointment(w, 606, 221, 106, "video", 9, at(day, "14:00:00"))
     _appointment(w, 607, 221, 106, "audio", 7, at(day, "11:00:00"))
+
+
+def _b16(w: LegacyRows) -> None:
+    """B16: a 12-minute voice call in 2025-12 (after the H1 fix, before tariff 2026-01-12):
+    1 auto + 1 hangup = 2 units, as owed, but each paid the text rate 4000.00 (the rate key
+    `voice` fell back to text), where tariff legacy-2025 pays 5000.00 per voice unit."""
+    w.sub(329, 227, at("2025-12-01", "08:00:00"), (0, 5, 0), (0, 2, 0))
+    w.call(410, 227, 101, "voice", at("2025-12-15", "10:00:00"), at("2025-12-15", "10:12:00"),
+           used=2, processed=1)
+    w.credit(101, OLD_MWK_TEXT, at("2025-12-15", "10:10:30"), "call_sessions_auto", 410, "voice")
+    w.credit(101, OLD_MWK_TEXT, at("2025-12-15", "10:12:00"), "call_sessions_manual", 410,
+             "voice")
+
+
+def _b23_refused(w: LegacyRows) -> None:
+    """B23: doctor 101 asked for 60,000.00 MWK when the balance held 108,500.00 but only
+    56,000.00 were 'verified earnings' (credits with a payment id): legacy refused it."""
+    w.add("withdrawal_requests", id=702, doctor_id=101, amount=Decimal("60000.00"),
+          payment_method="bank_transfer", status="rejected", bank_name="NBM",
+          account_number="1001", rejection_reason="Amount exceeds verified earnings",
+          created_at=at("2026-03-01", "09:00:00"))
+
+
+def _self_contradicting(w: LegacyRows) -> None:
+    """Rows whose own fields contradict each other (`REJECTED`), each with money or units the
+    reconciliation would have turned into corrections had the import kept the row."""
+    day = "2026-02-25"
+    # connected 20 minutes before the call started: the rules would bill 25 minutes (3 units)
+    w.sub(330, 228, at("2026-01-20", "08:00:00"), (0, 5, 5), (0, 2, 1))
+    w.call(411, 228, 102, "video", at(day, "09:40:00"), at(day, "10:05:00"), used=1,
+           processed=0, started_at=at(day, "10:00:00"))
+    w.credit(102, USD, at(day, "10:05:00"), "call_sessions_manual", 411, "video")
+    # `ended` with no ended_at, and a status §1.4 does not list
+    w.sub(331, 229, at("2026-01-20", "08:00:00"), (5, 0, 0), (2, 0, 0), plan_id=4)
+    ptid = tx_ref_for(331, 229)
+    w.text(517, 229, 106, at("2026-02-26", "09:00:00"), None, used=1, processed=0,
+           last_activity_at=at("2026-02-26", "09:03:00"))
+    w.credit(106, USD, at("2026-02-26", "09:03:00"), "text_sessions", 517, "text", ptid)
+    w.text(518, 229, 106, at("2026-02-26", "11:00:00"), at("2026-02-26", "11:25:00"), used=1,
+           processed=0, status="closed")
+    w.credit(106, USD, at("2026-02-26", "11:25:00"), "text_sessions", 518, "text", ptid)
+    # a doctor id that names a patient (201): the call, its credits and that "wallet"
+    w.call(412, 228, 201, "voice", at("2026-02-27", "10:00:00"), at("2026-02-27", "10:12:00"),
+           used=2, processed=1)
+    for clock, table in (("10:10:30", "call_sessions_auto"), ("10:12:00", "call_sessions_manual")):
+        w.credit(201, MWK, at("2026-02-27", clock), table, 412, "voice",
+                 description="Payment for voice session 412")
+    # a credit that references nothing (doctor 103's balance holds it; it is not B18)
+    w.add("wallet_transactions", doctor_id=103, type="credit", amount=MWK,
+          description="Manual balance adjustment", created_at=at("2026-02-28", "09:00:00"))
+    w.wallet[103][0] += MWK
+    w.wallet[103][1] += MWK
+    # a withdrawal in a status §1.11 does not list, debited once by its request
+    w.add("withdrawal_requests", id=703, doctor_id=102, amount=Decimal("5.00"),
+          payment_method="mobile_money", status="processing", created_at=at("2026-03-02", "09:00:00"))
+    w.debit(102, Decimal("5.00"), at("2026-03-02", "09:00:00"),
+            "Withdrawal Request (Pending Admin Approval)", {"withdrawal_request_id": 703})
+    # an appointment status outside §1.6
+    _appointment(w, 606, 221, 106, "video", 9, at("2026-02-24", "14:00:00"))
 
 
 SCENARIOS = (_people_and_plans, _h1, _h2, _b3, _b4, _b5, _b6, _b7, _b9, _b12, _b13, _b14,
              _b17_b18, _b19, _b22_and_clean_texts, _b23_clean_call, _b24,
-             _linked_appointment_and_b34, _b11, _members, _out_of_enum)
+             _linked_appointment_and_b34, _b11, _members, _out_of_enum, _b16, _b23_refused,
+             _self_contradicting)
 
 
 def legacy_rows() -> LegacyRows:

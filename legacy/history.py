@@ -141,6 +141,7 @@ class Withdrawal:
     status: str
     requested_at: datetime | None
     paid_at: datetime | None
+    reason: str | None = None  # rejection_reason, verbatim
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,12 @@ from eventsourcing.persistence import IntegrityError
 from legacy.log import LegacyLedger, open_legacy
 from legacy.facts import (NO_SECOND_DEBIT, AllocationResult, Evidence, Pool, RequestRef,
                           WalletSums, allocate_charges, appointment_evidence,
-                          call_session_evidence, match_second_debit, text_appointment_evidence,
-                          text_session_evidence, transaction_fact, wallet_residuals)
+                          call_session_evidence, match_second_debit, money_of,
+                          text_appointment_evidence, text_session_evidence, transaction_fact,
+                          wallet_residuals)
 from legacy.history import BUCKETS, Fact
 from legacy.items import ITEM_BUILDERS
-from legacy.normalise import Context, Rejected
+from legacy.normalise import Context, Rejected, check_role
 from legacy.records import LegacyFact, LegacyRecord, fact_aggregate_id, record_id
 from legacy.stored import stored_ids
 from legacy.source import TABLES, count_rows, probe_columns, snapshot, stream
@@ -94,6 +95,9 @@ class State:
     evidence: list[Evidence] = field(default_factory=list)
     wallets: list[dict] = field(default_factory=list)
     sums: dict[str, WalletSums] = field(default_factory=lambda: defaultdict(WalletSums))
+    # per doctor: the balance moved by rejected wallet_transactions rows, and their ids
+    rejected_money: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rejected_rows: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def withdrawal_for(self, doctor_id: str, amount_minor: int,
                        at: datetime | None) -> tuple[str | None, tuple[str, ...]]:
@@ -163,9 +167,23 @@ def _specs(table: str, row: dict, state: State, report: ImportReport) -> list:
     except Rejected as exc:
         report.rejects.append(RejectedRow(table, _row_id(row), str(exc)))
         report.tables[table].rejected += 1
+        if table == "wallet_transactions":
+            _note_rejected_money(row, state)
         return []
     _observe(table, item, state)
     return [(table, _row_id(row), item)]
+
+
+def _note_rejected_money(row: dict, state: State) -> None:
+    """What a rejected transaction row moved in its doctor's balance (when its type and amount
+    can be read), so that the wallet's residual keeps it apart from B18's (wallet_residuals)."""
+    try:
+        kind, amount = money_of(row)
+    except Rejected:
+        return  # its amount cannot be known: it stays in the balance residual
+    doctor_id = str(row.get("doctor_id"))
+    state.rejected_money[doctor_id] += amount if kind == "LegacyCredit" else -amount
+    state.rejected_rows[doctor_id].append(f"wallet_transactions:{_row_id(row)}")
 
 
 def _row_id(row: dict) -> str | None:
@@ -176,6 +194,8 @@ def _transaction(row: dict, state: State) -> Fact:
     """The credit/debit fact of a wallet_transactions row; remembers its sums and, for an
     appointment credit, the unit A2 deducted with it (evidence)."""
     doctor_id = None if row.get("doctor_id") is None else str(row["doctor_id"])
+    if doctor_id is not None:
+        check_role(state.ctx, doctor_id, "doctor", "doctor_id")
     fact = transaction_fact(row, state.ctx.doctor_currency.get(doctor_id, "USD"),
                             state.withdrawal_for)
     state.sums[fact.doctor_id].add(fact)
@@ -222,7 +242,9 @@ def _record_facts(app: LegacyLedger, state: State, batch_size: int, report: Impo
     report.forgiven_units = dict(allocation.forgiven)
     facts = list(allocation.charges)
     for wallet in state.wallets:
-        facts.extend(wallet_residuals(wallet, state.sums[wallet["doctor_id"]]))
+        doctor = wallet["doctor_id"]
+        facts.extend(wallet_residuals(wallet, state.sums[doctor], state.rejected_money[doctor],
+                                      tuple(state.rejected_rows[doctor])))
     for start in range(0, len(facts), batch_size):
         batch = facts[start:start + batch_size]
         for fact, saved in zip(batch, save_batch(app, batch)):

@@ -10,8 +10,15 @@ Normalisation (rules: legacy-system.md §1, §3.1; billing-rules.md preamble and
 - money decimal(10,2) → integer minor units, exactly (Decimal × 100, must be whole);
 - a doctor's country "malawi" in any case → `MW` and MWK; anything else (null included) → USD,
   with the ISO code when known; the legacy string is kept;
-- statuses kept verbatim (lower-cased), also outside the legacy enums (B31);
-  appointment status ints → names, unknown → `unknown:<n>`; call type `audio` → `voice`.
+- statuses kept verbatim (lower-cased), also outside the DB enums when the legacy code writes
+  them (B31: `missed`, `answered`, `pending`, `scheduled`, …); a status legacy-system.md §1
+  does not list at all is Rejected (`STATUSES`); appointment status ints → names; call type
+  `audio` → `voice`.
+
+A row that contradicts itself is Rejected too, so that it never reaches the reconciliation (its
+facts, if any, are kept as legacy recorded them): an interval that runs backwards (ended before
+its start, connected or activated before it started), a status `ended` with no `ended_at`, a
+negative counter, a patient or doctor id naming a user of another type (`check_role`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,21 @@ COUNTRY_CODES = {"malawi": "MW", "zambia": "ZM", "kenya": "KE", "tanzania": "TZ"
                  "ethiopia": "ET", "united kingdom": "GB", "united states": "US", "india": "IN"}
 
 
+# Every status legacy-system.md §1 lists for a table: the DB enum and what the code writes
+# beside it (B31). Anything else is no state legacy had: the row is rejected.
+STATUSES = {
+    "text_sessions": frozenset({"active", "ended", "expired", "waiting_for_doctor", "cancelled",
+                                "pending", "scheduled"}),  # §1.4
+    "call_sessions": frozenset({"active", "ended", "expired", "waiting_for_doctor", "connecting",
+                                "missed", "answered", "pending", "declined", "failed",
+                                "cancelled"}),  # §1.5
+    "withdrawal_requests": frozenset({"pending", "approved", "rejected", "paid", "completed",
+                                      "failed"}),  # §1.11, §7
+    "subscription_members": frozenset({"active", "inactive", "pending"}),  # §1.3
+    "payment_transactions": frozenset({"pending", "completed", "failed"}),  # §1.10
+}
+
+
 class Rejected(ValueError):
     """A legacy row that cannot be interpreted; `str(exc)` is the reason for the report."""
 
@@ -48,6 +70,7 @@ class Context:
 
     plan_days: dict[str, int] = field(default_factory=dict)  # plans.id → duration days
     doctor_currency: dict[str, str] = field(default_factory=dict)  # users.id → MWK | USD
+    user_types: dict[str, str] = field(default_factory=dict)  # users.id → patient | doctor | …
 
 
 # ---- scalar conversions ---------------------------------------------------------------------
@@ -115,6 +138,34 @@ def status_of(value) -> str:
     return "unknown" if value is None else str(value).strip().lower()
 
 
+def documented_status(value, table: str) -> str:
+    """`status_of(value)` if legacy-system.md §1 lists it for `table` (`STATUSES`), else
+    Rejected: a state the legacy code never had cannot be interpreted."""
+    status = status_of(value)
+    if status not in STATUSES[table]:
+        raise Rejected(f"status {value!r} is not a {table} status legacy-system.md §1 lists")
+    return status
+
+
+def check_role(ctx: Context, user_id: str, role: str, column: str) -> None:
+    """Rejected when `user_id` is a known user of another type than `role` (a doctor id that
+    names a patient); an id missing from `users` is kept (deleted rows, B29)."""
+    user_type = ctx.user_types.get(user_id)
+    if user_type is not None and user_type != role:
+        raise Rejected(f"{column} {user_id} names a {user_type}, not a {role}")
+
+
+def check_not_negative(value: int | None, column: str) -> None:
+    if value is not None and value < 0:
+        raise Rejected(f"{column} {value} is negative")
+
+
+def check_ended(status: str, ended_at: datetime | None, what: str) -> None:
+    """Rejected when a row says `ended` but has no `ended_at`."""
+    if status == "ended" and ended_at is None:
+        raise Rejected(f"{what}: status ended but no ended_at")
+
+
 def country_code(country: str | None) -> str | None:
     """ISO 3166-1 alpha-2 for a legacy country string; "malawi" in any case → MW."""
     if country is None:
@@ -131,18 +182,22 @@ def currency_of(country: str | None) -> str:
 
 
 def appointment_status(value) -> str:
-    """The name of a legacy appointment status int (§1.6); `unknown:<n>` outside the table.
+    """The name of a legacy appointment status int (§1.6); Rejected outside that table.
 
     A status stored as a name: "in_progress" (any case) → "confirmed", because the legacy
-    normaliser maps that string to 1 (§1.6), so legacy treated such a row as confirmed; other
-    names are kept verbatim, lower-cased (B31). The int 7 stays "in_progress"."""
+    normaliser maps that string to 1 (§1.6), so legacy treated such a row as confirmed; another
+    name of the table is kept (lower-cased). The int 7 stays "in_progress"."""
     if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
         name = value.strip().lower()
-        return APPOINTMENT_STATUS[1] if name == "in_progress" else name
+        if name == "in_progress":
+            return APPOINTMENT_STATUS[1]
+        if name in APPOINTMENT_STATUS.values():
+            return name
+        raise Rejected(f"status {value!r} is not an appointment status legacy-system.md §1.6 lists")
     number = to_int(value, "status")
-    if number is None:
-        return "unknown"
-    return APPOINTMENT_STATUS.get(number, f"unknown:{number}")
+    if number not in APPOINTMENT_STATUS:
+        raise Rejected(f"status {value!r} is not an appointment status legacy-system.md §1.6 lists")
+    return APPOINTMENT_STATUS[number]
 
 
 def json_of(value) -> dict:
@@ -155,10 +210,12 @@ def json_of(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def check_order(start: datetime | None, end: datetime | None, what: str) -> None:
-    """Rejected when `end` is before `start` (an interval that cannot have happened)."""
+def check_order(start: datetime | None, end: datetime | None, what: str,
+                column: str = "ended_at") -> None:
+    """Rejected when `end` (the `column`) is before `start`: an interval that cannot have
+    happened (a session ended, connected or activated before it started)."""
     if start is not None and end is not None and end < start:
-        raise Rejected(f"{what}: ended_at {end.isoformat()} before {start.isoformat()}")
+        raise Rejected(f"{what}: {column} {end.isoformat()} before {start.isoformat()}")
 
 
 def appointment_start(row: dict) -> datetime | None:

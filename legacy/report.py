@@ -96,6 +96,12 @@ def summary_markdown(rec: Reconciliation) -> str:
                      "blocked (B23)"), doctor_lines(rec))
     lines += ["Blocked (B23) is what legacy's 'verified earnings' rule kept a doctor from withdrawing; "
               "it is no money difference and gets no adjustment.", ""]
+    refused = [d for d in rec.differences if d.refused_minor]
+    if refused:
+        lines += ["## Withdrawal requests legacy refused (B23)", ""]
+        lines += _table(("request", "doctor", "amount"),
+                        [(d.subject, d.doctor_id or "", format_money(d.refused_minor, d.currency))
+                         for d in refused])
     unexplained = [d for d in rec.differences if d.bug == "unexplained"]
     if unexplained:
         lines += ["## Unexplained", ""] + [f"- {d.explanation}" for d in unexplained[:200]]

@@ -21,12 +21,21 @@ err = Console(stderr=True)
 
 
 def _parse_instant(value: Optional[str]) -> Optional[datetime]:
+    """An --as-of instant: ISO 8601 with a zone, within the ledger's instant window."""
+    from ledger.input_rules import instant_problem
+
     if value is None:
         return None
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        raise typer.BadParameter("--as-of needs a timezone, e.g. 2026-11-21T10:00:00Z")
-    return moment.astimezone(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            raise typer.BadParameter("--as-of needs a timezone, e.g. 2026-11-21T10:00:00Z")
+        moment = moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
+        raise typer.BadParameter(f"--as-of {value!r} is not an instant: {exc}") from None
+    if problem := instant_problem(moment):
+        raise typer.BadParameter(f"--as-of: {problem}")
+    return moment
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger.rules import Policy
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     settlement_grace_seconds: int = Field(600, ge=0, le=86400)
     max_duration_seconds: int = Field(3 * 3600, ge=600, le=86400)
     batch_limit: int = Field(100, ge=1, le=100)
+    withdrawal_minimums: dict[str, int] = Field(
+        default_factory=lambda: {"MWK": 5_000_000, "USD": 7_000},
+        description="minimum withdrawal per ISO 4217 currency, in minor units, as JSON "
+                    '(\'{"MWK": 5000000, "USD": 7000}\', the legacy 50,000.00 MWK and 70.00 USD); '
+                    "a currency not listed has none; below it: 422 withdrawal_below_minimum")
     log_level: str = Field("info", pattern="^(debug|info|warning|error|critical)$")
     log_format: str = Field("json", pattern="^(json|console)$",
                             description="json: one JSON object per line (structlog); console: for a terminal")
@@ -70,6 +75,16 @@ class Settings(BaseSettings):
         if is_postgres(self.database_url):
             values.append(postgres_parts(self.database_url)["password"])
         return [v for v in values if v and len(v) >= 4]
+
+    @field_validator("withdrawal_minimums")
+    @classmethod
+    def _currencies_and_amounts(cls, value: dict[str, int]) -> dict[str, int]:
+        for currency, minimum in value.items():
+            if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+                raise ValueError(f"{currency!r} is not an ISO 4217 code")
+            if minimum < 0:
+                raise ValueError(f"the {currency} minimum is negative")
+        return value
 
     def policy(self) -> Policy:
         """The billing Policy these settings select (billing-rules.md §3, §8)."""

@@ -27,7 +27,8 @@ def build_ledger(settings: Settings, clock: Callable[[], datetime],
     """The Ledger application for these settings, with `clock` injected; `on_conflict(where)`
     is told of every optimistic-concurrency retry (metrics)."""
     env = persistence_env(settings.database_url, settings.store_timeout_seconds)
-    return Ledger(env=env, clock=clock, policy=settings.policy(), on_conflict=on_conflict)
+    return Ledger(env=env, clock=clock, policy=settings.policy(),
+                  withdrawal_minimum_minor=settings.withdrawal_minimums, on_conflict=on_conflict)
 
 
 def wait_for_store(settings: Settings, attempt: Callable[[], T], what: str = "open the store") -> T:

@@ -59,7 +59,7 @@ def observed_tick(ledger: Any, projector: Any, as_of: datetime, metrics: Any = N
               "duration_ms": round(seconds * 1000, 1), **work, "conflicts": report.conflicts,
               "more": report.more}
     if report.failed:
-        log.error("tick", **fields, failed_sessions=report.failed[:MAX_FAILED_LOGGED])
+        log.error("tick", **fields, failed_sessions=report.failures[:MAX_FAILED_LOGGED])
     else:
         log.info("tick", **fields)
     return report

@@ -38,6 +38,6 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
 
 
 def _merge(total: TickReport, report: TickReport) -> None:
-    for name in ("charged", "ended", "settled", "expired", "failed"):
+    for name in ("charged", "ended", "settled", "expired", "failed", "steps", "pools", "failures"):
         getattr(total, name).extend(getattr(report, name))
     total.conflicts += report.conflicts

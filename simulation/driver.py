@@ -462,7 +462,7 @@ class Driver:
                 break
             self.stats.tick_calls += 1
             for name in ("charged", "ended", "settled", "expired"):
-                work[name] += len(report.get(name) or ())
+                work[name] += (report.get("counts") or {}).get(name, 0)
             if not report.get("more"):
                 break
         self.stats.ticks += 1
@@ -528,7 +528,7 @@ def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
         "paid_until": got.get("paid_until"),
         "charges": sorted(c["block"] for c in statement.get("charges", [])),
         "reversals": sorted(c["block"] for c in statement.get("reversals", [])),
-        "holds": sorted(b["number"] for b in blocks if b.get("status") == "held"),
+        "holds": sorted(b["block"] for b in blocks if b.get("status") == "held"),
         "units_owed": settlement.get("units_owed"),
         "charge_pools": {c["block"]: c["pool_id"] for c in statement.get("charges", [])},
         "pay_per_unit_minor": pay.get("per_unit_minor"), "currency": pay.get("currency"),
@@ -541,6 +541,10 @@ def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
 def compare_patient(driver: Driver, patient: str, response: httpx.Response, now: datetime,
                     all_units: dict) -> None:
     oracle = driver.oracle
+    if response.status_code == 404 and not oracle.patients.get(patient, {}).get("pools"):
+        if (response.json() or {}).get("code") != "unknown_patient":
+            driver.differ(f"patient {patient}: 404 {response.text[:200]}")
+        return  # a patient with no pool is unknown to the ledger (issue 9 §4)
     if response.status_code != 200:
         driver.differ(f"patient {patient}: balance {response.status_code}")
         return

@@ -665,7 +665,7 @@ class Oracle:
         _, action, detail = step
         if action == "charge":
             self._charge(s, detail, as_of)
-            out.charged += 1
+            out.charged += detail in s.charges  # a block whose unit ran out is an end, not a charge
             if s.end_reason == "balance_exhausted" and s.ended_at <= as_of:
                 out.ended += 1
         elif action == "timeout":

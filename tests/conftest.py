@@ -7,6 +7,7 @@ but fail when CI=true or LEDGER_REQUIRE_POSTGRES=1: a PostgreSQL test that skips
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -91,6 +92,19 @@ def store_url(request, tmp_path):
 
 
 _skipped_in_ci: list[str] = []
+_unregistered_codes: list[str] = []
+
+
+class _UnregisteredCodes(logging.Handler):
+    """Collects every problem code the service returned without registering it
+    (api/problems.py logs them on `api.error_codes`); any one fails the run."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _unregistered_codes.append(record.getMessage())
+
+
+def pytest_configure(config) -> None:
+    logging.getLogger("api.error_codes").addHandler(_UnregisteredCodes(level=logging.ERROR))
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -100,6 +114,11 @@ def pytest_runtest_logreport(report) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    if _unregistered_codes:
+        print(f"\n{len(_unregistered_codes)} problem(s) returned with an unregistered code:")
+        for line in sorted(set(_unregistered_codes)):
+            print(f"  {line}")
+        session.exitstatus = 1
     if _skipped_in_ci:
         print(f"\n{len(_skipped_in_ci)} test(s) skipped where skipping is not allowed:")
         for nodeid in _skipped_in_ci:

@@ -6,6 +6,7 @@ FakeClock and tick_enabled=False; ticks are driven through POST /v1/ticks.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta, timezone
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from runtime.asgi import create_app
 from api.schemas import EVENT_TYPES
+from ledger.input_rules import ID_PATTERN
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
 from conftest import T0, FakeClock
@@ -159,7 +161,8 @@ def test_auditor_reads_but_cannot_post_tick_or_set_clock(api):
     assert_problem(api.client.put("/v1/clock", json={"now": T0.isoformat()}, headers=AUDITOR),
                    403, "forbidden")
     assert api.client.get("/v1/projections", headers=AUDITOR).status_code == 200
-    assert api.client.get("/v1/doctors/d1/wallet", headers=AUDITOR).status_code == 200
+    assert_problem(api.client.get("/v1/doctors/d1/wallet", headers=AUDITOR), 404,
+                   "unknown_doctor")  # readable by an auditor, but never registered
 
 
 def test_backend_cannot_tick_and_admin_can_post(api):
@@ -202,8 +205,11 @@ def test_full_call_bills_three_units_and_pays_doctor_after_settlement(store_api)
     assert available_minor(api, "d1", "MWK") == 0
 
     c.set(START + timedelta(minutes=25 + 11))  # past the 10-minute settlement grace
-    report = api.tick()
-    assert report["settled"] == ["s1: settled 3 units"]
+    report = api.tick()  # blocks 1 and 2 were due at their ends; block 3 owed at settlement
+    assert steps(report) == [("s1", "charge", 1, 1, pool_id, None),
+                             ("s1", "charge", 2, 1, pool_id, None),
+                             ("s1", "settle", None, 3, None, None)]
+    assert report["counts"] == {"charged": 2, "ended": 0, "settled": 1, "expired": 0, "failed": 0}
     assert report["more"] is False
 
     session = api.client.get("/v1/sessions/s1", headers=AUDITOR).json()
@@ -215,7 +221,7 @@ def test_full_call_bills_three_units_and_pays_doctor_after_settlement(store_api)
                                "pay_minor": 350000, "currency": "MWK", "commission_pct": 0,
                                "country": "MW"}
     statement = session["statement"]
-    assert [(b["number"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
+    assert [(b["block"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
         (1, "charged", pool_id), (2, "charged", pool_id), (3, "charged", pool_id)]
     assert statement["blocks"][2]["start"] == (START + timedelta(minutes=20)).isoformat()
     assert statement["blocks"][2]["end"] == (START + timedelta(minutes=30)).isoformat()
@@ -236,6 +242,12 @@ def test_full_call_bills_three_units_and_pays_doctor_after_settlement(store_api)
     assert all(v == 0 for v in lag["lag"].values())
 
 
+def steps(report: dict) -> list[tuple]:
+    """The tick report's decisions as (session, action, block, units, pool, reason)."""
+    return [(s["session_id"], s["action"], s["block"], s["units"], s["pool_id"], s["reason"])
+            for s in report["steps"]]
+
+
 def available_minor(api: Api, doctor_id: str, currency: str) -> int:
     wallet = api.client.get(f"/v1/doctors/{doctor_id}/wallet", headers=BACKEND)
     assert wallet.status_code == 200, wallet.text
@@ -250,7 +262,7 @@ def test_statement_before_billable_start_shows_block_one_held(api):
     session = api.client.get("/v1/sessions/t1", headers=BACKEND).json()
     assert session["state"] == "requested" and session["started_at"] is None
     assert session["statement"]["blocks"] == [
-        {"number": 1, "start": None, "end": None, "status": "held", "pool_id": pool_id}]
+        {"block": 1, "start": None, "end": None, "status": "held", "pool_id": pool_id}]
     assert session["rate"] is None and session["statement"]["doctor_pay"] is None
     assert session["statement"]["settlement"] is None
 
@@ -268,7 +280,7 @@ def test_short_text_session_releases_unused_hold(api):
     c.advance(700)
     api.tick()
     statement = api.client.get("/v1/sessions/t1", headers=BACKEND).json()["statement"]
-    assert [(b["number"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
+    assert [(b["block"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
         (1, "charged", pool_id), (2, "released", pool_id)]
     assert statement["settlement"]["units_owed"] == 1
 
@@ -285,7 +297,8 @@ def test_late_early_end_reverses_auto_deducted_block(store_api):
     c.set(START + timedelta(minutes=10))
     api.ok("session.activity", session_id="s1")
     c.set(START + timedelta(minutes=21))
-    assert api.tick()["charged"] == ["s1: charged block 1", "s1: charged block 2"]
+    assert steps(api.tick()) == [("s1", "charge", 1, 1, pool_id, None),
+                                 ("s1", "charge", 2, 1, pool_id, None)]
     assert api.client.get("/v1/sessions/s1", headers=BACKEND).json()["statement"][
         "doctor_pay"] == {"per_unit_minor": 350000, "units": 2, "net_total_minor": 700000,
                           "currency": "MWK", "status": "pending"}
@@ -296,9 +309,9 @@ def test_late_early_end_reverses_auto_deducted_block(store_api):
     api.ok("session.ended", START + timedelta(minutes=5), session_id="s1", ended_by="system",
            reason="provider_disconnect")
     c.set(START + timedelta(minutes=32))
-    assert api.tick()["settled"] == ["s1: settled 1 units"]
+    assert steps(api.tick()) == [("s1", "settle", None, 1, None, None)]
     statement = api.client.get("/v1/sessions/s1", headers=BACKEND).json()["statement"]
-    assert [(b["number"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
+    assert [(b["block"], b["status"], b["pool_id"]) for b in statement["blocks"]] == [
         (1, "charged", pool_id), (2, "reversed", pool_id), (3, "released", pool_id),
         (4, "released", pool_id)]
     assert statement["charges"] == [{"block": 1, "pool_id": pool_id}]
@@ -499,13 +512,28 @@ def test_batch_limit_setting_lowers_the_ceiling(tmp_path):
         assert api.position() == 0
 
 
-def test_invalid_event_in_batch_rejects_the_whole_batch(api):
+def test_invalid_item_in_batch_gets_its_own_422_and_the_others_apply(api):
     events = [api.event("doctor.registered", doctor_id="d1", country="MW"),
-              api.event("doctor.registered", doctor_id="d2", country="Malawi")]
+              api.event("doctor.registered", doctor_id="d2", country="Malawi"),
+              {"event_id": "bad\u0000id", "type": "doctor.registered"},
+              "not an event",
+              api.event("doctor.registered", doctor_id="d3", country="ZM")]
     response = api.client.post("/v1/events", json={"events": events}, headers=BACKEND)
-    problem = assert_problem(response, 422, "validation_error")
-    assert any("events" in e["loc"] and 1 in e["loc"] for e in problem["errors"])
-    assert api.position() == 0
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [201, 422, 422, 422, 201]
+    assert [r["event_id"] for r in results] == ["ev-1", "ev-2", None, None, "ev-3"]
+    for index in (1, 2, 3):
+        problem = results[index]["problem"]
+        assert problem["code"] == "validation_error" and problem["errors"]
+        assert all(e["loc"][:3] == ["body", "events", index] for e in problem["errors"])
+    assert "country" in results[1]["problem"]["errors"][0]["loc"]
+    assert available_doctors(api) == {"d1", "d3"}
+
+
+def available_doctors(api: Api) -> set[str]:
+    return {d for d in ("d1", "d2", "d3")
+            if api.client.get(f"/v1/doctors/{d}/wallet", headers=BACKEND).status_code == 200}
 
 
 # ----------------------------------------------------------------------- business refusals
@@ -551,7 +579,7 @@ def test_session_settled_refuses_later_events(api):
     c.advance(120)
     api.ok("session.ended", session_id="s1", ended_by="patient")
     c.advance(11 * 60)
-    assert api.tick()["settled"] == ["s1: settled 1 units"]
+    assert steps(api.tick()) == [("s1", "settle", None, 1, None, None)]
     before = api.position()
     response = api.post(api.event("session.ended", c() - timedelta(minutes=12), session_id="s1",
                                   ended_by="system", reason="idle_timeout"))
@@ -599,8 +627,7 @@ def test_unknown_route_and_method_are_problems(api):
 def test_admin_tick_defaults_to_now_and_refuses_far_future(api):
     report = api.tick()
     assert report["as_of"] == T0.isoformat()
-    assert set(report) == {"as_of", "charged", "ended", "settled", "expired", "failed",
-                           "conflicts", "more"}
+    assert set(report) == {"as_of", "steps", "expired", "failed", "counts", "conflicts", "more"}
     assert api.tick(T0 + timedelta(minutes=5))["as_of"] == (T0 + timedelta(minutes=5)).isoformat()
     response = api.client.post("/v1/ticks", json={"as_of": (T0 + timedelta(minutes=6))
                                                   .isoformat()}, headers=ADMIN)
@@ -615,7 +642,8 @@ def test_tick_ends_unconnected_call_as_missed(api):
     api.ok("session.requested", session_id="s1", kind="voice", patient_id="p1", doctor_id="d1")
     api.clock.advance(90 + 60)
     report = api.tick()
-    assert report["ended"] and report["ended"][0].startswith("s1: ended missed")
+    assert steps(report) == [("s1", "end", None, 0, None, "missed")]
+    assert report["steps"][0]["ended_at"] == (T0 + timedelta(seconds=90)).isoformat()
     session = api.client.get("/v1/sessions/s1", headers=BACKEND).json()
     assert session["state"] == "ended" and session["end_reason"] == "missed"
     assert usable_now(api.client.get("/v1/patients/p1/balance", headers=BACKEND).json(),
@@ -681,4 +709,12 @@ def test_openapi_documents_problem_json_and_event_union(api):
     timestamp = schema["components"]["schemas"]["DoctorRegisteredEvent"]["properties"][
         "occurred_at"]
     assert timestamp["type"] == "string" and timestamp["format"] == "date-time"
+    # the window, so that a schema-valid request is not refused by surprise (issue 9 §4)
+    assert "2000-01-01T00:00:00Z" in timestamp["description"]
+    assert "now − 35 days, now + 5 minutes" in timestamp["description"]
+    assert "occurred_at_out_of_range" in timestamp["description"]
+    doctor_id = schema["components"]["schemas"]["DoctorPayload"]["properties"]["doctor_id"]
+    assert doctor_id["pattern"] == ID_PATTERN and doctor_id["maxLength"] == 200
+    tick = schema["components"]["schemas"]["TickRequest"]["properties"]["as_of"]
+    assert "as_of_out_of_range" in json.dumps(tick)
     assert api.client.get("/docs").status_code == 200

@@ -1032,7 +1032,7 @@ def test_unknown_session_is_404(desk: Desk) -> None:
     for post in (desk.activity, desk.connect, desk.activate, desk.ring, desk.message, desk.end):
         err = refused(errors.UnknownSession, post, "nope")
         assert (err.code, err.status) == ("unknown_session", 404)
-    assert desk.ledger.tick(T0 + 60 * MIN, ["nope"]).as_dict()["charged"] == []
+    assert desk.ledger.tick(T0 + 60 * MIN, ["nope"]).as_dict()["steps"] == []
 
 
 def test_idempotent_reingest_returns_original_result_and_changes_nothing(desk: Desk) -> None:

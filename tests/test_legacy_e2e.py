@@ -14,7 +14,7 @@ from psycopg import sql
 
 from legacy import reconcile as reconcile_module
 from legacy.log import open_legacy
-from legacy.fixtures import CLEAN, EXPECTED, build_legacy_database
+from legacy.fixtures import CLEAN, EXPECTED, REJECTED_SUBJECTS, build_legacy_database
 from legacy.importer import import_legacy
 from legacy.replay import legacy_balances, load_history, verify_against_source
 from storage import postgres_conninfo, postgres_parts
@@ -46,7 +46,7 @@ def reconciled(url: str):
 
 def numbers(row) -> tuple:
     return (row.bug, row.units_legacy, row.units_rules, row.paid_legacy_minor,
-            row.paid_rules_minor, row.currency, getattr(row, "blocked_minor", 0))
+            row.paid_rules_minor, row.currency, row.blocked_minor, row.refused_minor)
 
 
 def mismatches(differences, expected) -> list[str]:
@@ -57,7 +57,7 @@ def mismatches(differences, expected) -> list[str]:
     out = []
     for case in expected:
         want = (case.bug, case.units_legacy, case.units_rules, case.paid_legacy_minor,
-                case.paid_rules_minor, case.currency, case.blocked_minor)
+                case.paid_rules_minor, case.currency, case.blocked_minor, case.refused_minor)
         found = [numbers(row) for row in by_subject.get(case.subject, [])]
         if want not in found:
             out.append(f"{case.bug} {case.subject}: want {want}, found {found} ({case.note})")
@@ -128,3 +128,27 @@ def test_a_second_import_adds_nothing_and_changes_no_difference(imported):
     assert import_legacy(dsn, url).appended == 0
     _, after = reconciled(url)
     assert after.differences == before.differences
+
+
+def test_self_contradicting_rows_are_never_reconciled_into_money(imported):
+    """Issue 9 §3: the rows the import rejected (legacy/fixtures.py REJECTED) have no
+    difference and no correction; what legacy moved for them is kept as it recorded it."""
+    _, url = imported
+    history, result = reconciled(url)
+    rejected = set(REJECTED_SUBJECTS)
+    assert not [d for d in result.differences if d.subject in rejected]
+    assert not [a for a in reconcile_module.plan_adjustments(result) if a.subject in rejected]
+    assert rejected <= set(result.accepted_unmatched)
+    # doctor 103's balance residual: 7,000.00 of B18, and 3,500.00 moved by a credit row that
+    # references nothing, kept as recorded (not B18, not undone)
+    b18 = [d for d in result.differences if d.subject == "doctor_wallets:3"]
+    assert [(d.bug, d.paid_over) for d in b18] == [("B18", 700000)]
+    money_facts = [f for f in history.facts if f.doctor_id == "103"
+                   and f.kind != "LegacyCharge" and f.affects_balance]
+    assert sorted((f.source.split(":")[0], f.subject, f.amount_minor) for f in money_facts) == [
+        ("balance_residual", "doctor_wallets:3", 700000),
+        ("rejected_rows_residual", "doctor_wallets:3", 350000),
+        ("wallet_transactions", "appointments:602", 350000)]
+    # the rules: appointment 602's credit (A2) and B18's 7,000.00 undone, the rejected row's kept
+    _, money = result.rules_balances()
+    assert money[("103", "MWK")] == 350000

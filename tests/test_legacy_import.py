@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from datetime import datetime, timezone
 
 import psycopg
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from legacy.log import open_legacy
 from legacy.facts import (Evidence, Pool, RequestRef, allocate_charges, match_second_debit,
                           transaction_fact)
-from legacy.fixtures import build_legacy_database
+from legacy.fixtures import REJECTED_SUBJECTS, build_legacy_database, rejected_rows
 from legacy.importer import State, _observe, import_legacy
 from legacy.items import withdrawal_item
 from legacy.normalise import (Rejected, appointment_status, country_code, currency_of, to_minor,
@@ -95,9 +96,13 @@ def test_country_currency_and_status_names():
         == ["MW", "MW", "MW", "ZM", None, None]
     assert [currency_of(c) for c in ("malawi", "Kenya", None)] == ["MWK", "USD", "USD"]
     # §1.6: the legacy normaliser maps the string "in_progress" to 1 (confirmed); the int 7 is
-    # in_progress; other names are kept verbatim (B31)
-    assert [appointment_status(n) for n in (0, 3, 7, 9, "in_progress", " In_Progress", "done")] \
-        == ["pending", "completed", "in_progress", "unknown:9", "confirmed", "confirmed", "done"]
+    # in_progress; a name of the table is kept; a status outside the table is no state legacy
+    # had: the row is rejected
+    assert [appointment_status(n) for n in (0, 3, 7, "in_progress", " In_Progress", "Completed")] \
+        == ["pending", "completed", "in_progress", "confirmed", "confirmed", "completed"]
+    for outside in (9, -1, "done", None):
+        with pytest.raises(Rejected, match="is not an appointment status"):
+            appointment_status(outside)
 
 
 def test_allocation_is_fifo_capped_and_explains_every_counter():
@@ -149,8 +154,9 @@ def test_b22_second_debits_of_equal_amounts_are_matched_by_time():
                              state.withdrawal_for)
     assert (late.subject, early.subject) == ("withdrawal_requests:702", "withdrawal_requests:701")
     assert late.detail["withdrawal_match"] == "doctor, amount, time"
-    extra = transaction_fact(_admin_debit(79, t.replace(day=31, hour=17)), "MWK", state.withdrawal_for)
-    assert extra.subject == "wallet_transactions:79"  # every request has its second debit
+    with pytest.raises(Rejected, match="a debit that references nothing"):
+        transaction_fact(_admin_debit(79, t.replace(day=31, hour=17)), "MWK",
+                         state.withdrawal_for)  # every request has its second debit
 
 
 def test_b22_tied_second_debits_stay_unmatched_and_name_their_candidates():
@@ -172,13 +178,41 @@ def test_b22_tied_second_debits_stay_unmatched_and_name_their_candidates():
 
 def test_import_records_every_row_once_per_table(source, pg_url):
     report = import_legacy(source.dsn, pg_url, batch_size=7)
+    rejected = Counter(table for table, _, _ in rejected_rows())
     assert {t: (c.read, c.recorded, c.present, c.rejected) for t, c in report.tables.items()} \
-        == {t: (n, n, 0, 0) for t, n in source.counts.items()}
+        == {t: (n, n - rejected[t], 0, rejected[t]) for t, n in source.counts.items()}
     assert {k: c.recorded for k, c in report.facts.items()} \
-        == {"LegacyCharge": 24, "LegacyCredit": 1, "LegacyDebit": 1}
+        == {"LegacyCharge": 28, "LegacyCredit": 3, "LegacyDebit": 1}
     # B6's second unit and B34's default sessions_used = 1 were never deducted: no charge
     assert report.forgiven_units == {"text_sessions:505": 1, "text_sessions:514": 1}
-    assert report.rejects == [] and report.notes == []
+    assert len(report.rejects) == len(rejected_rows()) and report.notes == []
+
+
+def test_self_contradicting_rows_are_rejected_with_their_reason(source, pg_url, tmp_path):
+    """Each kind (issue 9 §3): connected before it started, `ended` without ended_at, a status
+    §1 does not list, a doctor id naming a patient, a transaction referencing nothing."""
+    rejects = tmp_path / "rejects.csv"
+    report = import_legacy(source.dsn, pg_url, rejects_path=rejects)
+    found = {(r.table, r.row_id): r.reason for r in report.rejects}
+    for table, row_id, fragment in rejected_rows():
+        assert fragment in found[(table, row_id)], (table, row_id, found.get((table, row_id)))
+    assert len(found) == len(rejected_rows())
+    with rejects.open() as handle:
+        assert {(r["table"], r["row_id"]) for r in csv.DictReader(handle)} == set(found)
+    history = history_of(pg_url)
+    for subject in REJECTED_SUBJECTS + ("appointments:606", "call_sessions:412"):
+        table = subject.split(":")[0].replace("withdrawal_requests", "withdrawals")
+        assert subject not in getattr(history, table), subject
+    assert "201" not in history.wallets  # a patient's "wallet"
+    # statuses legacy does write outside the DB enums stay (B31)
+    assert history.call_sessions["call_sessions:407"].status == "missed"
+    assert history.call_sessions["call_sessions:408"].status == "answered"
+    # the rows legacy moved money with stay in the facts, the wallets replay exactly, and the
+    # balance the rejected credit moved is kept apart from B18's residual
+    assert verify_against_source(source.dsn, history) == []
+    residuals = {f.source: f.amount_minor for f in history.facts
+                 if f.subject == "doctor_wallets:3" and f.affects_balance}
+    assert residuals == {"balance_residual": 700000, "rejected_rows_residual": 350000}
 
 
 def test_replay_reproduces_every_legacy_counter_and_wallet_exactly(source, pg_url):
@@ -193,12 +227,13 @@ def test_replay_reproduces_every_legacy_counter_and_wallet_exactly(source, pg_ur
         == balances.subscriptions
     wallets = {(str(d), b, e, w) for d, b, e, w in source.execute(
         "SELECT doctor_id, balance * 100, total_earned * 100, total_withdrawn * 100 "
-        "FROM doctor_wallets")}
+        "FROM doctor_wallets WHERE doctor_id <> 201")}  # 201 is a patient: rejected
     assert {(d, w.balance_minor, w.total_earned_minor, w.total_withdrawn_minor)
             for (d, _), w in balances.wallets.items()} == wallets
-    # B18: +7000.00 with no row; B22: balance 10 500 − 2 × 10 000, total_withdrawn 10 000 only
-    assert balances.wallets[("103", "MWK")].balance_minor == 1050000
-    assert balances.wallets[("103", "MWK")].total_earned_minor == 350000
+    # B18: +7000.00 with no row (and +3500.00 by a credit row the import rejected); B22:
+    # balance 10 500 − 2 × 10 000, total_withdrawn 10 000 only
+    assert balances.wallets[("103", "MWK")].balance_minor == 1400000
+    assert balances.wallets[("103", "MWK")].total_earned_minor == 700000
     assert balances.wallets[("105", "MWK")].balance_minor == -950000
     assert balances.wallets[("105", "MWK")].total_withdrawn_minor == 1000000
 
@@ -217,7 +252,10 @@ def test_facts_are_the_legacy_movements_verbatim(source, pg_url):
         == [(2, "subscriptions:310"), (4, "subscriptions:311")]  # B12 drained both, FIFO
     assert [f.units for f in charges["text_sessions:505"]] == [1]  # B6: 1 taken, 1 forgiven
     assert "text_sessions:504" not in charges  # B5: nobody debited
-    assert [f.amount_minor for f in by_subject[("LegacyCredit", "doctor_wallets:3")]] == [700000]
+    assert sorted((f.source, f.amount_minor) for f in by_subject[("LegacyCredit",
+                                                                  "doctor_wallets:3")]) \
+        == [("balance_residual", 700000), ("rejected_rows_residual", 350000),
+            ("total_earned_residual", 350000)]
     # B22: the request's debit names the withdrawal in its metadata; the admin panel's second
     # debit names nothing and is matched by doctor and amount
     b22 = by_subject[("LegacyDebit", "withdrawal_requests:701")]
@@ -231,7 +269,8 @@ def test_a_second_import_adds_nothing(source, pg_url):
     position = log_position(pg_url)
     again = import_legacy(source.dsn, pg_url, batch_size=3)
     assert again.appended == 0
-    assert all(c.recorded == 0 and c.present == c.read for c in again.tables.values())
+    assert all(c.recorded == 0 and c.present == c.read - c.rejected
+               for c in again.tables.values())
     assert all(c.recorded == 0 for c in again.facts.values())
     assert log_position(pg_url) == position
 
@@ -270,7 +309,7 @@ def test_manual_deduction_applied_may_be_missing(source, pg_url, column_present)
         source.execute("UPDATE call_sessions SET manual_deduction_applied = true "
                        "WHERE id IN (403, 404, 405, 406)")
     report = import_legacy(source.dsn, pg_url)
-    assert report.tables["call_sessions"].recorded == source.counts["call_sessions"]
+    assert report.tables["call_sessions"].recorded == source.counts["call_sessions"] - 2
     calls = history_of(pg_url).call_sessions
     expected = True if column_present else None
     assert calls["call_sessions:406"].manual_deduction_applied is expected
@@ -289,7 +328,8 @@ def test_other_missing_columns_become_none(source, pg_url):
         source.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     source.execute("DROP TABLE text_appointment_sessions")
     report = import_legacy(source.dsn, pg_url)
-    assert report.rejects == []
+    assert {(r.table, r.row_id) for r in report.rejects} \
+        == {(table, row_id) for table, row_id, _ in rejected_rows()}
     assert report.notes == ["table text_appointment_sessions is missing in the source: "
                             "nothing read"]
     history = history_of(pg_url)
@@ -313,7 +353,6 @@ def test_statuses_outside_the_legacy_enums_are_imported(source, pg_url):
     assert history.call_sessions["call_sessions:408"].appointment_key == "appointments:607"
     assert history.text_sessions["text_sessions:515"].status == "scheduled"
     assert history.text_sessions["text_sessions:516"].status == "pending"
-    assert history.appointments["appointments:606"].status == "unknown:9"
     assert history.appointments["appointments:607"].status == "in_progress"
     assert history.appointments["appointments:607"].kind == "voice"  # legacy `audio`
     # B17: the guards were never persisted (not fillable), so they read 0 after two ends
@@ -324,14 +363,14 @@ def test_statuses_outside_the_legacy_enums_are_imported(source, pg_url):
         "101": ("Malawi", "MW"), "102": ("Zambia", "ZM"), "103": ("malawi", "MW"),
         "104": ("Kenya", "KE"), "105": ("MALAWI", "MW"), "106": (None, None)}
     assert {d: w.currency for d, w in history.wallets.items()} == {
-        "101": "MWK", "102": "USD", "103": "MWK", "104": "USD", "105": "MWK"}
+        "101": "MWK", "102": "USD", "103": "MWK", "104": "USD", "105": "MWK", "106": "USD"}
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_uninterpretable_rows_are_rejected_and_the_rest_imported(source, pg_url, tmp_path,
                                                                  suffix):
     source.execute("INSERT INTO text_sessions (id, patient_id, doctor_id, status) "
-                   "VALUES (900, NULL, 101, 'ended')")
+                   "VALUES (900, NULL, 101, 'expired')")
     source.execute("INSERT INTO call_sessions (id, patient_id, doctor_id, call_type, status, "
                    "connected_at, ended_at) VALUES (901, 221, 106, 'voice', 'ended', "
                    "'2026-02-24 15:00:00', '2026-02-24 14:00:00')")
@@ -342,21 +381,25 @@ def test_uninterpretable_rows_are_rejected_and_the_rest_imported(source, pg_url,
                    "VALUES (99, 101, 'credit', 'abc')")
     rejects = tmp_path / f"rejects{suffix}"
     report = import_legacy(source.dsn, pg_url, batch_size=5, rejects_path=rejects)
+    fixture = {(t, i) for t, i, _ in rejected_rows()}
     expected = {("text_sessions", "900", "no patient_id"),
                 ("call_sessions", "901", "call session: ended_at 2026-02-24T14:00:00+00:00 "
                                          "before 2026-02-24T15:00:00+00:00"),
                 ("call_sessions", "902", "call_type 'hologram' is not voice, audio or video"),
                 ("wallet_transactions", "99", "amount: not a number: 'abc'")}
-    assert {(r.table, r.row_id, r.reason) for r in report.rejects} == expected
+    found = {(r.table, r.row_id, r.reason) for r in report.rejects
+             if (r.table, r.row_id) not in fixture}
+    assert found == expected
     if suffix == ".csv":
         with rejects.open() as handle:
             written = {tuple(row.values()) for row in csv.DictReader(handle)}
     else:
         written = {tuple(row.values()) for row in json.loads(rejects.read_text())}
-    assert written == expected
-    assert report.tables["call_sessions"].rejected == 2
-    assert report.tables["call_sessions"].recorded == source.counts["call_sessions"]
-    assert report.tables["wallet_transactions"].recorded == source.counts["wallet_transactions"]
+    assert {w for w in written if w[:2] not in fixture} == expected
+    assert report.tables["call_sessions"].rejected == 2 + 2
+    assert report.tables["call_sessions"].recorded == source.counts["call_sessions"] - 2
+    assert report.tables["wallet_transactions"].recorded \
+        == source.counts["wallet_transactions"] - 3
     # the rejected credit never reached the wallet row, so the replay is still exact
     assert verify_against_source(source.dsn, history_of(pg_url)) == []
 
@@ -386,4 +429,4 @@ def test_cli_imports_prints_the_report_and_checks_the_replay(source, pg_url, tmp
     source.execute("UPDATE doctor_wallets SET balance = balance + 1 WHERE doctor_id = 103")
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    assert "doctor_wallets:3 balance_minor: replay 1050000, source 1050100" in result.output
+    assert "doctor_wallets:3 balance_minor: replay 1400000, source 1400100" in result.output

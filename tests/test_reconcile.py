@@ -217,7 +217,7 @@ def b14(b: Build) -> None:
 
 
 def b17(b: Build) -> None:
-    """B17: /appointments/{id}/end-session twice: 2 units and 2 credits (accepted: 1 and 1)."""
+    """B17: /appointments/{id}/end-session twice: 2 units and 2 credits (an appointment owes 0)."""
     b.doctor("d-b17"), b.sub("subscriptions:b17", "p-b17", "TXN_b17")
     b.h.appointments["appointments:b17"] = Appointment(
         "appointments:b17", "p-b17", "d-b17", "voice", "completed", at(0), None, at(30), at(0), at(30))
@@ -227,7 +227,8 @@ def b17(b: Build) -> None:
 
 
 def b18(b: Build) -> None:
-    """B18: +3500 straight into the balance (process-payment), no row; one accepted appointment."""
+    """B18: +3500 straight into the balance (process-payment), no row; and the appointment's
+    own legacy billing (A2: 1 unit, 1 credit), which the rules never bill."""
     b.doctor("d-b18"), b.sub("subscriptions:b18", "p-b18", "TXN_b18")
     b.h.wallets["d-b18"] = Wallet("d-b18", "MWK", 2 * MWK, MWK, 0, key="doctor_wallets:18")
     b.h.appointments["appointments:b18"] = Appointment(
@@ -405,9 +406,10 @@ EXPECTED = [
     (b13, "text_sessions:b13", "B13", 1, 0, MWK, 0),
     (b14, "call_sessions:b14", "B14", 3, 2, 3 * MWK, 2 * MWK),
     (b14, "text_sessions:b14", "B14", 3, 2, 3 * MWK, 2 * MWK),
-    (b17, "appointments:b17", "B17", 2, 1, 2 * MWK, MWK),
+    (b17, "appointments:b17", "B17", 2, 0, 2 * MWK, 0),
     (b18, "doctor_wallets:18", "B18", 0, 0, MWK, 0),
-    (b19, "appointments:b19", "B19", 2, 1, 2 * MWK, MWK),
+    (b18, "appointments:b18", "A2", 1, 0, MWK, 0),
+    (b19, "appointments:b19", "B19", 2, 0, 2 * MWK, 0),
     (b24_used, "text_sessions:b25b", "B24", 1, 0, MWK, 0),
     (b12_ended, "text_sessions:b12e", "B12", 5, 2, 5 * MWK, 2 * MWK),
     (b6_call, "call_sessions:b6c", "B6", 2, 2, 3 * MWK, 2 * MWK),
@@ -488,14 +490,63 @@ def test_call_paid_at_the_text_rate_under_legacy_2025_names_b16():
     b.credit(s, "d-r", 400_000, start + timedelta(minutes=5), table="call_sessions_manual")
     d = one(b.h, s)
     assert (d.bug, d.units_over, d.paid_legacy_minor, d.paid_rules_minor) == \
-        ("unexplained", 0, 400_000, 500_000)
-    assert "B16" in d.explanation
+        ("B16", 0, 400_000, 500_000)
+    assert "the text rate" in d.explanation
+    # any other per-unit amount is not B16: it says what legacy paid, unexplained
+    b.h.facts[-1] = replace(b.h.facts[-1], amount_minor=450_000)
+    d = one(b.h, s)
+    assert (d.bug, d.paid_legacy_minor) == ("unexplained", 450_000)
+    assert "legacy paid 450000 minor units per unit" in d.explanation
 
 
 def test_b23_reports_blocked_amount_without_money_difference():
     d = one(build(b23), "users:d-b23")
     assert (d.bug, d.paid_over, d.units_over, d.blocked_minor) == ("B23", 0, 0, MWK)
     assert plan_adjustments(reconcile(build(b23))) == []
+
+
+def test_b23_names_each_withdrawal_request_legacy_refused_for_it():
+    """Issue 9 §3: besides the doctor's blocked total, each `rejected` request whose amount the
+    balance covered but the 'verified earnings' did not is named: id, amount, currency."""
+    b = Build()
+    b23(b)  # 3,500.00 MWK from a call: no payment id
+    b.sub("subscriptions:b23t", "p-b23t", "TXN_b23t")
+    t = b.text("text_sessions:b23t", "p-b23t", "d-b23", at(20), at(28), last=at(27), used=1)
+    b.charge(t, "p-b23t", "text", 1, at(28), "subscriptions:b23t")
+    b.credit(t, "d-b23", MWK, at(28), ptid="TXN_b23t")  # verified: 3,500.00 of 7,000.00
+    for key, amount, status in (("withdrawal_requests:r1", 500_000, "rejected"),
+                                ("withdrawal_requests:r2", 900_000, "rejected"),  # > balance
+                                ("withdrawal_requests:r3", 300_000, "rejected"),  # ≤ verified
+                                ("withdrawal_requests:r4", 500_000, "pending")):
+        b.h.withdrawals[key] = Withdrawal(key, "d-b23", amount, "MWK", status, at(60), None,
+                                          "exceeds verified earnings")
+        if status == "pending":
+            b.debit(key, "d-b23", amount, at(60))
+    rec = reconcile(b.h)
+    refused = [d for d in rec.differences if d.refused_minor]
+    assert [(d.subject, d.bug, d.currency, d.refused_minor, d.paid_over, d.blocked_minor)
+            for d in refused] == [("withdrawal_requests:r1", "B23", "MWK", 500_000, 0, 0)]
+    assert "5,000.00 MWK was refused" in refused[0].explanation
+    assert "exceeds verified earnings" in refused[0].explanation
+    doctor = one(b.h, "users:d-b23")
+    assert "refused: withdrawal_requests:r1 (5,000.00 MWK)" in doctor.explanation
+    assert not [a for a in plan_adjustments(rec) if a.subject.startswith("withdrawal_requests:r")
+                and a.subject != "withdrawal_requests:r4"]
+
+
+def test_facts_about_a_row_the_import_rejected_are_kept_as_recorded_and_never_corrected():
+    """A rejected row has no item: the money and units legacy moved for it are accepted as
+    recorded (no difference, no adjustment), however its own fields would have billed."""
+    b = Build()
+    b.doctor("d-rj"), b.sub("subscriptions:rj", "p-rj", "TXN_rj")
+    b.charge("call_sessions:rejected", "p-rj", "voice", 1, at(5), "subscriptions:rj")
+    b.credit("call_sessions:rejected", "d-rj", MWK, at(5), table="call_sessions_manual",
+             ptid="TXN_rj")
+    rec = reconcile(b.h)
+    assert rec.differences == [] and plan_adjustments(rec) == []
+    assert rec.accepted_unmatched == ["call_sessions:rejected"]
+    units, money = rec.rules_balances()
+    assert (units[("p-rj", "voice")], money[("d-rj", "MWK")]) == (10 - 1, MWK)
 
 
 def test_b24_second_grant_is_over_granted():
@@ -519,8 +570,17 @@ def test_linked_appointment_is_billed_only_through_its_session():
     assert one(b.h, "appointments:l").bug == "B17"
 
 
-def test_unlinked_completed_appointment_with_one_unit_is_accepted():
-    assert rows(build(b18), "appointments:b18") == []
+def test_an_appointment_with_no_session_evidence_owes_nothing_and_its_charge_is_over_billed():
+    """Issue 9 §3: an appointment has no billable start (billing-rules §2, §9, I10): legacy's
+    one unit and one credit for it are over-billing, class A2 (how legacy billed it)."""
+    d = one(build(b18), "appointments:b18")
+    assert (d.bug, d.units_over, d.paid_over, d.units_rules, d.paid_rules_minor) == \
+        ("A2", 1, MWK, 0, 0)
+    assert "owes 0" in d.explanation
+    rec = reconcile(build(b18))
+    targets = {a.adjustment_id: a for a in plan_adjustments(rec)}
+    assert targets["appointments:b18:units-text"].units == 1  # the unit goes back
+    assert targets["appointments:b18:pay-MWK"].amount_minor == -MWK  # the credit is taken back
 
 
 def test_reconcile_never_changes_the_facts():
@@ -612,7 +672,7 @@ def test_balances_after_apply_by_hand():
     assert units[("p-b4", "text")] == 0 and units[("p-b6", "text")] == 6 - 2
     assert money[("d-b4", "MWK")] == MWK and money[("d-b5", "MWK")] == 0
     assert money[("d-b22", "MWK")] == 6_000_000 - 1_000_000
-    assert money[("d-b18", "MWK")] == MWK
+    assert money[("d-b18", "MWK")] == 0 and units[("p-b18", "text")] == 10  # B18 and A2 undone
     assert units[("p-b25", "text")] == 1 - 1 and money[("d-b25", "MWK")] == MWK
     assert money[("d-b6c", "MWK")] == 2 * MWK and units[("p-b6c", "voice")] == 0
     assert money[("d-b22f", "USD")] == 30_000
@@ -662,9 +722,12 @@ def test_cli_reconcile_writes_reports_and_applies_once(tmp_path, monkeypatch):
     first = CliRunner().invoke(app, ["reconcile", "--out", str(out), "--apply"])
     assert first.exit_code == 0, first.output
     planned = len(plan_adjustments(reconcile(history)))
-    assert f"{planned} new recorded" in first.output and "H1" in first.output
+    assert f"adjustments: {planned} recorded ({planned} corrections in all)" in first.output
+    assert "H1" in first.output
     again = CliRunner().invoke(app, ["reconcile", "--out", str(out), "--apply"])
-    assert "0 new recorded" in again.output
+    assert f"adjustments: 0 recorded ({planned} corrections in all; all {planned} were " \
+           "recorded by an earlier --apply)" in again.output
+    assert "already recorded" not in again.output
     assert (out / "summary.md").exists() and (out / "differences.csv").exists()
 
 

@@ -20,6 +20,7 @@ from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator
 
 from api.problems import InvalidSignature, ValidationFailed
+from ledger.input_rules import id_problem
 
 log = logging.getLogger("api.providers")
 
@@ -115,7 +116,10 @@ def provider_time(text: str | None) -> datetime:
         raise ValidationFailed(f"unreadable Timestamp {text[:60]!r}")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is after year 9999 in UTC
+        raise ValidationFailed(f"Timestamp {text[:60]!r} is out of range") from None
 
 
 def _parse_iso(text: str) -> datetime | None:
@@ -166,9 +170,9 @@ def verify_twilio(request: WebhookRequest, settings: ProviderSettings) -> Immuta
 
 
 def twilio_event_id(provider: str, request: WebhookRequest, **fields: str) -> str:
-    """`twilio:<I-Twilio-Idempotency-Token>` (the same on every retry of one callback), else
-    the content id of `fields`."""
+    """`twilio:<I-Twilio-Idempotency-Token>` (the same on every retry of one callback) when the
+    token is an identifier (ledger/input_rules.py), else the content id of `fields`."""
     token = (request.header("i-twilio-idempotency-token") or "").strip()
-    if 0 < len(token) <= MAX_TOKEN_CHARS:
+    if 0 < len(token) <= MAX_TOKEN_CHARS and not id_problem(token):
         return f"twilio:{token}"
     return content_id(provider, **fields)

@@ -70,7 +70,10 @@ class LiveKit:
             raise ValidationFailed("the webhook has no created_at")
         event_id = content_id(self.name, room=event.room.name, participant=identity,
                               event=event.event, at=str(event.created_at))
-        occurred_at = datetime.fromtimestamp(event.created_at, timezone.utc)
+        try:
+            occurred_at = datetime.fromtimestamp(event.created_at, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValidationFailed(f"created_at {event.created_at} is out of range") from None
         return LedgerEvent(event_id, EVENTS[event.event], occurred_at, payload)
 
 

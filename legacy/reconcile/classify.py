@@ -22,8 +22,8 @@ from legacy.reconcile.model import Difference, format_money
 @dataclass(frozen=True)
 class _Case:
     """What classification looks at for one item: legacy units `c` in the item's bucket, money
-    paid `paid` (all currencies), the rules' units and per-unit pay, and patients holding a
-    duplicate grant (B24)."""
+    paid `paid` (all currencies), the rules' units and per-unit pay, patients holding a
+    duplicate grant (B24), and the tariff's text rate for the same doctor and instant (B16)."""
 
     item: _Item
     lg: _Legacy
@@ -31,6 +31,7 @@ class _Case:
     paid: int
     unit_pay: int
     dup_patients: frozenset[str]
+    text_pay: int = 0  # the text rate at the same instant (B16: calls paid at it)
 
     @property
     def capped(self) -> bool:
@@ -122,8 +123,9 @@ def _classify_call(cs: CallSession, case: _Case) -> tuple[str, str]:
 
 
 def _classify_appointment(case: _Case, linked: bool) -> tuple[str, str]:
-    """Appointment bugs (legacy-system.md §3.4, A1–A7, B17, B19): billed only through its
-    session; an unlinked completed one keeps one unit at the tariff rate."""
+    """Appointment billing (legacy-system.md §3.4, A1–A7, B17, B19). An appointment owes 0 under
+    the rules (§9, I10: only sessions bill), so whatever legacy charged or paid for it is
+    over-billing, named by how legacy billed it."""
     lg = case.lg
     if lg.client_billed:
         return "B19", f"the chat screen billed it through the legacy text-appointment endpoints " \
@@ -136,20 +138,24 @@ def _classify_appointment(case: _Case, linked: bool) -> tuple[str, str]:
                               "(legacy-system.md A4/B19)"
     if sum(lg.charged.values()) == 0 and case.paid > 0:
         return "B5", "the doctor was credited with no patient charge at all"
-    return _rate_only(case) or ("unexplained", "appointment billing differs from one unit at "
-                                               "the tariff rate")
+    return "A2", "legacy billed the appointment itself (path A2: one unit and one credit when " \
+                 "it ended, §3.4); the rules bill only sessions: with no session evidence it " \
+                 "has no billable start and owes 0 (billing-rules §2, §9, I10)"
 
 
 def _rate_only(case: _Case) -> tuple[str, str] | None:
-    """Units agree, money does not: name the per-unit amount legacy paid (B16 hint for calls
-    paid at the text rate under legacy-2025)."""
+    """Units agree, money does not. A call paid exactly the text rate where the tariff pays
+    more (legacy-2025: voice 5000, video 6000 MWK) is B16: legacy passed the rate key `voice`,
+    which fell back to the text rate. Otherwise the per-unit amount is named, unexplained."""
     if case.c != case.item.rules_units or not case.c or case.paid % case.c:
         return None
     per_unit = case.paid // case.c
-    hint = " (legacy's rate key fell back to the text rate, legacy-system.md B16)" \
-        if case.item.bucket != "text" and per_unit < case.unit_pay else ""
+    if case.item.bucket != "text" and per_unit == case.text_pay < case.unit_pay:
+        return "B16", f"each {case.item.bucket} unit was paid {per_unit} minor units, the text " \
+                      f"rate: legacy's rate key `voice` fell back to text; the tariff pays " \
+                      f"{case.unit_pay}"
     return "unexplained", f"units agree but legacy paid {per_unit} minor units per unit against " \
-                          f"the tariff's {case.unit_pay}{hint}"
+                          f"the tariff's {case.unit_pay}"
 
 
 _B26 = ("legacy took the units from other owners' pools than the rules: it drew the oldest " +
@@ -157,7 +163,7 @@ _B26 = ("legacy took the units from other owners' pools than the rules: it drew 
 
 
 def _judge(item: _Item, row, lg: _Legacy, rate: Rate, linked: bool,
-           dup_patients: frozenset[str]) -> list[Difference]:
+           dup_patients: frozenset[str], text_pay: int = 0) -> list[Difference]:
     """The difference rows of one item (none when legacy charged and paid what the rules owe)."""
     rules_pay = item.rules_units * rate.pay_minor
     charged = {b: n for b, n in lg.charged.items() if n}
@@ -167,7 +173,8 @@ def _judge(item: _Item, row, lg: _Legacy, rate: Rate, linked: bool,
         if lg.owners(item.bucket) == {o: n for o, n in item.drawn.items() if n}:
             return []  # the common case: no difference, nothing to classify
         return _item_rows(item, lg, rate, "B26", _B26)  # same totals, other owners' pools
-    case = _Case(item, lg, lg.units(item.bucket), sum(lg.paid.values()), rate.pay_minor, dup_patients)
+    case = _Case(item, lg, lg.units(item.bucket), sum(lg.paid.values()), rate.pay_minor,
+                 dup_patients, text_pay)
     if isinstance(row, TextSession):
         bug, why = _classify_text(row, case)
     elif isinstance(row, CallSession):

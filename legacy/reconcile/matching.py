@@ -214,23 +214,25 @@ def _linked_appointments(history: LegacyHistory) -> set[str]:
 
 
 def _appointment_item(ap: Appointment, legacy: _Legacy, linked: bool) -> _Item:
-    """Unlinked completed appointment: its one legacy unit is accepted (§9: legacy charges are
-    imported, not recomputed); linked or not completed: 0."""
+    """An appointment has no billable start under the rules (§2: a start is a session's
+    activation or connection; §9, I10: a booking is never a charge): it owes 0 whatever its
+    status. A session that served it is billed as that session; legacy's own appointment
+    charges are over-billing, classified by how legacy billed them (`_classify_appointment`).
+    `rate_instant` (the appointment's time) prices what legacy paid."""
     at = _t(ap.starts_at or ap.completed_at or ap.actual_start_time)
     bucket = ap.kind if ap.kind in BUCKETS else "text"  # legacy: any other type → text counter
-    accepted = 0 if linked or ap.status != "completed" else min(legacy.units(bucket), 1)
-    return _Item(ap.key, "appointment", ap.patient_id, ap.doctor_id, bucket, at if accepted else None,
-                 None, "linked" if linked else "none", accepted, None, at)
+    return _Item(ap.key, "appointment", ap.patient_id, ap.doctor_id, bucket, None, None,
+                 "linked" if linked else "none", 0, None, at)
 
 
-def _rate(history: LegacyHistory, item: _Item) -> Rate:
-    """The tariff rate at the billable start (§5). A doctor missing from the history is taken
+def _rate(history: LegacyHistory, item: _Item, bucket: str | None = None) -> Rate:
+    """The tariff rate at the billable start (§5), of the item's bucket or of `bucket`. A doctor missing from the history is taken
     as Malawian if their legacy wallet is in MWK; no known country gets the non-Malawi rate,
     as legacy did for any country but "malawi"."""
     doctor, wallet = history.doctors.get(item.doctor_id), history.wallets.get(item.doctor_id)
     country = doctor.country if doctor else ("MW" if wallet and wallet.currency == "MWK" else None)
     country = country or "ZZ"
-    return rate_at(country, item.bucket, item.rate_instant or TARIFFS[-1].effective_from)
+    return rate_at(country, bucket or item.bucket, item.rate_instant or TARIFFS[-1].effective_from)
 
 
 # ------------------------------------------------------------------ items of a history, unattributed units (T5)

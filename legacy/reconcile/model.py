@@ -14,8 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 
-BUGS = ("H1", "H2", "B3", "B4", "B5", "B6", "B7", "B9", "B12", "B13", "B14", "B17", "B18",
-        "B19", "B22", "B23", "B24", "B26", "unexplained")
+# Classes of difference, legacy-system.md §5 (H1 … B26) plus A2: an appointment legacy billed
+# itself (§3.4), which the rules never bill (billing-rules §9, I10).
+BUGS = ("H1", "H2", "B3", "B4", "B5", "B6", "B7", "B9", "B12", "B13", "B14", "B16", "B17",
+        "B18", "B19", "B22", "B23", "B24", "B26", "A2", "unexplained")
 Key = tuple[str, str]
 
 
@@ -34,7 +36,9 @@ class Difference:
     """One difference between legacy and the rules for one subject (item key).
 
     `bucket` is None for money-only rows; `currency` None for units-only rows; `blocked_minor`
-    is the B23 amount a doctor could not withdraw (no money difference); `account_id` is the
+    is the B23 amount a doctor could not withdraw (no money difference), `refused_minor` the
+    amount of one withdrawal request legacy refused for it (a row of its own, subject the
+    request); `account_id` is the
     owner of the pools the row's units belong to when it is not the patient (a family-plan
     member draws on the owner's pool, §4), so corrections land where the units were taken. An
     item whose units came from pools of several owners has one row per owner (units that
@@ -55,6 +59,7 @@ class Difference:
     explanation: str
     blocked_minor: int = 0
     account_id: str | None = None  # whose units these are (pool owner); None: patient_id
+    refused_minor: int = 0  # B23: the amount of a withdrawal request legacy refused
 
     @property
     def units_over(self) -> int:
@@ -74,8 +79,8 @@ class Difference:
 
     @classmethod
     def from_dict(cls, row: dict) -> "Difference":
-        """Inverse of `as_dict` (derived keys ignored)."""
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        """Inverse of `as_dict` (derived keys ignored; a field added later takes its default)."""
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__ if name in row})
 
 
 @dataclass

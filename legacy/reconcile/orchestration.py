@@ -37,7 +37,8 @@ def reconcile(history: LegacyHistory, policy: Policy = Policy()) -> Reconciliati
     rules_units, rules_money = defaultdict(int), defaultdict(int)
     for item, row, lg in sorted(items, key=lambda triple: triple[0].subject):
         rate = _rate(history, item)
-        rows.extend(_judge(item, row, lg, rate, item.subject in linked, dups))
+        rows.extend(_judge(item, row, lg, rate, item.subject in linked, dups,
+                           _rate(history, item, "text").pay_minor))
         for owner, n in item.drawn.items():
             rules_units[(owner, item.bucket)] += n
         rules_money[(item.doctor_id, rate.currency)] += item.rules_units * rate.pay_minor

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from legacy.facts import NO_SECOND_DEBIT, RequestRef, match_second_debit
+from legacy.facts import NO_SECOND_DEBIT, REJECTED_ROWS, RequestRef, match_second_debit
 from legacy.history import Fact, LegacyHistory
 from legacy.reconcile.matching import _OPEN_START, _Facts, _t
 from legacy.reconcile.model import Difference, Key, format_money
@@ -98,32 +98,73 @@ def _residual_rows(facts: _Facts) -> list[Difference]:
 
 def _b23_rows(history: LegacyHistory, facts: _Facts) -> list[Difference]:
     """B23: withdrawable = Σ credits with payment_transaction_id − Σ debits, below the balance.
-    Reported as the blocked amount; no money difference (§7: every settled credit counts).
-    Balance here is over transaction rows only: a B18 residual is reported (and undone) as B18."""
+    Reported per doctor as the blocked amount, and per request legacy refused for it (a
+    `rejected` request whose amount the balance covered but the verified earnings did not, at
+    the time it was made), named with its id, amount and currency; no money difference (§7:
+    every settled credit counts). Balance here is over transaction rows only: a B18 residual is
+    reported (and undone) as B18, the rows the import rejected are kept apart."""
+    money = [f for fs in (*facts.credits.values(), *facts.debits.values()) for f in fs
+             if f.source != REJECTED_ROWS]
     balance, verified, unverified = defaultdict(int), defaultdict(int), set()
-    for fact in (f for fs in facts.credits.values() for f in fs):
-        key = (fact.doctor_id, fact.currency)
-        balance[key] += fact.amount_minor
-        if (fact.detail or {}).get("payment_transaction_id"):
-            verified[key] += fact.amount_minor
+    for fact in money:
+        key, amount = (fact.doctor_id, fact.currency), _signed(fact)
+        balance[key] += amount
+        if fact.kind == "LegacyDebit" or (fact.detail or {}).get("payment_transaction_id"):
+            verified[key] += amount
         else:
             unverified.add(key)
-    for fact in (f for fs in facts.debits.values() for f in fs):
-        balance[(fact.doctor_id, fact.currency)] -= fact.amount_minor
-        verified[(fact.doctor_id, fact.currency)] -= fact.amount_minor
     rows = []
     for key in sorted(unverified, key=lambda k: (k[0] or "", k[1] or "")):
         blocked = balance[key] - max(0, min(balance[key], verified[key]))
         if blocked > 0:
-            rows.append(_b23_row(history, key, balance[key], verified[key], blocked))
+            refused = _refused_requests(history, money, key)
+            rows.append(_b23_row(history, key, balance[key], verified[key], blocked, refused))
+            rows.extend(refused)
     return rows
 
 
-def _b23_row(history: LegacyHistory, key: Key, balance: int, verified: int, blocked: int) -> Difference:
+def _signed(fact: Fact) -> int:
+    return fact.amount_minor if fact.kind == "LegacyCredit" else -fact.amount_minor
+
+
+def _refused_requests(history: LegacyHistory, money: list[Fact], key: Key) -> list[Difference]:
+    """The doctor's `rejected` requests that B23 explains: at their `requested_at`, the balance
+    (Σ the doctor's money facts before it) covered the amount and the verified earnings did not."""
+    doctor, currency = key
+    rows = []
+    for w in sorted(history.withdrawals.values(), key=lambda w: w.key):
+        if (w.doctor_id, w.currency, w.status) != (doctor, currency, "rejected") \
+                or w.requested_at is None:
+            continue
+        before = [f for f in money if (f.doctor_id, f.currency) == key
+                  and f.at is not None and _t(f.at) < _t(w.requested_at)]
+        balance = sum(map(_signed, before))
+        verified = sum(_signed(f) for f in before if f.kind == "LegacyDebit"
+                       or (f.detail or {}).get("payment_transaction_id"))
+        if verified < w.amount_minor <= balance:
+            rows.append(_refused_row(w, balance, verified))
+    return rows
+
+
+def _refused_row(w, balance: int, verified: int) -> Difference:
+    money = format_money(w.amount_minor, w.currency)
+    reason = f" (\"{w.reason}\")" if w.reason else ""
+    return Difference(w.key, "withdrawal", "B23", None, w.doctor_id, None, 0, 0, w.currency, 0, 0,
+                      f"{w.key}: the withdrawal request for {money} was refused{reason}: the "
+                      f"balance held {format_money(balance, w.currency)} but legacy's 'verified "
+                      f"earnings' were {format_money(verified, w.currency)} (B23); the rules let "
+                      f"every settled credit count (§7).", refused_minor=w.amount_minor)
+
+
+def _b23_row(history: LegacyHistory, key: Key, balance: int, verified: int, blocked: int,
+             refused: list[Difference]) -> Difference:
     doctor, currency = key
     wallet = history.wallets.get(doctor)
     subject = wallet.key if wallet and wallet.key else f"users:{doctor}"
+    named = "; refused: " + ", ".join(f"{r.subject} ({format_money(r.refused_minor, currency)})"
+                                      for r in refused) if refused else ""
     return Difference(subject, "doctor", "B23", None, doctor, None, 0, 0, currency, 0, 0,
                       f"doctor {doctor}: balance {format_money(balance, currency)} but legacy "
                       f"'verified earnings' {format_money(verified, currency)}: "
-                      f"{format_money(blocked, currency)} could not be withdrawn (B23).", blocked)
+                      f"{format_money(blocked, currency)} could not be withdrawn (B23){named}.",
+                      blocked)
