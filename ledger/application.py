@@ -171,9 +171,13 @@ class Ledger(Application):
     name = "Ledger"
 
     def __init__(self, env: dict | None = None, *, clock: Clock, policy: Policy = Policy(),
-                 withdrawal_minimum_minor: dict[str, int] | None = None) -> None:
+                 withdrawal_minimum_minor: dict[str, int] | None = None,
+                 on_conflict: Callable[[str], None] | None = None) -> None:
+        """`on_conflict(operation)` ("ingest" or "tick") is called at each optimistic-concurrency
+        retry: a plain observer, so the domain stays free of metrics libraries."""
         super().__init__(env=env)
         self.clock = clock
+        self.on_conflict = on_conflict or (lambda operation: None)
         self.policy = policy
         self.withdrawal_minimum_minor = dict(withdrawal_minimum_minor or WITHDRAWAL_MINIMUM_MINOR)
         self._handlers: dict[str, Callable[[Work, datetime, dict, datetime], dict]] = {
@@ -264,6 +268,7 @@ class Ledger(Application):
                 raise
             except (AssertionError, KeyError):
                 if work.stale():
+                    self.on_conflict("ingest")
                     continue  # decided on a snapshot another writer has moved: a lost race
                 raise
             result = {"event_id": event_id, "type": event_type, **outcome}
@@ -271,6 +276,7 @@ class Ledger(Application):
             try:
                 self.save(*work.to_save(), receipt)
             except IntegrityError:
+                self.on_conflict("ingest")
                 continue  # a concurrent writer won; reload everything and decide again
             return Accepted(result)
         raise errors.RetryLater("too many concurrent writers; retry the same event")

@@ -148,7 +148,9 @@ UnknownWithdrawal = error_type("UnknownWithdrawal", "unknown_withdrawal", 404,
                                "Unknown withdrawal request",
                                when="no withdrawal request was accepted with this id")
 RetryLater = error_type("RetryLater", "retry_later", 503, "Too many concurrent writers; retry",
-                        when="too many concurrent writers: retry the same event (`Retry-After`)")
+                        when="too many concurrent writers, the database unreachable, or too many "
+                             "open connections: retry the same request, same event ids "
+                             "(`Retry-After`)")
 UnknownAppointment = error_type("UnknownAppointment", "unknown_appointment", 404,
                                 "Unknown appointment",
                                 when="no booking was accepted for this appointment id")
