@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint-imports test-fast demo legacy-demo bench replay export clean
+.PHONY: run test lint-imports test-fast demo legacy-demo bench crash-test replay export clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: $(STAMP)  ## a simulated day against the running service, compared with gr
 bench: $(STAMP)  ## throughput benchmarks (timing lives here, never in pass/fail tests)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.audit
+
+CRASH_KILLS ?= 20
+CRASH_PG ?= postgresql://postgres@127.0.0.1:5432/test
+crash-test: $(STAMP)  ## SIGKILL the 2-worker service CRASH_KILLS times under load, on SQLite and PostgreSQL; check nothing acknowledged was lost
+	$(BIN)/ledger crash-test --kills $(CRASH_KILLS) --store sqlite
+	$(BIN)/ledger crash-test --kills $(CRASH_KILLS) --store postgres --postgres-url '$(CRASH_PG)'
 
 LEGACY_PG ?= postgresql://postgres@127.0.0.1:5432/test
 legacy-demo: $(STAMP)  ## build the legacy fixture database in PostgreSQL, import it, reconcile, apply

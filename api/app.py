@@ -15,14 +15,22 @@ from fastapi.openapi.utils import get_openapi
 
 from api.audit_routes import router as audit_router
 from api.auth import AuthenticationMiddleware
-from api.problems import add_problem_schema, install_problem_handlers
+from api.limits import BodyLimit
+from api.observe import RequestObservation
+from api.ops import router as ops_router
+from api.problems import UnexpectedErrors, add_problem_schema, install_problem_handlers
+from api.marketplace_routes import router as marketplace_router
 from api.routes import router
 from api.webhooks import router as webhook_router
+from observability import Metrics
+from storage import pool_usage
 
 
 def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
-    """The HTTP API. `settings` provides `api_key_roles()`, `batch_limit` and the provider
-    credentials (api/providers/base.py `ProviderSettings`); raises ValueError on malformed keys."""
+    """The HTTP API. `settings` provides `api_key_roles()`, `batch_limit`, `max_body_bytes`,
+    `retry_after_seconds`, the readiness bounds and the provider credentials
+    (api/providers/base.py `ProviderSettings`); raises ValueError on malformed keys.
+    `app.state.metrics` is this app's Metrics (the lifespan gives it to the tick)."""
     api_keys = settings.api_key_roles()  # fail fast on a malformed LEDGER_API_KEYS
     app = FastAPI(
         title="Telehealth billing ledger",
@@ -36,10 +44,19 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     )
     app.state.settings = settings
     app.state.api_keys = api_keys
+    app.state.metrics = Metrics()
     install_problem_handlers(app)
+    # Outermost last: observation (request id, log line, metrics) sees every answer, including
+    # a 500 or 503 from UnexpectedErrors, a 413 from BodyLimit and a 401.
     app.add_middleware(AuthenticationMiddleware, keys=api_keys)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnexpectedErrors, retry_after_seconds=settings.retry_after_seconds)
+    app.add_middleware(RequestObservation, metrics=app.state.metrics,
+                       pool_usage=lambda: _pool_usage(app))
     app.include_router(router)
     app.include_router(audit_router)  # /v1/audit/digest, statements (docs/audit.md)
+    app.include_router(marketplace_router)  # priced consultations and money wallets (§10)
+    app.include_router(ops_router)  # /readyz, /metrics
     app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys
 
     def openapi() -> dict:
@@ -51,3 +68,8 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _pool_usage(app: FastAPI) -> dict[str, int] | None:
+    ledger = getattr(app.state, "ledger", None)
+    return pool_usage(ledger.recorder.datastore) if ledger is not None else None

@@ -17,8 +17,11 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ledger.errors import ERROR_CODES, LedgerError, error_type
+from api.observe import problem_answered, store_unavailable_answered
+from ledger.errors import ERROR_CODES, LedgerError, RetryLater, error_type
+from storage import is_unavailable
 
 log = logging.getLogger("api")
 # A code returned without being registered is logged here; the test suite fails on it.
@@ -66,7 +69,8 @@ Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,
                              "Missing or unknown API key",
                              when="no API key, or one the service does not know")
 Forbidden = _api_error("Forbidden", "forbidden", 403, "The API key's role does not allow this",
-                       when="the API key's role may not do this (e.g. an auditor posting)")
+                       when="the API key's role may not do this (e.g. an auditor posting, "
+                            "a backend posting an admin-only type); a tick-only type, by anyone")
 ValidationFailed = _api_error(
     "ValidationFailed", "validation_error", 422, "Request body is invalid",
     when="the request breaks the schema or the door's rules (ledger/input_rules.py): "
@@ -85,10 +89,14 @@ InvalidSignature = _api_error("InvalidSignature", "invalid_signature", 403,
                               when="a provider webhook whose signature is missing or wrong")
 PayloadTooLarge = _api_error("PayloadTooLarge", "payload_too_large", 413,
                              "The request body is too large",
-                             when="the request body is larger than the limit")
+                             when="the request body is larger than the limit "
+                                  "(`LEDGER_MAX_BODY_BYTES`, 1 MiB; `max_bytes` says it)")
 ProviderNotConfigured = _api_error("ProviderNotConfigured", "provider_not_configured", 503,
                                    "This call provider is not configured",
                                    when="a provider webhook whose credentials are not set")
+NotReady = _api_error("NotReady", "not_ready", 503, "The service is not ready",
+                      when="`GET /readyz`: the store, the projections or the scheduler is not "
+                           "ready; `checks` says which and why")
 InternalError = _api_error("InternalError", "internal_error", 500, "Internal server error",
                            when="an unexpected error; it is logged, nothing is recorded for it")
 # What the framework itself answers (routing, body parsing), by status.
@@ -135,6 +143,7 @@ def error_problem(exc: LedgerError, instance: str | None = None) -> dict:
 
 
 def problem_response(body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    problem_answered(body["code"])
     return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE,
                         headers=headers)
 
@@ -221,17 +230,61 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(InternalError("An unexpected error occurred; it has been logged"),
-                          request.url.path)
+def unavailable_response(path: str, retry_after_seconds: int) -> JSONResponse:
+    """503 `retry_later` while the store is unreachable: nothing was decided that a retry of
+    the same request (same event ids) would repeat."""
+    store_unavailable_answered()
+    return problem_response(problem_body(
+        RetryLater.code, 503, "The event store is unreachable; retry",
+        "The ledger's database cannot be reached right now. Retry the same request (with the "
+        "same event ids) after Retry-After seconds: an event already recorded is answered as a "
+        "replay, never applied twice.", path), headers={"Retry-After": str(retry_after_seconds)})
+
+
+class UnexpectedErrors:
+    """Answer any exception no handler took: 503 `retry_later` if the store is unreachable,
+    else 500 `internal_error` (logged with its traceback). Unlike Starlette's outermost error
+    middleware it does not re-raise after answering, so the server keeps the connection and
+    the client's next request on it is served normally."""
+
+    def __init__(self, app: ASGIApp, retry_after_seconds: int = 2) -> None:
+        self.app, self.retry_after_seconds = app, retry_after_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - this is the last place to answer it
+            if started:
+                raise  # half a response is out: only closing the connection is honest
+            if is_unavailable(exc):
+                log.warning("store unreachable on %s %s: %s", scope["method"], scope["path"],
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                response = unavailable_response(scope["path"], self.retry_after_seconds)
+            else:
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"],
+                              exc_info=exc)
+                response = error_response(
+                    InternalError("An unexpected error occurred; it has been logged"),
+                    scope["path"])
+            await response(scope, receive, send)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
+    """Problem details for ledger refusals, validation and HTTP errors; everything else is
+    answered by the UnexpectedErrors middleware (api/app.py)."""
     app.add_exception_handler(LedgerError, _ledger_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(Exception, _unexpected_handler)
 
 
 # ----------------------------------------------------------------------- OpenAPI declaration

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.audit_routes import AsOfQuery, doctor_wallet_as_of, patient_balance_as_of
 from api.auth import AdminRole, ReadRole, WriteRole
+from api.event_permissions import authorize_event
 from api.problems import (
     AsOfOutOfRange,
     ClockNotManual,
@@ -24,11 +25,13 @@ from api.problems import (
     problem_responses,
     validation_problem,
 )
+from api.observe import event_answered
 from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest, parse_event
 from api.statements import session_resource
 from ledger.errors import DoctorNotFound, LedgerError, UnknownPatient
 from ledger.input_rules import ID_MAX_LENGTH, ID_PATTERN, id_problem, occurred_at_window, within
 from ledger.rules import utc_seconds
+from storage import is_unavailable
 
 log = logging.getLogger("api")
 
@@ -141,10 +144,29 @@ def healthz() -> dict:
 
 
 def _ingest(ledger, event) -> tuple[int, dict, bool]:
-    """(status, result, replayed) of one validated event; raises LedgerError on refusal."""
-    accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
-                             event.payload.model_dump(mode="json"))
+    """(status, result, replayed) of one validated event; raises LedgerError on refusal.
+    Each answer is reported to the request's log line and metrics (api/observe.py)."""
+    session_id = getattr(event.payload, "session_id", None)
+    try:
+        accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
+                                 event.payload.model_dump(mode="json"))
+    except LedgerError as exc:
+        event_answered(event.type, event.event_id, session_id, "refused", exc.code)
+        raise
+    event_answered(event.type, event.event_id, session_id,
+                   "replayed" if accepted.replayed else "accepted")
     return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
+
+
+def _authorize(event, role: str) -> None:
+    """Raise Forbidden (403) if `role` may not post the event's type (admin-only and tick-only
+    types, api/event_permissions.py), reporting the refusal like any other answer."""
+    try:
+        authorize_event(role, event.type)
+    except LedgerError as exc:
+        event_answered(event.type, event.event_id, getattr(event.payload, "session_id", None),
+                       "refused", exc.code)
+        raise
 
 
 _EVENT_RESPONSES: dict[int | str, dict] = {
@@ -169,7 +191,8 @@ def post_events(
 ) -> JSONResponse:
     """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
     if isinstance(body, EventBatch):
-        return _post_batch(request, ledger, body)
+        return _post_batch(request, ledger, body, role)
+    _authorize(body, role)
     status, result, replayed = _ingest(ledger, body)
     if not replayed:
         catch_up(request)
@@ -177,9 +200,10 @@ def post_events(
     return JSONResponse(result, status_code=status, headers=headers)
 
 
-def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
+def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONResponse:
     """Validate each item on its own; hand the valid ones to the ledger in array order; merge
-    the results by index (a malformed item's 422 sits at its own position)."""
+    the results by index (a malformed item's 422, or a type `role` may not post's 403, sits at
+    its own position)."""
     limit = request.app.state.settings.batch_limit
     if len(batch.events) > limit:
         return problem_response(validation_problem(
@@ -190,9 +214,19 @@ def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
     valid = []
     for index, item in enumerate(batch.events):
         try:
-            valid.append((index, parse_event(item)))
+            event = parse_event(item)
         except ValidationError as exc:
             results[index] = _invalid_item(index, item, exc)
+            event_answered("(invalid)", results[index]["event_id"] or f"#{index}", None,
+                           "refused", "validation_error")
+            continue
+        try:
+            _authorize(event, role)
+        except LedgerError as exc:
+            results[index] = {"event_id": event.event_id, "status": exc.status,
+                              "problem": error_problem(exc)}
+            continue
+        valid.append((index, event))
     outcomes = ingest_in_order(ledger, [event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes):
         results[index] = outcome
@@ -212,7 +246,9 @@ def ingest_in_order(ledger, events: list) -> list[dict]:
             out.append({"event_id": event.event_id, "status": exc.status,
                         "problem": error_problem(exc)})
             continue
-        except Exception:  # noqa: BLE001 - earlier events are durable; report this one
+        except Exception as exc:  # noqa: BLE001 - earlier events are durable; report this one
+            if is_unavailable(exc):
+                raise  # the whole batch answers 503 retry_later; its accepted events replay
             log.exception("unexpected error ingesting %s", event.event_id)
             error = InternalError("An unexpected error occurred; it has been logged")
             out.append({"event_id": event.event_id, "status": 500,

@@ -25,10 +25,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.observe import event_answered
 from api.problems import PayloadTooLarge, ProviderNotConfigured, ValidationFailed, validation_errors
 from api.providers import PROVIDERS, Ignored, LedgerEvent, Provider, WebhookRequest
 from api.routes import catch_up, get_ledger
 from api.schemas import parse_event
+from ledger.errors import LedgerError
 
 log = logging.getLogger("api")
 
@@ -50,8 +52,15 @@ def handle(request: Request, provider: Provider, hook: WebhookRequest) -> JSONRe
         log.info("%s callback ignored: %s", provider.name, outcome.reason)
         return JSONResponse({"ignored": outcome.reason})
     checked = validated(outcome)
-    accepted = get_ledger(request).ingest(checked.event_id, checked.type, checked.occurred_at,
-                                          outcome.payload)
+    session_id = outcome.payload.get("session_id")
+    try:
+        accepted = get_ledger(request).ingest(checked.event_id, checked.type,
+                                              checked.occurred_at, outcome.payload)
+    except LedgerError as exc:
+        event_answered(checked.type, checked.event_id, session_id, "refused", exc.code)
+        raise
+    event_answered(checked.type, checked.event_id, session_id,
+                   "replayed" if accepted.replayed else "accepted")
     if not accepted.replayed:
         catch_up(request)
     headers = {"Idempotent-Replayed": "true"} if accepted.replayed else None

@@ -2,7 +2,8 @@
 
 A follower of the ledger's log (audit/tracking.py, the same safe head as the chainer) that
 folds the events which move units or money — the pool events, `Session.AutoDeducted`,
-`Session.Settled` and the wallet events, exactly as the live views fold them
+`Session.Settled`, the wallet events and a priced consultation's share (captured, refunded,
+made available: §10), exactly as the live views fold them
 (projections/views.py: Balances, Wallets) — and appends, per account touched, a row holding
 the account's values *after* the event, keyed by (account, recorded_at, position). It also keeps
 one row per folded event in `audit_events` (what it was, its event time, the ids it names) and
@@ -27,6 +28,7 @@ from audit import tracking
 from audit.bulk import insert_rows
 from audit.logs import PAGE, Log
 from audit.tracking import LostRace, Tracked
+from ledger.consultations import Consultation
 from ledger.domain import Doctor, Pool, Session, Wallet
 from ledger.rules import BUCKETS
 
@@ -40,7 +42,8 @@ FOLDED = (Pool.Granted, Pool.MemberAdded, Pool.MemberRemoved, Pool.Held, Pool.Ch
           Pool.Released, Pool.Reversed, Pool.Expired, Pool.Revoked, Session.Requested,
           Session.AutoDeducted, Session.Settled, Session.Ended, Wallet.Opened,
           Wallet.WithdrawalHeld, Wallet.WithdrawalCompleted, Wallet.WithdrawalReleased,
-          Doctor.Registered)
+          Doctor.Registered, Consultation.Closed, Consultation.Refunded,
+          Wallet.EarningCredited)
 TOPICS = tuple(get_topic(c) for c in FOLDED)
 Progress = Callable[[int, int], None]
 
@@ -127,7 +130,10 @@ class History:
             Wallet.WithdrawalHeld: self._withdrawal_held,
             Wallet.WithdrawalCompleted: self._withdrawal_completed,
             Wallet.WithdrawalReleased: self._withdrawal_released,
-            Doctor.Registered: self._doctor_registered}
+            Doctor.Registered: self._doctor_registered,
+            Consultation.Closed: self._share_captured,
+            Consultation.Refunded: self._share_refunded,
+            Wallet.EarningCredited: self._earning_credited}
 
     # ------------------------------------------------------------------------ following
 
@@ -383,3 +389,29 @@ class History:
 
     def _withdrawal_released(self, e: Any, recorded: Any, position: int) -> None:
         self._withdrawal(e, recorded, position, held=-e.amount_minor, available=e.amount_minor)
+
+    # ---------------------------------- priced consultations' shares in the §5 wallets (§10)
+
+    def _share_captured(self, e: Any, recorded: Any, position: int) -> None:
+        """A capture credits the practitioner's share, pending (views.py `_share_captured`)."""
+        if e.capture is not None:
+            share = e.capture["share_minor"]
+            self._change("audit_wallets", (e.practitioner_id, e.currency), recorded, position,
+                         credited=share, pending=share)
+            self._event(e, recorded, position, e.completed_at or e.at,
+                        doctor_id=e.practitioner_id, currency=e.currency)
+
+    def _share_refunded(self, e: Any, recorded: Any, position: int) -> None:
+        """A refund while the earning is pending reverses the share; once available it stays."""
+        if e.share_reversed_minor:
+            self._change("audit_wallets", (e.practitioner_id, e.currency), recorded, position,
+                         reversed=e.share_reversed_minor, pending=-e.share_reversed_minor)
+            self._event(e, recorded, position, e.at, doctor_id=e.practitioner_id,
+                        currency=e.currency)
+
+    def _earning_credited(self, e: Any, recorded: Any, position: int) -> None:
+        """The share becomes available after the settlement grace (§10 Earnings)."""
+        doctor_id, currency = self._wallet(e.originator_id)
+        self._change("audit_wallets", (doctor_id, currency), recorded, position,
+                     pending=-e.amount_minor, available=e.amount_minor)
+        self._event(e, recorded, position, None, doctor_id=doctor_id, currency=currency)

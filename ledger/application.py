@@ -26,6 +26,7 @@ from ledger.appointments import APPOINTMENT_KINDS, Appointment
 from ledger.billing import (Step, Work, apply_step, choose_pool, complete_appointment,
                             end_session, hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
+from ledger.marketplace import Marketplace
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
 from ledger.recording import recording_at
 from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
@@ -56,8 +57,10 @@ class TickReport:
     None), "units" (1 per charge; units owed at settlement; else 0), "pool_id" (the pool a charge
     was taken from; else None), "reason" (the end's reason; else None), "ended_at" (ISO, ends
     only)}; `pools`: {"pool_id", "payment_reference", "forfeited": {bucket: units}} per expired
-    pool; `failures`: {"session_id", "error"}. The human lines (`charged`, `ended`, `settled`,
-    `expired`, `failed`) are for the CLI and the logs. `more`: work is left for the next tick.
+    pool; `failures`: {"session_id", "error"} (or "consultation_id"). `consultation_steps`: one
+    dict per priced-consultation step (ledger/marketplace.py `ConsultationTick`). The human lines
+    (`charged`, `ended`, `settled`, `expired`, `failed`, `consultations`) are for the CLI and the
+    logs. `more`: work is left for the next tick.
     """
 
     as_of: datetime
@@ -69,6 +72,8 @@ class TickReport:
     steps: list[dict] = field(default_factory=list)
     pools: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    consultations: list[str] = field(default_factory=list)  # §10 steps, as lines
+    consultation_steps: list[dict] = field(default_factory=list)  # §10 steps, as data
     conflicts: int = 0
     more: bool = False
 
@@ -77,10 +82,11 @@ class TickReport:
         counts = {"charged": sum(1 for s in self.steps if s["action"] == "charge"),
                   "ended": sum(1 for s in self.steps if s["action"] == "end"),
                   "settled": sum(1 for s in self.steps if s["action"] == "settle"),
-                  "expired": len(self.pools), "failed": len(self.failures)}
+                  "expired": len(self.pools), "failed": len(self.failures),
+                  "consultations": len(self.consultation_steps)}
         return {"as_of": self.as_of.isoformat(), "steps": self.steps, "expired": self.pools,
-                "failed": self.failures, "counts": counts, "conflicts": self.conflicts,
-                "more": self.more}
+                "failed": self.failures, "consultations": self.consultation_steps,
+                "counts": counts, "conflicts": self.conflicts, "more": self.more}
 
     def record(self, session_id: str, step: Step, session: Session, line: str) -> None:
         """Add what one step did to `session` (as saved) to the data and the lines."""
@@ -166,9 +172,13 @@ class Ledger(Application):
     name = "Ledger"
 
     def __init__(self, env: dict | None = None, *, clock: Clock, policy: Policy = Policy(),
-                 withdrawal_minimum_minor: dict[str, int] | None = None) -> None:
+                 withdrawal_minimum_minor: dict[str, int] | None = None,
+                 on_conflict: Callable[[str], None] | None = None) -> None:
+        """`on_conflict(operation)` ("ingest" or "tick") is called at each optimistic-concurrency
+        retry: a plain observer, so the domain stays free of metrics libraries."""
         super().__init__(env=env)
         self.clock = clock
+        self.on_conflict = on_conflict or (lambda operation: None)
         self.policy = policy
         self.withdrawal_minimum_minor = dict(withdrawal_minimum_minor or WITHDRAWAL_MINIMUM_MINOR)
         self._handlers: dict[str, Callable[[Work, datetime, dict, datetime], dict]] = {
@@ -200,6 +210,10 @@ class Ledger(Application):
             "withdrawal.completed": self._withdrawal_finished,
             "withdrawal.rejected": self._withdrawal_finished,
         }
+        # Priced consultations and money wallets (§10): their handlers, and §10's guards
+        # around the unit-billed handlers they touch.
+        self.marketplace = Marketplace(self.policy)
+        self._handlers.update(self.marketplace.handlers(self._handlers))
 
     @property
     def event_types(self) -> tuple[str, ...]:
@@ -259,11 +273,13 @@ class Ledger(Application):
                 raise
             except (AssertionError, KeyError):
                 if work.stale():
+                    self.on_conflict("ingest")
                     continue  # decided on a snapshot another writer has moved: a lost race
                 raise
             try:
                 self.save(*work.to_save(), receipt)
             except IntegrityError:
+                self.on_conflict("ingest")
                 continue  # a concurrent writer won; reload everything and decide again
             return Accepted(result)
         raise errors.RetryLater("too many concurrent writers; retry the same event")

@@ -14,11 +14,11 @@ batch the position moves to the head, so irrelevant trailing events cost no lag.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ledger.rules import BUCKETS, Policy
-from projections import schema
+from projections import marketplace, schema
 from projections.store import Store, open_store, utc
 from projections.views import Projection, build_projections
 
@@ -138,6 +138,36 @@ class Projector:
         head, positions = self._head(), self._positions()
         return {p.name: max(0, head - positions.get(p.name, 0)) for p in self._projections}
 
+    def health(self) -> dict:
+        """The projections' progress, for /readyz, /metrics and logs:
+
+        {"head": int, "position": int, "lag_events": int, "lag_seconds": float | None,
+         "stalled": None | {"position": int, "event_id": str | None, "topic": str, "error": str}}
+
+        `position` is the slowest projection's tracked notification id; `lag_events` = head −
+        position; `lag_seconds` is the wall-clock age of the first event not yet applied (0.0
+        when caught up, None if it cannot be read). This minimal version never reports
+        `stalled` (a catch-up error propagates to its caller instead).
+        """
+        head, positions = self._head(), self._positions()
+        position = min((positions.get(p.name, 0) for p in self._projections), default=head)
+        lag_events = max(0, head - position)
+        return {"head": head, "position": position, "lag_events": lag_events,
+                "lag_seconds": self._lag_seconds(position) if lag_events else 0.0,
+                "stalled": None}
+
+    def _lag_seconds(self, position: int) -> float | None:
+        """Seconds since the first notification after `position` was recorded (wall clock:
+        the stored events' own timestamps are wall-clock, whatever the ledger's clock)."""
+        found = self.ledger.recorder.select_notifications(start=position, limit=1,
+                                                          inclusive_of_start=False)
+        if not found:
+            return None
+        recorded = getattr(self.ledger.mapper.to_domain_event(found[0]), "timestamp", None)
+        if recorded is None:
+            return None
+        return max(0.0, (datetime.now(timezone.utc) - recorded).total_seconds())
+
     # ------------------------------------------------------------------------------ reads
 
     def patient_balance(self, patient_id: str, now: datetime) -> dict:
@@ -245,6 +275,20 @@ class Projector:
             rows = self._store.query("SELECT session_id FROM live_sessions ORDER BY session_id "
                                      "LIMIT ?", (limit,))
         return [r[0] for r in rows]
+
+    # ---- priced consultations (§10): projections/marketplace.py
+
+    def patient_money_wallet(self, patient_id: str) -> dict:
+        """A patient's money wallets per currency (minor units)."""
+        return marketplace.patient_money_wallet(self._store, patient_id)
+
+    def platform_accounts(self) -> dict:
+        """The platform and tax-payable accounts per currency (minor units)."""
+        return marketplace.platform_accounts(self._store)
+
+    def due_consultations(self, as_of: datetime, limit: int = 1000) -> list[str]:
+        """consultation_id of consultations with a tick step due by `as_of`, earliest first."""
+        return marketplace.due_consultations(self._store, as_of, limit)
 
     def close(self) -> None:
         with self._store.locked():

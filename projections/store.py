@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from storage import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
+from storage import connect_options, is_postgres, postgres_conninfo, postgres_parts, sqlite_path
 
 BUSY_TIMEOUT_SECONDS = 30
+STORE_TIMEOUT_SECONDS = 3  # bound on (re)connecting to PostgreSQL: an outage answers fast
 
 
 def utc(moment: datetime) -> datetime:
@@ -154,7 +155,8 @@ class PostgresStore(Store):
         import psycopg
         from psycopg import sql
 
-        conn = psycopg.connect(postgres_conninfo(self.url), autocommit=True)
+        conn = psycopg.connect(postgres_conninfo(self.url), autocommit=True,
+                               **connect_options(STORE_TIMEOUT_SECONDS))
         schema = sql.Identifier(self.schema)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(sql.SQL("SET search_path TO {}").format(schema))

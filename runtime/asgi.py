@@ -1,27 +1,29 @@
 """The ASGI application factory uvicorn runs: `runtime.asgi:create_app` (`--factory`).
 
-The lifespan builds, per process, the clock, the Ledger application, the Projector, the tick
-and (if `settings.tick_enabled`) the in-process tick scheduler, keeps them in `app.state`, and
-closes them in reverse order on shutdown.
+The factory configures JSON logging (observability/logs.py). The lifespan builds, per process,
+the clock, the Ledger application (waiting for the database with bounded, logged retries: see
+`wait_for_store`), the Projector, the tick and (if `settings.tick_enabled`) the in-process tick
+scheduler, keeps them in `app.state`, and closes them in reverse order on shutdown.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import structlog
 from fastapi import FastAPI
 
 from api.app import build_app
+from observability import configure_logging
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
-from runtime.wiring import open_audit, open_ledger
-from scheduler.jobs import start_scheduler
-from scheduler.tick import run_tick
+from runtime.wiring import open_audit, open_ledger, wait_for_store
+from storage import redacted_url
+from scheduler.jobs import observed_tick, start_scheduler
 
-log = logging.getLogger("api")
+log = structlog.get_logger("ledger.service")
 
 ProjectorFactory = Callable[[Any, str, Any], Any]  # (ledger, database_url, policy) -> Projector
 
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     `settings.clock` (tests pass one); `projector_factory(ledger, database_url, policy)`
     overrides `projections.Projector`."""
     settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,19 +49,26 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         state.clock = clock if clock is not None else build_clock(settings)
         state.ledger = state.projector = state.scheduler = state.tick = None
         state.audit = state.audit_follower = None
+        metrics = state.metrics
         try:
-            state.ledger, state.projector = open_ledger(settings, state.clock, projector_factory)
+            state.ledger, state.projector = wait_for_store(settings, lambda: open_ledger(
+                settings, state.clock, projector_factory,
+                on_conflict=lambda operation: metrics.conflicts.labels(operation).inc()))
             state.audit, state.audit_follower = open_audit(settings, state.ledger)
-            state.tick = lambda as_of: run_tick(state.ledger, state.projector, as_of)
+            state.tick = lambda as_of: observed_tick(state.ledger, state.projector, as_of,
+                                                     metrics, source="api")
             try:
                 state.projector.catch_up()
             except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries
                 log.exception("initial projection catch-up failed")
             if settings.tick_enabled:
                 state.scheduler = start_scheduler(state)
+            log.info("ready", store=redacted_url(settings.database_url),
+                     tick_enabled=settings.tick_enabled)
             yield
         finally:
             _close(state)
+            metrics.process_exited()
 
     return build_app(settings, lifespan)
 
@@ -72,5 +82,5 @@ def _close(state) -> None:
         try:
             resource.shutdown() if name == "scheduler" else resource.close()
         except Exception:  # noqa: BLE001 - close the rest regardless
-            log.exception("error closing %s", name)
+            log.exception("error closing", resource=name)
         setattr(state, name, None)

@@ -56,19 +56,61 @@ def _opened(settings: Settings):
 @app.command()
 def serve(host: Optional[str] = None, port: Optional[int] = None,
           workers: int = typer.Option(1, min=1, max=16, help="uvicorn worker processes")) -> None:
-    """Run the HTTP API with its periodic tick (embedded SQLite unless LEDGER_DATABASE_URL)."""
-    import logging
+    """Run the HTTP API with its periodic tick (embedded SQLite unless LEDGER_DATABASE_URL).
 
+    Waits for the database first (bounded by LEDGER_STARTUP_WAIT_SECONDS, each retry logged);
+    exits with code 3 and one clear line if it never answers. Limits: docs/operations.md.
+    """
+    import os
+
+    import structlog
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from observability import configure_logging
+    from runtime.server import PROTOCOL
+    from runtime.wiring import StoreUnreachableAtStartup, wait_for_store
+    from storage import probe_store, redacted_url
+
     settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    log = structlog.get_logger("ledger.serve")
     if workers > 1 and not settings.database_url.startswith("postgres"):
-        err.print("[yellow]several workers on SQLite serialise their writes; use PostgreSQL[/]")
-    console.print(f"ledger serving on http://{host or settings.host}:{port or settings.port} "
-                  f"(store: {settings.database_url}, tick every {settings.tick_seconds}s)")
+        log.warning("several workers on SQLite serialise their writes; use PostgreSQL")
+    try:
+        wait_for_store(settings, lambda: probe_store(settings.database_url,
+                                                     settings.store_timeout_seconds),
+                       what="reach the database")
+    except StoreUnreachableAtStartup as exc:
+        log.error("not starting", reason=str(exc))
+        raise typer.Exit(3) from None
+    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _prepare_multiprocess_metrics()
+    log.info("serving", url=f"http://{host or settings.host}:{port or settings.port}",
+             store=redacted_url(settings.database_url), workers=workers,
+             tick_seconds=settings.tick_seconds if settings.tick_enabled else None)
     uvicorn.run("runtime.asgi:create_app", factory=True, host=host or settings.host,
-                port=port or settings.port, workers=workers, log_level=settings.log_level)
+                port=port or settings.port, workers=workers, log_level=settings.log_level,
+                http=PROTOCOL, timeout_keep_alive=settings.keepalive_timeout_seconds,
+                timeout_graceful_shutdown=30, log_config=None, access_log=False)
+
+
+def _prepare_multiprocess_metrics() -> None:
+    """Several workers share metrics through prometheus-client's multiprocess directory: the
+    operator's PROMETHEUS_MULTIPROC_DIR, else a fresh temporary one; emptied at start (samples
+    of a previous run would otherwise be added to this one's)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="ledger-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for entry in Path(directory).glob("*.db"):
+        entry.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 
 
 @app.command()
@@ -140,13 +182,43 @@ def export(output: Optional[Path] = typer.Option(None, "--output", "-o",
 def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_000),
              doctors: int = typer.Option(100, min=1, max=10_000),
              sessions: int = typer.Option(3000, min=1, max=200_000),
+             practitioners: int = typer.Option(30, min=0, max=10_000,
+                                               help="marketplace practitioners (§10)"),
+             consultations: int = typer.Option(300, min=0, max=100_000,
+                                               help="priced consultations booked (§10)"),
              workdir: Path = Path("var/sim"),
              url: Optional[str] = typer.Option(None, help="drive an already running service")) -> None:
-    """Simulate a day of the platform against the service and check it against ground truth."""
+    """Simulate a day of both platforms (unit-billed sessions, priced consultations) against
+    the service and check it against ground truth."""
     from simulation.driver import run_simulation
 
     report = run_simulation(seed=seed, patients=patients, doctors=doctors, sessions=sessions,
+                            practitioners=practitioners, consultations=consultations,
                             base_url=url, workdir=workdir, console=console)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("crash-test")
+def crash_test(kills: int = typer.Option(20, min=1, max=1000, help="SIGKILLs of the service"),
+               store: str = typer.Option("sqlite", help="sqlite or postgres"),
+               workers: int = typer.Option(2, min=1, max=8),
+               clients: int = typer.Option(4, min=1, max=32),
+               seed: int = 1, workdir: Path = Path("var/crash"),
+               postgres_url: str = typer.Option(
+                   "postgresql://postgres@127.0.0.1:5432/test",
+                   help="database for --store postgres (a fresh schema is used, dropped if ok)")) -> None:
+    """Kill the service with SIGKILL N times under load; check nothing acknowledged was lost,
+    nothing charged twice, no negative balance, and replay --verify (docs/operations.md)."""
+    from simulation.crash import run_crash_test
+
+    if store not in ("sqlite", "postgres"):
+        raise typer.BadParameter("--store is sqlite or postgres")
+    report = run_crash_test(kills=kills, store=store, workers=workers, clients=clients, seed=seed,
+                            workdir=workdir, postgres_url=postgres_url,
+                            progress=lambda line: err.print(line))
+    for line in report.lines():
+        console.print(line)
     if not report.ok:
         raise typer.Exit(1)
 

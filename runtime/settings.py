@@ -17,7 +17,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore")
 
     database_url: str = "sqlite:///./var/ledger.db"
-    api_keys: str = Field(DEV_API_KEYS, description="comma-separated key:role (backend|auditor|admin)")
+    api_keys: str = Field(DEV_API_KEYS,
+                          description="comma-separated key:role (backend|auditor|admin|metrics)")
     host: str = "127.0.0.1"
     port: int = 8000
     tick_enabled: bool = True
@@ -36,7 +37,29 @@ class Settings(BaseSettings):
         "keep the hash chains and the as-of history caught up in the background (docs/audit.md)"))
     audit_poll_seconds: float = Field(1.0, ge=0.05, le=60, description=(
         "how often the audit follower looks for newly committed events"))
-    log_level: str = "info"
+    log_level: str = Field("info", pattern="^(debug|info|warning|error|critical)$")
+    log_format: str = Field("json", pattern="^(json|console)$",
+                            description="json: one JSON object per line (structlog); console: for a terminal")
+    # Operating under failure and load (docs/operations.md, "Limits").
+    store_timeout_seconds: int = Field(
+        3, ge=1, le=60, description="bound on waiting for a database connection; while the "
+                                    "store is unreachable requests answer 503 retry_later within about this")
+    retry_after_seconds: int = Field(2, ge=1, le=300,
+                                     description="Retry-After of a 503 retry_later while the store is unreachable")
+    startup_wait_seconds: int = Field(60, ge=0, le=3600,
+                                      description="how long start-up waits for the database before giving up")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576,
+                                description="request bodies larger than this answer 413 payload_too_large")
+    header_timeout_seconds: float = Field(10, gt=0, le=300,
+                                          description="a connection that has not sent complete request headers by then is closed")
+    keepalive_timeout_seconds: int = Field(5, ge=1, le=300,
+                                           description="an idle kept-alive connection is closed after this")
+    max_connections: int = Field(512, ge=1, le=100_000,
+                                 description="open connections per worker process; more are answered 503 and closed")
+    ready_max_lag_events: int = Field(10_000, ge=0,
+                                      description="/readyz fails while a projection lags more events than this")
+    ready_max_lag_seconds: float = Field(60, ge=0,
+                                         description="/readyz fails while the oldest unapplied event is older than this")
     # Call providers (docs/providers.md). An endpoint whose provider is unset answers 503.
     public_base_url: str | None = Field(
         None, pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
@@ -45,6 +68,17 @@ class Settings(BaseSettings):
     twilio_auth_token: SecretStr | None = None
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
+
+    def secrets(self) -> list[str]:
+        """Every configured secret (API keys, provider credentials, database password): log
+        lines never contain them (observability/logs.py masks them)."""
+        from storage import postgres_parts, is_postgres
+
+        values = list(self.api_key_roles())
+        values += [s.get_secret_value() for s in (self.twilio_auth_token, self.livekit_api_secret) if s]
+        if is_postgres(self.database_url):
+            values.append(postgres_parts(self.database_url)["password"])
+        return [v for v in values if v and len(v) >= 4]
 
     @field_validator("withdrawal_minimums")
     @classmethod
@@ -67,7 +101,7 @@ class Settings(BaseSettings):
         roles = {}
         for item in filter(None, (part.strip() for part in self.api_keys.split(","))):
             key, _, role = item.rpartition(":")
-            if not key or role not in ("backend", "auditor", "admin"):
+            if not key or role not in ("backend", "auditor", "admin", "metrics"):
                 raise ValueError(f"bad LEDGER_API_KEYS entry {item!r}")
             roles[key] = role
         return roles

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import zlib
 
+from storage import connect_options
+
 log = logging.getLogger(__name__)
 
 
@@ -33,11 +35,13 @@ class PostgresLeader:
     A dead process's connection closes and frees the lock, so another worker takes over.
     """
 
-    def __init__(self, conninfo: str, key: int) -> None:
+    def __init__(self, conninfo: str, key: int, timeout_seconds: int = 5) -> None:
         self._conninfo = conninfo
         self._key = key
+        self._timeout_seconds = timeout_seconds
         self._conn = None
         self._held = False
+        self.last_error: str | None = None  # why the last is_leader() could not ask the database
 
     def is_leader(self) -> bool:
         """True if this process holds the lock (acquiring it if free); False on any DB error."""
@@ -45,16 +49,18 @@ class PostgresLeader:
 
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                self._conn = psycopg.connect(self._conninfo, autocommit=True,
+                                             **connect_options(self._timeout_seconds))
                 self._held = False
             if self._held:
                 self._conn.execute("SELECT 1")  # the lock lives as long as this connection
             else:
                 self._held = bool(self._conn.execute(
                     "SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0])
+            self.last_error = None
             return self._held
         except psycopg.Error as exc:
-            log.warning("leader lock unavailable: %s", exc)
+            self.last_error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             self.close()
             return False
 

@@ -33,3 +33,12 @@ def sqlite_path(url: str) -> str:
     if not url.startswith("sqlite:///"):
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://")
     return url[len("sqlite:///"):]
+
+
+def redacted_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for logs and start-up messages."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
