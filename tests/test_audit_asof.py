@@ -167,6 +167,52 @@ def test_as_of_every_instant_equals_what_the_live_views_showed_then(store_url):
         world.close()
 
 
+def test_as_of_covers_a_priced_consultations_share_in_the_practitioners_wallet():
+    """§10 earnings move the §5 wallet: a capture (pending), the release after the grace
+    (available), a withdrawal of it, and a second capture refunded while pending (reversed)."""
+    from test_marketplace import END, START, Clinic
+
+    clock = WatchedClock()
+    clinic = Clinic(clock)
+    projector = Projector(clinic.ledger, "sqlite:///:memory:", POLICY)
+    audit = AuditService(clinic.ledger, "sqlite:///:memory:")
+    witness = Witness(clinic.ledger, projector, audit)
+    witness.doctors |= {"t1"}
+    witness.patients |= {"p1"}
+    clock.before_moving = witness.observe
+    try:
+        clinic.practitioner()
+        clinic.top_up()
+        clinic.in_progress("c1")
+        clinic.finish("c1", at=clinic.at(START + 45 * 60 * timedelta(seconds=1)))
+        clinic.tick_at(END + timedelta(minutes=30))  # the share becomes available
+        clinic.post("withdrawal.requested", request_id="w1", doctor_id="t1", currency="INR",
+                    amount_minor=20_000)
+        clinic.book("c2", start=END + timedelta(hours=3))
+        clinic.activate("c2")
+        clinic.join("c2", "patient", clinic.at(END + timedelta(hours=3)))
+        clinic.join("c2", "practitioner", clinic.at(END + timedelta(hours=3, minutes=1)))
+        clinic.finish("c2", at=clinic.at(END + timedelta(hours=3, minutes=40)))
+        clinic.refund("c2", at=clinic.at(END + timedelta(hours=3, minutes=42)))
+        witness.observe(clock.now)
+        assert witness.check() >= 8
+        final = audit.doctor_wallet("t1", clock.now)["wallets"]
+        assert final == [{"currency": "INR", "pending_minor": 0, "available_minor": 30_000,
+                          "held_minor": 20_000, "withdrawn_minor": 0, "credited_minor": 100_000,
+                          "reversed_minor": 50_000}]
+        moves = audit.doctor_statement("t1", T0, clock.now)["currencies"]["INR"]["movements"]
+        assert [m["event"] for m in moves] == ["Consultation.Closed", "Wallet.EarningCredited",
+                                               "Wallet.WithdrawalHeld", "Consultation.Closed",
+                                               "Consultation.Refunded"]
+        # Every aggregate of the marketplace records the ledger's clock, not the wall clock.
+        stamps = {e.timestamp for e in clinic.events()}
+        assert all(t.microsecond == 0 and T0 <= t <= clock.now for t in stamps)
+    finally:
+        audit.close()
+        projector.close()
+        clinic.ledger.close()
+
+
 def test_a_late_end_is_named_with_both_times(store_url, clock):
     """A call whose end (event time 08:05:10) is reported at 08:30: as of 08:25 the ledger
     still showed two charged blocks (they were reversed at settlement); the answer names the
