@@ -3,11 +3,12 @@ of chaining, folding the history, `ledger audit verify`, as-of reads and stateme
 `ledger replay --verify` and a raw scan of the same events table, in the same run.
 
 Timing lives here, never in pass/fail tests. Usage:
-    python -m bench.audit [--sessions 60] [--copies 200] [--rounds 4] [--postgres-url URL]
+    python -m bench.audit [--sessions 150] [--copies 80] [--rounds 6] [--postgres-url URL]
 
 - Write path: the bench's call workload (bench/run.py `_events`) ingested into a fresh store
-  without, then with, the audit follower running in the same process (as in the service),
-  alternating `--rounds` times; events/s of each and the ratio; the follower's largest lag.
+  without and with the audit follower running in the same process (as in the service; polls
+  5× as often as the default), in `--rounds` pairs; events/s, the pairs' median ratio, the follower thread's CPU
+  share and its largest lag.
 - Large store: the same workload ticked to settlement, then its stored events copied
   `--copies` times under fresh ids and COPY_HOURS later each (states rewritten consistently),
   so every copy is a valid history of its own, recorded after the one before; then chain,
@@ -40,6 +41,7 @@ from storage import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
 
 ID = re.compile(r"^(d|p|pay|s|e)\d+$")  # the ids bench/run.py `_events` uses
 COPY_HOURS = 3  # each copy of the workload is recorded this much later than the one before
+POLL_SECONDS = 0.2  # the follower's polls while ingesting: 5× as often as the default (1 s)
 
 
 def loadavg() -> str:
@@ -55,7 +57,7 @@ def ingest_rate(url: str, sessions: int, follow: bool) -> tuple[float, int, floa
     clock, settings = StepClock(), Settings(database_url=url)
     ledger = build_ledger(settings, clock)
     service = AuditService(ledger, url)
-    follower = AuditFollower(service, poll_seconds=0.2).start() if follow else None
+    follower = AuditFollower(service, poll_seconds=POLL_SECONDS).start() if follow else None
     lag, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -82,21 +84,25 @@ def ingest_rate(url: str, sessions: int, follow: bool) -> tuple[float, int, floa
 
 
 def bench_write_path(label: str, fresh_url, sessions: int, rounds: int) -> list[tuple]:
-    plain, followed, lags, shares = [], [], [], []
-    for _ in range(rounds):
-        with fresh_url() as url:
-            plain.append(ingest_rate(url, sessions, follow=False)[0])
-        with fresh_url() as url:
-            rate, lag, share = ingest_rate(url, sessions, follow=True)
-            followed.append(rate)
-            lags.append(lag)
-            shares.append(share)
-    a, b = statistics.median(plain), statistics.median(followed)
-    spread = (max(plain) - min(plain)) / a if a else 0.0
-    return [(label, "ingest, no audit follower", a, f"median of {rounds}; spread ±{spread / 2:.0%}"),
-            (label, "ingest, audit follower running", b,
-             f"{b / a:.1%} of the line above; follower CPU {statistics.median(shares):.1%} of "
-             f"the ingestion's wall time; lag ≤ {max(lags)} positions")]
+    """Ingestion without and with the follower, in pairs whose order alternates (drift in the
+    machine's load cancels); the ratio is the median of the pairs' ratios."""
+    plain, followed, ratios, lags, shares = [], [], [], [], []
+    for round_ in range(rounds):
+        pair = {}
+        for follow in ((False, True) if round_ % 2 == 0 else (True, False)):
+            with fresh_url() as url:
+                pair[follow] = ingest_rate(url, sessions, follow=follow)
+        plain.append(pair[False][0])
+        followed.append(pair[True][0])
+        ratios.append(pair[True][0] / pair[False][0])
+        lags.append(pair[True][1])
+        shares.append(pair[True][2])
+    return [(label, "ingest, no audit follower", statistics.median(plain),
+             f"median of {rounds} runs, {min(plain):,.0f}–{max(plain):,.0f}"),
+            (label, "ingest, audit follower running (0.2 s polls)", statistics.median(followed),
+             f"paired ratio {statistics.median(ratios):.1%} (range {min(ratios):.0%}–"
+             f"{max(ratios):.0%}); follower CPU {statistics.median(shares):.1%} of the "
+             f"ingestion's wall time; lag ≤ {max(lags)} positions")]
 
 
 # --------------------------------------------------------------------------- large store
@@ -200,7 +206,27 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def bench_large_store(label: str, url: str, sessions: int, copies: int) -> list[tuple]:
+def small_store_verify_rss(fresh_url, sessions: int) -> tuple[int, float]:
+    """(events, peak RSS in MB of `ledger audit verify`) on the workload without copies."""
+    with fresh_url() as url:
+        ledger, projector, head = build_large_store(url, sessions, 0)
+        service = AuditService(ledger, url)
+        service.catch_up(10**8)
+        _, rss_mb = cli_verify(url, service.digest(), head)
+        service.close()
+        projector.close()
+        ledger.close()
+    return head, rss_mb
+
+
+def bench_large_store(label: str, fresh_url, sessions: int, copies: int) -> list[tuple]:
+    small_head, small_rss_mb = small_store_verify_rss(fresh_url, sessions)
+    with fresh_url() as url:
+        return _bench_large_store(label, url, sessions, copies, small_head, small_rss_mb)
+
+
+def _bench_large_store(label: str, url: str, sessions: int, copies: int, small_head: int,
+                       small_rss_mb: float) -> list[tuple]:
     ledger, projector, head = build_large_store(url, sessions, copies)
     rows = [(label, f"raw scan of the events table ({head:,} events)",
              raw_scan_rate(ledger, url), "the hardware's pace: rows read, not decoded")]
@@ -220,7 +246,8 @@ def bench_large_store(label: str, url: str, sessions: int, copies: int) -> list[
     rows.append((label, "ledger audit verify", verify_rate, ""))
     rate, rss_mb = cli_verify(url, digest, head)
     rows.append((label, "ledger audit verify (the command, own process)", rate,
-                 f"peak RSS {rss_mb:.0f} MB, start-up included"))
+                 f"peak RSS {rss_mb:.0f} MB (on {small_head:,} events: {small_rss_mb:.0f} MB), "
+                 "start-up included"))
     replayed, seconds = timed(replay_verify, ledger, url, Settings(database_url=url).policy())
     assert replayed.ok
     rows.append((label, "ledger replay --verify", replayed.events / seconds,
@@ -306,9 +333,9 @@ def postgres_urls(base: str, made: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sessions", type=int, default=60)
-    parser.add_argument("--copies", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=150)
+    parser.add_argument("--copies", type=int, default=80)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     print(f"audit bench: load average at start {loadavg()}")
@@ -316,13 +343,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = sqlite_urls(tmp)
         rows += bench_write_path("sqlite", fresh, args.sessions, args.rounds)
-        with fresh() as url:
-            rows += bench_large_store("sqlite", url, args.sessions, args.copies)
+        rows += bench_large_store("sqlite", fresh, args.sessions, args.copies)
     fresh = postgres_urls(args.postgres_url, made)
     try:
         rows += bench_write_path("postgres", fresh, args.sessions, args.rounds)
-        with fresh() as url:
-            rows += bench_large_store("postgres", url, args.sessions, args.copies)
+        rows += bench_large_store("postgres", fresh, args.sessions, args.copies)
     finally:
         for schema in made:
             _drop_schema(args.postgres_url, schema)
