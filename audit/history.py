@@ -99,6 +99,9 @@ class Accounts:
 EVENT_COLUMNS = ("position", "recorded_at", "occurred_at", "event", "originator_id",
                  "originator_version", "session_id", "pool_id", "block", "bucket", "patient_id",
                  "doctor_id", "currency", "request_id")
+EXTRA_COLUMNS = {"audit_events": EVENT_COLUMNS,
+                 "audit_wallet_currencies": ("doctor_id", "currency", "recorded_at"),
+                 "audit_wallet_ids": ("wallet_id", "doctor_id", "currency")}
 KEYS = {"audit_pools": ("pool_id",), "audit_pool_buckets": ("pool_id", "bucket"),
         "audit_members": ("patient_id", "pool_id"),
         "audit_patient_buckets": ("patient_id", "bucket"),
@@ -170,17 +173,18 @@ class History:
         return folded
 
     def _apply(self, row: Tracked, page: list[Any], end: int) -> Tracked:
-        """Fold `page` and move the tracking to `end` in one transaction."""
+        """Fold `page` in memory, then append its rows and move the tracking to `end` in one
+        short transaction (on SQLite it holds the one write lock the ledger's writers need)."""
         store, recorded = self.store, row.recorded_at or EPOCH
         try:
+            for notification in page:
+                event = self.log.app.mapper.to_domain_event(notification)
+                recorded = max(recorded, event.timestamp.astimezone(timezone.utc))
+                self.handlers[type(event)](event, store.ts(recorded), notification.id)
+            new = Tracked(NAME, end, None, row.events + len(page),
+                          recorded if recorded > EPOCH else None)
             with store.locked(), store.transaction():
                 store.lock(NAME)
-                for notification in page:
-                    event = self.log.app.mapper.to_domain_event(notification)
-                    recorded = max(recorded, event.timestamp.astimezone(timezone.utc))
-                    self.handlers[type(event)](event, store.ts(recorded), notification.id)
-                new = Tracked(NAME, end, None, row.events + len(page),
-                              recorded if recorded > EPOCH else None)
                 tracking.advance(store, row, new)
                 self._flush()
         except BaseException:
@@ -193,13 +197,14 @@ class History:
         if len(self.sessions) > CACHE_LIMIT:
             self.sessions.clear()
             self.accounts.complete = False
+        if len(self.wallet_ids) > CACHE_LIMIT:
+            self.wallet_ids.clear()  # looked up again in audit_wallet_ids
         return new
 
     def _flush(self) -> None:
         for table, rows in self.accounts.rows.items():
-            names = EVENT_COLUMNS if table == "audit_events" else \
-                ("doctor_id", "currency", "recorded_at") if table == "audit_wallet_currencies" \
-                else (*KEYS[table], "recorded_at", "position", *COLUMNS[table])
+            names = EXTRA_COLUMNS.get(table) or (*KEYS[table], "recorded_at", "position",
+                                                 *COLUMNS[table])
             insert_rows(self.store, table, names, rows)
         self.accounts.rows.clear()
 
@@ -357,9 +362,8 @@ class History:
 
     def _opened(self, e: Any, recorded: Any, position: int) -> None:
         wallet_id = str(e.originator_id)
-        self.store.execute("INSERT INTO audit_wallet_ids (wallet_id, doctor_id, currency) "
-                           "VALUES (?, ?, ?) ON CONFLICT (wallet_id) DO NOTHING",
-                           (wallet_id, e.doctor_id, e.currency))
+        self.accounts.rows.setdefault("audit_wallet_ids", []).append(
+            (wallet_id, e.doctor_id, e.currency))
         self.wallet_ids[wallet_id] = (e.doctor_id, e.currency)
         self._change("audit_wallets", (e.doctor_id, e.currency), recorded, position)
         self._event(e, recorded, position, None, doctor_id=e.doctor_id, currency=e.currency)

@@ -266,10 +266,12 @@ def cli_verify(url: str, digest: Any, head: int) -> tuple[float, float]:
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
         out.write(digest.to_json())
-    code = ("import resource, sys\nfrom runtime.cli import main\n"
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec.
+    code = ("import sys\nfrom runtime.cli import main\n"
             "sys.argv = ['ledger', 'audit', 'verify', '--digest', sys.argv[1]]\n"
             "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(hwm.split()[1], file=sys.stderr)\n")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, out.name], capture_output=True, text=True,
                           env={**os.environ, "LEDGER_DATABASE_URL": url}, check=False)
