@@ -99,7 +99,8 @@ def bench_write_path(label: str, fresh_url, sessions: int, rounds: int) -> list[
         shares.append(pair[True][2])
     return [(label, "ingest, no audit follower", statistics.median(plain),
              f"median of {rounds} runs, {min(plain):,.0f}–{max(plain):,.0f}"),
-            (label, "ingest, audit follower running (0.2 s polls)", statistics.median(followed),
+            (label, f"ingest, audit follower running ({POLL_SECONDS:g} s polls)",
+             statistics.median(followed),
              f"paired ratio {statistics.median(ratios):.1%} (range {min(ratios):.0%}–"
              f"{max(ratios):.0%}); follower CPU {statistics.median(shares):.1%} of the "
              f"ingestion's wall time; lag ≤ {max(lags)} positions")]
