@@ -39,17 +39,20 @@ class Chainer:
         return Head(self.log.chain, row.position, row.link or genesis(self.log.chain).hex(),
                     row.events, row.recorded_at)
 
-    def catch_up(self, max_events: int = 100_000, progress: Progress | None = None) -> int:
-        """Chain committed events up to the safe head; returns how many were chained.
+    def catch_up(self, max_events: int = 100_000, progress: Progress | None = None,
+                 safe: int | None = None) -> int:
+        """Chain committed events up to the safe head (or `safe`, one the caller read);
+        returns how many were chained.
 
         Bounded: at most `max_events` (rounded up to a page) per call. `progress(position,
         head)` after each batch. Another process chaining the same batch first is not an error:
         this call stops and the next one continues from the new head.
         """
-        safe = self.log.safe_head()
-        if safe is None:
-            return 0
         row, chained = tracking.read(self.store, self.name), 0
+        if safe is None and self.log.head() > row.position:
+            safe = self.log.safe_head()
+        if safe is None or safe <= row.position:
+            return 0
         for page in self.log.pages(row.position, safe):
             try:
                 row = self._append(row, page)

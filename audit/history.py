@@ -150,10 +150,11 @@ class History:
         Bounded: at most `max_events` (rounded up to a page) per call; a batch another process
         applied first ends the call (the next one continues).
         """
-        safe = self.log.safe_head() if safe is None else safe
-        if safe is None:
-            return 0
         row, folded = self.position(), 0
+        if safe is None and self.log.head() > row.position:
+            safe = self.log.safe_head()
+        if safe is None or safe <= row.position:
+            return 0
         if row.position == 0 and not self.accounts.values:
             self.accounts.complete = True  # nothing folded yet: every account starts empty
         for _ in range(max_events // PAGE + 2):

@@ -79,17 +79,30 @@ class AuditService:
         """Chain every log and (if `history`) fold the history up to their safe heads (bounded
         per call); returns {"chain:ledger": n, "chain:legacy": n, "history": n} events applied."""
         with self._lock:
-            done = {}
+            done, safe = {}, {}
             for log in self.logs():
+                safe[log.chain] = self._safe_head(log)
                 done[f"chain:{log.chain}"] = self.chainers[log.chain].catch_up(
                     max_events, progress=(lambda p, h, c=log.chain: progress(c, p, h))
-                    if progress else None)
+                    if progress else None, safe=safe[log.chain])
             if not history:
                 return done
             done["history"] = self.history.catch_up(
                 max_events, progress=(lambda p, h: progress("history", p, h))
-                if progress else None)
+                if progress else None, safe=safe["ledger"])
             return done
+
+    def _safe_head(self, log: Log) -> int | None:
+        """The log's safe head, read once per catch-up for its chain and the history; the
+        visible head's cheap check first (nothing new: no wait for writers in flight). When
+        writers in flight outlast the wait, the followers' own position: no progress now."""
+        behind = tracking.read(self.store, f"chain:{log.chain}").position
+        if log.chain == "ledger":
+            behind = min(behind, self.history.position().position)
+        if log.head() <= behind:
+            return behind
+        safe = log.safe_head()
+        return behind if safe is None else safe
 
     def lag(self) -> dict[str, int]:
         """Positions between each follower and its log's visible head."""
