@@ -19,6 +19,7 @@ from api.observe import RequestObservation
 from api.ops import router as ops_router
 from api.problems import UnexpectedErrors, add_problem_schema, install_problem_handlers
 from api.routes import router
+from api.webhook_endpoints import router as webhook_endpoints_router
 from api.webhooks import router as webhook_router
 from observability import Metrics
 from storage import pool_usage
@@ -52,6 +53,7 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     app.add_middleware(RequestObservation, metrics=app.state.metrics,
                        pool_usage=lambda: _pool_usage(app))
     app.include_router(router)
+    app.include_router(webhook_endpoints_router)  # /v1/webhook-endpoints, /v1/webhook-deliveries
     app.include_router(ops_router)  # /readyz, /metrics
     app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys
 

@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 import structlog
 
 from ledger.application import Ledger
+from notifications import Notifier
 from projections import Projector
 from runtime.settings import Settings
 from storage import ddl_lock, is_unavailable, persistence_env, redacted_url
@@ -78,3 +79,12 @@ def open_ledger(settings: Settings, clock: Callable[[], datetime],
         except BaseException:
             ledger.close()
             raise
+
+
+def open_notifier(settings: Settings, ledger: Ledger,
+                  observe: Callable[[str, str], None] | None = None) -> Notifier:
+    """The webhook Notifier on the configured store (its tables are created if missing; it
+    is not started). `observe(outcome, event_type)` counts delivery attempts (metrics)."""
+    with ddl_lock(settings.database_url, settings.store_timeout_seconds):
+        return Notifier(ledger, settings.database_url, settings.notifier_config(),
+                        observe=observe)
