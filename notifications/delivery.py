@@ -48,6 +48,7 @@ class DeliveryPolicy:
     retry_max_seconds: float = 6 * 3600.0  # the delay stops doubling here
     retry_for: timedelta = timedelta(days=3)  # then the delivery is dead-lettered
     poll_seconds: float = 0.5  # look for due deliveries at least this often
+    claim_margin_seconds: float = 30.0  # a claim outlives its request's timeout by this much
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         """Delay before attempt `attempts + 1`: base·2^(attempts−1), at most the max, times a
@@ -127,6 +128,11 @@ class Dispatcher:
             handed += 1
         return handed
 
+    def busy(self) -> bool:
+        """Whether a request of this process is in flight."""
+        with self._mutex:
+            return bool(self._inflight)
+
     def _due(self, now: datetime, limit: int, full: list[str]) -> list[tuple[str, str]]:
         """(delivery id, endpoint id) of deliveries that may be sent now: due, unclaimed, of an
         enabled endpoint not saturated here, and first undelivered of their ordering key."""
@@ -147,7 +153,8 @@ class Dispatcher:
 
     def _claim(self, delivery_id: str, now: datetime) -> str | None:
         token = uuid.uuid4().hex
-        until = now + timedelta(seconds=self.policy.timeout_seconds * 2 + 30)
+        until = now + timedelta(seconds=self.policy.timeout_seconds
+                                + self.policy.claim_margin_seconds)
         with self.store.locked():
             claimed = self.store.execute(
                 "UPDATE webhook_deliveries SET claimed_until = ?, claim_token = ? "

@@ -86,6 +86,24 @@ class Notifier:
         Returns (events read, deliveries handed over)."""
         return self.derive(), self.dispatcher.dispatch()
 
+    def drain(self, max_seconds: float = 600.0) -> int:
+        """Derive everything committed, then send until nothing is due now and nothing is in
+        flight (deliveries waiting for a later retry stay for the next run); bounded by
+        `max_seconds`. Returns deliveries handed to the senders."""
+        import time
+
+        deadline, handed = time.monotonic() + max_seconds, 0
+        while self.derive() and time.monotonic() < deadline:
+            pass
+        while time.monotonic() < deadline:
+            sent = self.dispatcher.dispatch()
+            handed += sent
+            if not sent and not self.dispatcher.busy():
+                return handed
+            self.dispatcher.wake.wait(0.05)
+            self.dispatcher.wake.clear()
+        return handed
+
     def start(self) -> None:
         """Run the deriver and the dispatcher in daemon threads. Idempotent."""
         if self._thread is not None:

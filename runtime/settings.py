@@ -84,6 +84,9 @@ class Settings(BaseSettings):
                                              description="then a delivery is dead-lettered")
     webhook_response_cap_bytes: int = Field(1024, ge=0, le=65536,
                                             description="response body bytes read and kept")
+    webhook_claim_margin_seconds: float = Field(
+        30, gt=0, le=3600, description="a delivery whose sender died is sent again this long "
+                                       "after its request's timeout")
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
 
@@ -122,7 +125,8 @@ class Settings(BaseSettings):
             response_cap_bytes=self.webhook_response_cap_bytes,
             retry_base_seconds=self.webhook_retry_base_seconds,
             retry_max_seconds=self.webhook_retry_max_seconds,
-            retry_for=timedelta(seconds=self.webhook_retry_for_seconds))
+            retry_for=timedelta(seconds=self.webhook_retry_for_seconds),
+            claim_margin_seconds=self.webhook_claim_margin_seconds)
         return NotifierConfig(balance_low_units=self.webhook_balance_low_units,
                               public_base_url=self.public_base_url or "",
                               allow_http_hosts=hosts, policy=policy)

@@ -4,8 +4,11 @@
 It runs an HTTP server on loopback in a thread. `secrets` are the signing secrets it accepts
 (a backend usually knows one; during a rotation it may hold the new one only). Deliveries whose
 signature does not verify are answered 400 and counted in `rejected`. `mode` makes it misbehave
-for the tests: `"fail"` answers 503, `"hang"` waits `hang_seconds` before answering. `stop()`
-closes the port (connection refused) and `start()` opens the same port again.
+for the tests: `"fail"` answers 503, `"hang"` waits `hang_seconds` before answering, `"block"`
+waits until `release` is set (at most `hang_seconds`), `"redirect"` answers 302 to another
+path, `"big"` answers 200 with a 1 MiB body. `attempts` lists every request's
+(webhook-id, status answered). `stop()` closes the port (connection refused) and `start()`
+opens the same port again.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ class Receiver:
         self.hang_seconds = 5.0
         self.received: list[Received] = []
         self.rejected: list[str] = []
+        self.attempts: list[tuple[str, int]] = []
         self.requests = 0
+        self.release = threading.Event()
         self._lock = threading.Lock()
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -68,11 +73,18 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = min(int(self.headers.get("content-length") or 0), MAX_BODY)
                 body = self.rfile.read(length)
-                status = receiver.handle(body, {k: v for k, v in self.headers.items()})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status = receiver.handle(body, headers)
+                reply = b"x" * MAX_BODY if receiver.mode == "big" else b"ok"
                 self.send_response(status)
-                self.send_header("content-length", "2")
+                if status == 302:
+                    self.send_header("location", receiver.path + "/elsewhere")
+                self.send_header("content-length", str(len(reply)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                try:
+                    self.wfile.write(reply)
+                except OSError:  # the sender stopped reading (it caps what it reads)
+                    pass
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
@@ -95,10 +107,20 @@ class Receiver:
         with self._lock:
             self.requests += 1
             mode = self.mode
+        status = self._answer(mode, body, headers)
+        with self._lock:
+            self.attempts.append((headers.get("webhook-id", "?"), status))
+        return status
+
+    def _answer(self, mode: str, body: bytes, headers: dict[str, str]) -> int:
         if mode == "hang":
             time.sleep(self.hang_seconds)
+        elif mode == "block":
+            self.release.wait(self.hang_seconds)
         if mode == "fail":
             return 503
+        if mode == "redirect":
+            return 302
         payload = self.verify(body, headers)
         if payload is None:
             with self._lock:
@@ -106,7 +128,7 @@ class Receiver:
             return 400
         with self._lock:
             self.received.append(Received(headers["webhook-id"], payload, len(self.received)))
-        return 204
+        return 200
 
     def verify(self, body: bytes, headers: dict[str, str]) -> dict | None:
         """The payload if one of `secrets` verifies the signature (Standard Webhooks), else None."""
