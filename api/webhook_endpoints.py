@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.auth import AdminRole
 from api.problems import ServiceUnavailable, problem_responses
@@ -43,25 +43,25 @@ class EndpointCreate(Strict):
     url: Url
     event_types: EventTypes = []
     description: Description | None = None
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class EndpointChange(Strict):
     url: Url | None = None
     event_types: EventTypes | None = None
     description: Description | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
 
 class Rotation(Strict):
-    grace_seconds: int = Field(86_400, ge=0, le=7 * 86_400, description=(
+    grace_seconds: StrictInt = Field(86_400, ge=0, le=7 * 86_400, description=(
         "how long the previous secret still signs deliveries (both signatures are sent)"))
 
 
 class Replay(Strict):
-    from_position: int = Field(ge=0, description="log position (`position` of a notification) "
+    from_position: StrictInt = Field(ge=0, description="log position (`position` of a notification) "
                                                  "to send from, inclusive")
-    limit: int = Field(10_000, ge=1, le=100_000, description="notifications per call; "
+    limit: StrictInt = Field(10_000, ge=1, le=100_000, description="notifications per call; "
                                                              "`next_position` continues")
 
 
@@ -118,7 +118,7 @@ def get_notifier(request: Request) -> Any:
 
 
 NotifierDep = Annotated[Any, Depends(get_notifier)]
-RESPONSES = problem_responses(401, 403, 404, 422, 500, 503)
+RESPONSES = problem_responses(400, 401, 403, 404, 422, 500, 503)
 
 
 def _view(notifier: Any, endpoint: Any) -> dict:
