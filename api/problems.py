@@ -69,7 +69,8 @@ Unauthenticated = _api_error("Unauthenticated", "unauthenticated", 401,
                              "Missing or unknown API key",
                              when="no API key, or one the service does not know")
 Forbidden = _api_error("Forbidden", "forbidden", 403, "The API key's role does not allow this",
-                       when="the API key's role may not do this (e.g. an auditor posting)")
+                       when="the API key's role may not do this (e.g. an auditor posting, "
+                            "a backend posting an admin-only type); a tick-only type, by anyone")
 ValidationFailed = _api_error(
     "ValidationFailed", "validation_error", 422, "Request body is invalid",
     when="the request breaks the schema or the door's rules (ledger/input_rules.py): "

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.auth import AdminRole, ReadRole, WriteRole
+from api.event_permissions import authorize_event
 from api.problems import (
     AsOfOutOfRange,
     ClockNotManual,
@@ -156,6 +157,17 @@ def _ingest(ledger, event) -> tuple[int, dict, bool]:
     return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
 
 
+def _authorize(event, role: str) -> None:
+    """Raise Forbidden (403) if `role` may not post the event's type (admin-only and tick-only
+    types, api/event_permissions.py), reporting the refusal like any other answer."""
+    try:
+        authorize_event(role, event.type)
+    except LedgerError as exc:
+        event_answered(event.type, event.event_id, getattr(event.payload, "session_id", None),
+                       "refused", exc.code)
+        raise
+
+
 _EVENT_RESPONSES: dict[int | str, dict] = {
     201: {"description": "Event accepted now; the body is its result", "model": EventResult},
     200: {"description": "A re-posted event (header `Idempotent-Replayed: true`, the original "
@@ -178,7 +190,8 @@ def post_events(
 ) -> JSONResponse:
     """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
     if isinstance(body, EventBatch):
-        return _post_batch(request, ledger, body)
+        return _post_batch(request, ledger, body, role)
+    _authorize(body, role)
     status, result, replayed = _ingest(ledger, body)
     if not replayed:
         catch_up(request)
@@ -186,9 +199,10 @@ def post_events(
     return JSONResponse(result, status_code=status, headers=headers)
 
 
-def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
+def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONResponse:
     """Validate each item on its own; hand the valid ones to the ledger in array order; merge
-    the results by index (a malformed item's 422 sits at its own position)."""
+    the results by index (a malformed item's 422, or a type `role` may not post's 403, sits at
+    its own position)."""
     limit = request.app.state.settings.batch_limit
     if len(batch.events) > limit:
         return problem_response(validation_problem(
@@ -199,11 +213,19 @@ def _post_batch(request: Request, ledger, batch: EventBatch) -> JSONResponse:
     valid = []
     for index, item in enumerate(batch.events):
         try:
-            valid.append((index, parse_event(item)))
+            event = parse_event(item)
         except ValidationError as exc:
             results[index] = _invalid_item(index, item, exc)
             event_answered("(invalid)", results[index]["event_id"] or f"#{index}", None,
                            "refused", "validation_error")
+            continue
+        try:
+            _authorize(event, role)
+        except LedgerError as exc:
+            results[index] = {"event_id": event.event_id, "status": exc.status,
+                              "problem": error_problem(exc)}
+            continue
+        valid.append((index, event))
     outcomes = ingest_in_order(ledger, [event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes):
         results[index] = outcome

@@ -245,6 +245,8 @@ class WithdrawalRejectedPayload(Strict):
     reason: Text
 
 
+from api.marketplace_schemas import marketplace_payloads  # noqa: E402 (uses the types above)
+
 PAYLOADS: dict[str, type[BaseModel]] = {
     "doctor.registered": DoctorPayload,
     "doctor.country_changed": DoctorPayload,
@@ -273,6 +275,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "withdrawal.requested": WithdrawalRequestedPayload,
     "withdrawal.completed": WithdrawalCompletedPayload,
     "withdrawal.rejected": WithdrawalRejectedPayload,
+    **marketplace_payloads(),  # priced consultations and money wallets (§10)
 }
 EVENT_TYPES = tuple(PAYLOADS)
 

@@ -26,6 +26,7 @@ from ledger.appointments import APPOINTMENT_KINDS, Appointment
 from ledger.billing import (Step, Work, apply_step, choose_pool, complete_appointment,
                             end_session, hold_ahead, next_step)
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
+from ledger.marketplace import Marketplace
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
 from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
@@ -55,8 +56,10 @@ class TickReport:
     None), "units" (1 per charge; units owed at settlement; else 0), "pool_id" (the pool a charge
     was taken from; else None), "reason" (the end's reason; else None), "ended_at" (ISO, ends
     only)}; `pools`: {"pool_id", "payment_reference", "forfeited": {bucket: units}} per expired
-    pool; `failures`: {"session_id", "error"}. The human lines (`charged`, `ended`, `settled`,
-    `expired`, `failed`) are for the CLI and the logs. `more`: work is left for the next tick.
+    pool; `failures`: {"session_id", "error"} (or "consultation_id"). `consultation_steps`: one
+    dict per priced-consultation step (ledger/marketplace.py `ConsultationTick`). The human lines
+    (`charged`, `ended`, `settled`, `expired`, `failed`, `consultations`) are for the CLI and the
+    logs. `more`: work is left for the next tick.
     """
 
     as_of: datetime
@@ -68,6 +71,8 @@ class TickReport:
     steps: list[dict] = field(default_factory=list)
     pools: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    consultations: list[str] = field(default_factory=list)  # §10 steps, as lines
+    consultation_steps: list[dict] = field(default_factory=list)  # §10 steps, as data
     conflicts: int = 0
     more: bool = False
 
@@ -76,10 +81,11 @@ class TickReport:
         counts = {"charged": sum(1 for s in self.steps if s["action"] == "charge"),
                   "ended": sum(1 for s in self.steps if s["action"] == "end"),
                   "settled": sum(1 for s in self.steps if s["action"] == "settle"),
-                  "expired": len(self.pools), "failed": len(self.failures)}
+                  "expired": len(self.pools), "failed": len(self.failures),
+                  "consultations": len(self.consultation_steps)}
         return {"as_of": self.as_of.isoformat(), "steps": self.steps, "expired": self.pools,
-                "failed": self.failures, "counts": counts, "conflicts": self.conflicts,
-                "more": self.more}
+                "failed": self.failures, "consultations": self.consultation_steps,
+                "counts": counts, "conflicts": self.conflicts, "more": self.more}
 
     def record(self, session_id: str, step: Step, session: Session, line: str) -> None:
         """Add what one step did to `session` (as saved) to the data and the lines."""
@@ -203,6 +209,10 @@ class Ledger(Application):
             "withdrawal.completed": self._withdrawal_finished,
             "withdrawal.rejected": self._withdrawal_finished,
         }
+        # Priced consultations and money wallets (§10): their handlers, and §10's guards
+        # around the unit-billed handlers they touch.
+        self.marketplace = Marketplace(self.policy)
+        self._handlers.update(self.marketplace.handlers(self._handlers))
 
     @property
     def event_types(self) -> tuple[str, ...]:

@@ -555,6 +555,30 @@ class Doctor(Aggregate):
         """A live session of this doctor with another patient, if any."""
         return next((s for s, p in self.live.items() if p != patient_id), None)
 
+    # ---- priced consultations in progress (§10: they and live sessions block each other)
+
+    @property
+    def consultations(self) -> dict[str, dict]:
+        """consultation id -> {"mode", "ends_at", "practitioner_joined"} while in progress."""
+        return self.__dict__.setdefault("_consultations", {})  # absent in older snapshots
+
+    @event("ConsultationInProgress")
+    def consultation_in_progress(self, consultation_id: str, mode: str, ends_at: datetime,
+                                 practitioner_joined: bool) -> None:
+        self.consultations[consultation_id] = {"mode": mode, "ends_at": ends_at,
+                                               "practitioner_joined": practitioner_joined}
+
+    @event("ConsultationClosed")
+    def close_consultation(self, consultation_id: str) -> None:
+        self.consultations.pop(consultation_id, None)
+
+    def consultation_busy(self, at: datetime, modes: tuple[str, ...],
+                          other_than: str = "") -> str | None:
+        """An in-progress consultation of one of `modes`, other than `other_than`, whose
+        scheduled end is after `at`, if any (§10)."""
+        return next((cid for cid, c in self.consultations.items()
+                     if cid != other_than and c["mode"] in modes and c["ends_at"] > at), None)
+
 
 # ---------------------------------------------------------------------------------------- wallets
 
@@ -585,6 +609,11 @@ class Wallet(Aggregate):
     @event("Credited")
     def credit(self, session_id: str, amount_minor: int) -> None:
         """Settled pay of one session becomes available."""
+        self.credited_minor += amount_minor
+
+    @event("EarningCredited")
+    def credit_earning(self, consultation_id: str, amount_minor: int) -> None:
+        """A priced consultation's share becomes available after its grace (§10 Earnings)."""
         self.credited_minor += amount_minor
 
     def request_withdrawal(self, request_id: str, amount_minor: int, at: datetime) -> None:

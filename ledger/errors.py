@@ -107,7 +107,9 @@ InvalidTransition = error_type("InvalidTransition", "invalid_transition", 409,
                                     "as it stands (e.g. `call.connected` on a text session)")
 PaymentConflict = error_type("PaymentConflict", "payment_conflict", 409,
                              "Payment reference already granted with other content",
-                             when="the payment reference was granted with other content")
+                             when="the payment reference was granted or topped up with other "
+                                  "content (one reference, one payment), or a chargeback or "
+                                  "refund to source conflicts with the one recorded")
 UnknownSubscription = error_type("UnknownSubscription", "unknown_subscription", 404,
                                  "Unknown payment reference",
                                  when="no grant was accepted for this payment reference")
@@ -125,13 +127,15 @@ OccurredAtOutOfRange = error_type(
     when="`occurred_at` is outside [now − 35 days, now + 5 minutes] of the ledger's clock")
 InstantOutOfRange = error_type(
     "InstantOutOfRange", "instant_out_of_range", 422, "A payload instant is outside its window",
-    when="a payload instant (`starts_at`) is more than 366 days from the event's `occurred_at`")
+    when="a payload instant (`starts_at`, `start`, `effective_from`) is more than 366 days "
+         "from the event's `occurred_at`")
 InvalidEvent = error_type("InvalidEvent", "invalid_event", 422, "Event payload is invalid",
                           when="the payload names something the ledger does not know "
                                "(an event type or kind outside its lists)")
 InsufficientFunds = error_type("InsufficientFunds", "insufficient_funds", 409,
                                "Amount exceeds the available balance",
-                               when="a withdrawal exceeds the doctor's available money "
+                               when="a withdrawal exceeds the doctor's available money, or a "
+                                    "booking or refund to source the patient wallet's "
                                     "(`available_minor` says how much is)")
 BelowMinimum = error_type("BelowMinimum", "withdrawal_below_minimum", 422,
                           "Amount is below the withdrawal minimum",
@@ -157,3 +161,76 @@ AppointmentClosed = error_type("AppointmentClosed", "appointment_closed", 409,
                                "Appointment is completed, cancelled, expired or a no-show",
                                when="the appointment is completed, cancelled, expired or a "
                                     "no-show")
+
+# Priced consultations and patient money wallets (billing-rules.md §10).
+WalletInDebt = error_type(
+    "WalletInDebt", "wallet_in_debt", 409, "The wallet owes money from a reversed payment",
+    when="a booking while the patient's wallet in that currency has debt from a chargeback "
+         "(`debt_minor` says how much); a top-up repays it first")
+UnknownPayment = error_type(
+    "UnknownPayment", "unknown_payment", 404, "Unknown top-up payment",
+    when="a refund to source or chargeback names a payment reference no top-up used")
+InvalidPriceList = error_type(
+    "InvalidPriceList", "invalid_price_list", 422, "Price list version is invalid",
+    when="a price list version takes effect before it is recorded, or names a fee twice")
+PriceListConflict = error_type(
+    "PriceListConflict", "price_list_conflict", 409,
+    "Price list version already published with other content",
+    when="the practitioner's price list version was published with other content")
+InvalidBooking = error_type(
+    "InvalidBooking", "invalid_booking", 422,
+    "Booking is too soon or not in the price list in force",
+    when="a booking starts within 5 minutes of `occurred_at`, or its (type, duration) is not in "
+         "the practitioner's price list in force")
+UnknownConsultation = error_type(
+    "UnknownConsultation", "unknown_consultation", 404, "Unknown consultation",
+    when="no booking was accepted for this consultation id")
+ConsultationExists = error_type(
+    "ConsultationExists", "consultation_exists", 409,
+    "Consultation id already booked with other content",
+    when="the consultation id was booked with other content (a booking never changes)")
+ConsultationNotScheduled = error_type(
+    "ConsultationNotScheduled", "consultation_not_scheduled", 409,
+    "Consultation is not awaiting activation",
+    when="an activation of a consultation already activated")
+ActivationTooLate = error_type(
+    "ActivationTooLate", "activation_too_late", 409,
+    "Activation at or after the consultation's start",
+    when="an activation whose `occurred_at` is at or after the consultation's start")
+ConsultationNotActivated = error_type(
+    "ConsultationNotActivated", "consultation_not_activated", 409,
+    "Consultation has not been activated",
+    when="a join of a consultation an admin has not activated")
+JoinWindowNotOpen = error_type(
+    "JoinWindowNotOpen", "join_window_not_open", 409,
+    "The join window opens 5 minutes before the start",
+    when="a join dated more than 5 minutes before the consultation's start")
+JoinWindowClosed = error_type(
+    "JoinWindowClosed", "join_window_closed", 409,
+    "The join window closed at the consultation's scheduled end",
+    when="a join dated at or after the consultation's start + duration")
+ConsultationNotStarted = error_type(
+    "ConsultationNotStarted", "consultation_not_started", 409,
+    "Both participants have not joined",
+    when="an end before both participants joined (joins count up to start + 600 s)")
+CancellationWindowClosed = error_type(
+    "CancellationWindowClosed", "cancellation_window_closed", 409,
+    "A patient cancels at least 2 hours before the start",
+    when="a patient's cancellation dated less than 2 hours before the start")
+ConsultationInProgress = error_type(
+    "ConsultationInProgress", "consultation_in_progress", 409, "Consultation is in progress",
+    when="a cancellation or decline of a consultation somebody has joined")
+ConsultationClosed = error_type(
+    "ConsultationClosed", "consultation_closed", 409,
+    "Consultation is completed, a no-show, cancelled or expired",
+    when="any event but a refund for a consultation that is closed, or is due to be closed by "
+         "its own times (expiry, no-show, completion) at the event's `occurred_at`")
+NotRefundable = error_type(
+    "NotRefundable", "not_refundable", 409,
+    "Only a completed consultation or a patient no-show is refunded, once",
+    when="a refund of a consultation that is not completed or a patient no-show, or a second "
+         "refund")
+ConsultationNotUnitBilled = error_type(
+    "ConsultationNotUnitBilled", "consultation_not_unit_billed", 409,
+    "A priced consultation is not a unit-billed session",
+    when="a session event, or an appointment link, names a priced consultation's id")

@@ -58,7 +58,7 @@ class Metrics:
             buckets=TICK_BUCKETS, registry=registry)
         self.tick_work = Counter(
             "ledger_tick_work", "What ticks did: blocks charged, sessions ended, settled, pools "
-            "expired, sessions failed", ["kind"], registry=registry)
+            "expired, sessions failed, priced consultations' steps", ["kind"], registry=registry)
         self.webhooks = Counter(
             "ledger_webhook_deliveries", "Webhook delivery attempts by outcome (sent; failed: "
             "retried later; dead: dead-lettered) and notification type", ["outcome", "type"],

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ledger.rules import BUCKETS, Policy
-from projections import schema
+from projections import marketplace, schema
 from projections.store import Store, open_store, utc
 from projections.views import Projection, build_projections
 
@@ -275,6 +275,20 @@ class Projector:
             rows = self._store.query("SELECT session_id FROM live_sessions ORDER BY session_id "
                                      "LIMIT ?", (limit,))
         return [r[0] for r in rows]
+
+    # ---- priced consultations (§10): projections/marketplace.py
+
+    def patient_money_wallet(self, patient_id: str) -> dict:
+        """A patient's money wallets per currency (minor units)."""
+        return marketplace.patient_money_wallet(self._store, patient_id)
+
+    def platform_accounts(self) -> dict:
+        """The platform and tax-payable accounts per currency (minor units)."""
+        return marketplace.platform_accounts(self._store)
+
+    def due_consultations(self, as_of: datetime, limit: int = 1000) -> list[str]:
+        """consultation_id of consultations with a tick step due by `as_of`, earliest first."""
+        return marketplace.due_consultations(self._store, as_of, limit)
 
     def close(self) -> None:
         with self._store.locked():

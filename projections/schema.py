@@ -72,4 +72,27 @@ LIVE = [
     "CREATE INDEX IF NOT EXISTS live_pools_due ON live_pools (expired, effective_end)",
 ]
 
-ALL = TRACKING + BALANCES + WALLETS + LIVE
+# Priced consultations (billing-rules.md §10): money wallets per patient and currency, the
+# platform and tax-payable accounts per currency, and consultations with a tick step due.
+MARKETPLACE = [
+    """CREATE TABLE IF NOT EXISTS money_wallets (
+        patient_id {KEY} NOT NULL,
+        currency {KEY} NOT NULL,
+        topped_up BIGINT NOT NULL, refunded_to_source BIGINT NOT NULL,
+        reversed_payments BIGINT NOT NULL, debt BIGINT NOT NULL, available BIGINT NOT NULL,
+        held BIGINT NOT NULL, captured BIGINT NOT NULL, refunds BIGINT NOT NULL,
+        PRIMARY KEY (patient_id, currency))""",
+    """CREATE TABLE IF NOT EXISTS platform_accounts (
+        currency {KEY} PRIMARY KEY,
+        captured BIGINT NOT NULL, refunds BIGINT NOT NULL, shares BIGINT NOT NULL,
+        shares_reversed BIGINT NOT NULL, platform BIGINT NOT NULL, tax_payable BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS live_consultations (
+        consultation_id {KEY} PRIMARY KEY,
+        patient_id TEXT NOT NULL,
+        practitioner_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        next_due_at {TS})""",
+    "CREATE INDEX IF NOT EXISTS live_consultations_due ON live_consultations (next_due_at)",
+]
+
+ALL = TRACKING + BALANCES + WALLETS + LIVE + MARKETPLACE

@@ -21,6 +21,7 @@ from projections.projector import Projector
 from projections.store import Store
 from storage import is_postgres, postgres_conninfo, postgres_parts
 from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
+from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
 
 PAGE = 1000
 MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
@@ -52,6 +53,10 @@ ACCOUNTS = (
     Account("session", "live_sessions", ("session_id",),
             ("patient_id", "doctor_id", "kind", "state", "next_due_at")),
     Account("live pool", "live_pools", ("pool_id",), ("effective_end", "expired")),
+    Account("money wallet", "money_wallets", ("patient_id", "currency"), MONEY_WALLET_FIELDS),
+    Account("platform", "platform_accounts", ("currency",), PLATFORM_FIELDS),
+    Account("consultation", "live_consultations", ("consultation_id",),
+            ("patient_id", "practitioner_id", "status", "next_due_at")),
 )
 
 
@@ -236,8 +241,30 @@ def check_invariants(account: Account, row: tuple, report: VerifyReport) -> None
                                       f"{v['credited'] - v['reversed']} "
                                       f"pending+available+held+withdrawn={rest}")
         negative = [c for c in ("pending", "available", "held") if v[c] < 0]
+    elif account.table in ("money_wallets", "platform_accounts"):
+        negative = check_money(account, row, report)
     else:
         return
     if negative:
         report.differences.append(f"I3 {name(account, row[0])}: negative "
                                   + " ".join(f"{c}={v[c]}" for c in negative))
+
+
+def check_money(account: Account, row: tuple, report: VerifyReport) -> list[str]:
+    """I11 on a live money wallet row, I14 on a live platform row (billing-rules.md §6, §10);
+    returns the columns that must not be negative and are."""
+    v = row[1]
+    if account.table == "money_wallets":
+        lhs = v["topped_up"] - v["refunded_to_source"] - v["reversed_payments"] + v["debt"]
+        rhs = v["available"] + v["held"] + v["captured"] - v["refunds"]
+        if lhs != rhs:
+            report.differences.append(
+                f"I11 {name(account, row[0])}: topped_up-refunded_to_source-reversed_payments"
+                f"+debt={lhs} available+held+captured-refunds={rhs}")
+        return [c for c in ("available", "held", "debt") if v[c] < 0]
+    lhs = v["captured"] - v["refunds"]
+    rhs = v["shares"] - v["shares_reversed"] + v["platform"] + v["tax_payable"]
+    if lhs != rhs:
+        report.differences.append(f"I14 {name(account, row[0])}: captured-refunds={lhs} "
+                                  f"shares-shares_reversed+platform+tax_payable={rhs}")
+    return [c for c in ("tax_payable",) if v[c] < 0]  # the platform account may go negative

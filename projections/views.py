@@ -15,6 +15,7 @@ from uuid import UUID
 from eventsourcing.utils import get_topic
 
 from ledger.billing import next_due_at
+from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
 from ledger.rules import BUCKETS, Policy
 from projections.store import Store
@@ -176,13 +177,16 @@ class Wallets(Projection):
     I6: credited − reversed = pending + available + held + withdrawn.
 
     Pay is credited (pending) per AutoDeducted, settled by Session.Settled; Wallet.Credited is
-    the same money as Settled and is ignored.
+    the same money as Settled and is ignored. A priced consultation's share (§10) is credited
+    pending by its capture (Consultation.Closed), reversed by a refund while pending, and made
+    available by Wallet.EarningCredited.
     """
 
     name = "wallets"
     topics = topics_of((Session.AutoDeducted, Session.Settled, Wallet.Opened,
                         Wallet.WithdrawalHeld, Wallet.WithdrawalCompleted,
-                        Wallet.WithdrawalReleased))
+                        Wallet.WithdrawalReleased, Consultation.Closed, Consultation.Refunded,
+                        Wallet.EarningCredited))
 
     def __init__(self, ledger: Any, policy: Policy) -> None:
         super().__init__(ledger, policy)
@@ -190,7 +194,10 @@ class Wallets(Projection):
         self.handlers = {Session.AutoDeducted: self._auto_deducted, Session.Settled: self._settled,
                          Wallet.Opened: self._opened, Wallet.WithdrawalHeld: self._withdrawal_held,
                          Wallet.WithdrawalCompleted: self._withdrawal_completed,
-                         Wallet.WithdrawalReleased: self._withdrawal_released}
+                         Wallet.WithdrawalReleased: self._withdrawal_released,
+                         Consultation.Closed: self._share_captured,
+                         Consultation.Refunded: self._share_refunded,
+                         Wallet.EarningCredited: self._earning_credited}
 
     def apply(self, store: Store, events: list) -> None:
         self.wallets = Deltas("wallet_balances", ("doctor_id", "currency"), WALLET_FIELDS)
@@ -240,6 +247,20 @@ class Wallets(Projection):
 
     def _withdrawal_released(self, store: Store, e: Any) -> None:
         self.wallets.add(self._account(store, e.originator_id), held=-e.amount_minor,
+                         available=e.amount_minor)
+
+    def _share_captured(self, store: Store, e: Any) -> None:
+        if e.capture is not None:  # a capture credits the share, pending (§10 Earnings)
+            share = e.capture["share_minor"]
+            self.wallets.add((e.practitioner_id, e.currency), credited=share, pending=share)
+
+    def _share_refunded(self, store: Store, e: Any) -> None:
+        if e.share_reversed_minor:  # refunded while pending; once available the share stays
+            self.wallets.add((e.practitioner_id, e.currency), reversed=e.share_reversed_minor,
+                             pending=-e.share_reversed_minor)
+
+    def _earning_credited(self, store: Store, e: Any) -> None:
+        self.wallets.add(self._account(store, e.originator_id), pending=-e.amount_minor,
                          available=e.amount_minor)
 
 
@@ -323,4 +344,7 @@ class Live(Projection):
 
 
 def build_projections(ledger: Any, policy: Policy) -> list[Projection]:
-    return [Balances(ledger, policy), Wallets(ledger, policy), Live(ledger, policy)]
+    from projections.marketplace import MarketplaceView  # it builds on this module
+
+    return [Balances(ledger, policy), Wallets(ledger, policy), Live(ledger, policy),
+            MarketplaceView(ledger, policy)]

@@ -215,12 +215,18 @@ def export(output: Optional[Path] = typer.Option(None, "--output", "-o",
 def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_000),
              doctors: int = typer.Option(100, min=1, max=10_000),
              sessions: int = typer.Option(3000, min=1, max=200_000),
+             practitioners: int = typer.Option(30, min=0, max=10_000,
+                                               help="marketplace practitioners (§10)"),
+             consultations: int = typer.Option(300, min=0, max=100_000,
+                                               help="priced consultations booked (§10)"),
              workdir: Path = Path("var/sim"),
              url: Optional[str] = typer.Option(None, help="drive an already running service")) -> None:
-    """Simulate a day of the platform against the service and check it against ground truth."""
+    """Simulate a day of both platforms (unit-billed sessions, priced consultations) against
+    the service and check it against ground truth."""
     from simulation.driver import run_simulation
 
     report = run_simulation(seed=seed, patients=patients, doctors=doctors, sessions=sessions,
+                            practitioners=practitioners, consultations=consultations,
                             base_url=url, workdir=workdir, console=console)
     if not report.ok:
         raise typer.Exit(1)

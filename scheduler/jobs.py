@@ -22,6 +22,8 @@ from scheduler.tick import run_tick
 from storage import is_postgres, is_unavailable, postgres_conninfo, postgres_parts
 
 log = structlog.get_logger("ledger.tick")
+# What a tick reports doing, by kind; `consultations`: priced consultations' steps (§10).
+TICK_WORK = ("charged", "ended", "settled", "expired", "failed", "consultations")
 MAX_FAILED_LOGGED = 20  # the first failed sessions named in a tick's log line
 
 
@@ -53,8 +55,7 @@ def observed_tick(ledger: Any, projector: Any, as_of: datetime, metrics: Any = N
     seconds = time.perf_counter() - started
     outcome = "failed" if report.failed else "ok"
     _count(metrics, source, outcome, seconds, report)
-    work = {name: len(getattr(report, name)) for name in
-            ("charged", "ended", "settled", "expired", "failed")}
+    work = {name: len(getattr(report, name)) for name in TICK_WORK}
     fields = {"source": source, "as_of": report.as_of.isoformat(), "outcome": outcome,
               "duration_ms": round(seconds * 1000, 1), **work, "conflicts": report.conflicts,
               "more": report.more}
@@ -71,7 +72,7 @@ def _count(metrics: Any, source: str, outcome: str, seconds: float, report: Any 
     metrics.ticks.labels(source, outcome).inc()
     metrics.tick_seconds.labels(source).observe(seconds)
     if report is not None:
-        for name in ("charged", "ended", "settled", "expired", "failed"):
+        for name in TICK_WORK:
             if getattr(report, name):
                 metrics.tick_work.labels(name).inc(len(getattr(report, name)))
         if report.conflicts:

@@ -15,6 +15,7 @@ replay.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -32,6 +33,8 @@ from pathlib import Path
 import httpx
 
 from simulation.expectation import ExpectingOracle, WebhookComparison, compare
+from simulation.marketplace import compare_marketplace, market_summary
+from simulation.marketplace_oracle import MarketOracle
 from simulation.oracle import KINDS, Outcome, utc
 from simulation.receiver import Receiver
 from simulation.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
@@ -45,6 +48,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REPLAY_TIMEOUT_SECONDS = 600  # bound on the replay audit subprocess
 WEBHOOK_DRAIN_SECONDS = 180  # bound on waiting for the last webhooks after the day
 PRINTED_DIFFERENCES = 500  # printed in full up to this many; all are in the report
+# The events that open a session or a priced consultation: the backend waits for their answer
+# and sends nothing more about one that was refused.
+OPENING_TYPES = ("session.requested", "consultation.booked")
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
 
@@ -255,6 +261,7 @@ class Driver:
         self.sc = scenario
         self.client = client
         self.oracle = ExpectingOracle()
+        self.market = MarketOracle(self.oracle)  # priced consultations (§10), same receipts
         self.console = console
         self.rng = random.Random(scenario.seed * 7919 + 17)
         self.stats = Stats()
@@ -292,7 +299,7 @@ class Driver:
             if progress is not None:
                 progress.update(task, completed=min(i, len(deliveries)),
                                 description=f"simulated {t:%Y-%m-%d %H:%M} UTC")
-            if i >= len(deliveries) and not self.oracle.unsettled:
+            if i >= len(deliveries) and not self.oracle.unsettled and not self.market.unsettled:
                 break
             t += STEP
         for _ in range(3):  # nothing may be left: the ledger must agree
@@ -317,7 +324,7 @@ class Driver:
         requested: set[str] = set()  # sessions whose request is in `run`, not yet answered
         for d in items:
             sid = d.event.session_id
-            if d.single or (sid in requested and d.event.type != "session.requested"):
+            if d.single or (sid in requested and d.event.type not in OPENING_TYPES):
                 # The backend waits for the request's answer before the session goes on.
                 self.post_batch(run)
                 run, requested = [], set()
@@ -328,7 +335,7 @@ class Driver:
                 self.post_single(d)
                 continue
             run.append(d)
-            if d.event.type == "session.requested":
+            if d.event.type in OPENING_TYPES:
                 requested.add(sid)
             if len(run) == BATCH:
                 self.post_batch(run)
@@ -447,7 +454,7 @@ class Driver:
         if not got.accepted:
             self.stats.refusals[got.code] += 1
             self.stats.refusals_by_type[f"{ev.type}: {got.code}"] += 1
-            if ev.type == "session.requested":
+            if ev.type in OPENING_TYPES and ev.session_id:  # refused: nothing follows
                 self.cancelled.add(ev.session_id)
             elif got.code in ("session_ended", "session_settled") and ev.session_id:
                 self.closed.add(ev.session_id)
@@ -473,6 +480,7 @@ class Driver:
 
     def tick(self, t: datetime) -> None:
         work = Counter()
+        consultation_steps: list[dict] = []
         for _ in range(MAX_TICK_CALLS):
             try:
                 report = self.client.tick(t)
@@ -484,6 +492,7 @@ class Driver:
             self.stats.tick_calls += 1
             for name in ("charged", "ended", "settled", "expired"):
                 work[name] += (report.get("counts") or {}).get(name, 0)
+            consultation_steps += report.get("consultations") or []
             if not report.get("more"):
                 break
         self.stats.ticks += 1
@@ -493,6 +502,12 @@ class Driver:
         self.stats.tick_work.update(work)
         if any(work[k] != v for k, v in expected.items()):
             self.differ(f"tick {iso(t)}: ledger {dict(work)}, oracle {expected}")
+        predicted = self.market.tick(t)
+        self.stats.tick_work["consultation steps"] += len(consultation_steps)
+        key = lambda step: json.dumps(step, sort_keys=True)  # noqa: E731 - order within a tick is free
+        if sorted(map(key, consultation_steps)) != sorted(map(key, predicted)):
+            self.differ(f"tick {iso(t)}: consultations ledger {sorted(map(key, consultation_steps))}"
+                        f", oracle {sorted(map(key, predicted))}")
 
 
 def _batch_outcome(item: dict) -> Outcome:
@@ -724,6 +739,23 @@ def render_webhooks(console, webhooks: dict) -> None:
 def render(console, summary: dict, differences: list[str], replay: dict) -> None:
     from rich.table import Table
 
+    market = summary.get("marketplace") or {}
+    if market.get("consultations_by_outcome"):
+        table = Table(title="Priced consultations (§10)")
+        table.add_column("outcome")
+        table.add_column("count", justify="right")
+        for outcome, n in market["consultations_by_outcome"].items():
+            table.add_row(outcome, str(n))
+        table.add_row("(booking refused)", str(market["consultations_refused"]))
+        for earning, n in sorted(market["refunds"].items()):
+            table.add_row(f"refunded, earning {earning}", str(n))
+        for currency, a in market["accounts"].items():
+            for key in ("captured_minor", "refunded_minor", "platform_minor",
+                        "tax_payable_minor"):
+                table.add_row(f"{currency} {key.removesuffix('_minor')}",
+                              f"{a[key] / 100:,.2f}")
+        console.print(table)
+
     table = Table(title="Sessions by kind and outcome")
     reasons = sorted({r for v in summary["sessions_by_kind_and_outcome"].values() for r in v})
     table.add_column("outcome")
@@ -786,7 +818,8 @@ def replay_audit(database_url: str) -> tuple[bool, dict]:
 
 
 def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
-                   sessions: int = 3000, base_url: str | None = None,
+                   sessions: int = 3000, practitioners: int = 30, consultations: int = 300,
+                   base_url: str | None = None,
                    database_url: str | None = None, workdir: Path = Path("var/sim"),
                    console=None, api_key: str | None = None) -> SimulationReport:
     """Simulate one day against the service (started here unless `base_url` is given).
@@ -815,11 +848,14 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
             receiver.secrets.append(secret)
         day_start = next_midnight(client.clock())
         scenario = build_scenario(seed=seed, patients=patients, doctors=doctors,
-                                  sessions=sessions, day_start=day_start)
+                                  sessions=sessions, day_start=day_start,
+                                  practitioners=practitioners, consultations=consultations)
         described = scenario.describe()
         console.print(f"Simulating {day_start:%Y-%m-%d} (seed {seed}): {described['patients']} "
                       f"patients, {described['doctors']} doctors, "
                       f"{described['sessions']} sessions, "
+                      f"{described.get('consultations', 0)} priced consultations with "
+                      f"{described.get('practitioners', 0)} practitioners, "
                       f"{described['events']} events + {described['duplicates']} duplicates "
                       f"against {base_url}")
         driver = Driver(scenario, client, console)
@@ -833,6 +869,7 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         console.print(f"Day done at {driver.now:%Y-%m-%d %H:%M} UTC; comparing every session, "
                       "patient and doctor")
         money = compare_all(driver, client)
+        accounts = compare_marketplace(driver, client)
         phases["compare"] = time.monotonic() - started - sum(phases.values())
         if secret is not None:
             webhooks = check_webhooks(driver, client, receiver, console)
@@ -853,6 +890,7 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     wall = time.monotonic() - started
     summary = summarize(driver, money, wall)
     summary["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    summary["marketplace"] = market_summary(driver, accounts)
     summary["replay"] = replay
     summary["webhooks"] = webhook_summary(webhooks, webhook_note)
     render(console, summary, driver.differences, replay)
@@ -876,12 +914,15 @@ def main() -> int:  # pragma: no cover - `python -m simulation.driver`
     parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--doctors", type=int, default=100)
     parser.add_argument("--sessions", type=int, default=3000)
+    parser.add_argument("--practitioners", type=int, default=30)
+    parser.add_argument("--consultations", type=int, default=300)
     parser.add_argument("--base-url")
     parser.add_argument("--database-url")
     parser.add_argument("--workdir", type=Path, default=Path("var/sim"))
     args = parser.parse_args()
     report = run_simulation(seed=args.seed, patients=args.patients, doctors=args.doctors,
-                            sessions=args.sessions, base_url=args.base_url,
+                            sessions=args.sessions, practitioners=args.practitioners,
+                            consultations=args.consultations, base_url=args.base_url,
                             database_url=args.database_url, workdir=args.workdir)
     return 0 if report.ok else 1
 

@@ -103,6 +103,7 @@ class Scenario:
     pools: list[dict]
     sessions: list[SessionPlan]
     deliveries: list[Delivery]
+    marketplace: object = None  # simulation.marketplace.MarketPlan: priced consultations (§10)
 
     @property
     def last_delivery(self) -> datetime:
@@ -124,6 +125,7 @@ class Scenario:
             "events": sum(1 for d in self.deliveries if not d.duplicate),
             "duplicates": sum(1 for d in self.deliveries if d.duplicate),
             "late": sum(1 for d in self.deliveries if d.late_seconds),
+            **(self.marketplace.describe() if self.marketplace is not None else {}),
         }
 
 
@@ -788,8 +790,13 @@ def next_midnight(after: datetime, margin: timedelta = timedelta(hours=1)) -> da
 
 
 def build_scenario(seed: int = 7, patients: int = 1000, doctors: int = 100, sessions: int = 3000,
-                   day_start: datetime | None = None) -> Scenario:
-    """The whole day, deterministic from (seed, sizes, day_start)."""
+                   day_start: datetime | None = None, practitioners: int = 0,
+                   consultations: int = 0) -> Scenario:
+    """The whole day, deterministic from (seed, sizes, day_start). `practitioners` and
+    `consultations` size the therapy marketplace's part (simulation/marketplace.py; none by
+    default); it draws from its own random stream, so the unit-billed part is the same."""
+    from simulation.marketplace import build_marketplace
+
     day_start = day_start or next_midnight(datetime.now(timezone.utc))
     b = _Builder(seed, patients, doctors, sessions, day_start)
     b.build_doctors()
@@ -798,7 +805,9 @@ def build_scenario(seed: int = 7, patients: int = 1000, doctors: int = 100, sess
     b.withdrawals()
     b.out_of_range()
     b.duplicates()
+    market = build_marketplace(b, practitioners, consultations, seed)
     b.deliveries.sort()
     return Scenario(seed=seed, tag=b.tag, day_start=day_start, setup_at=b.setup,
                     doctors=b.doctors, patients=b.patients, categories=b.categories,
-                    pools=b.pools, sessions=b.sessions, deliveries=b.deliveries)
+                    pools=b.pools, sessions=b.sessions, deliveries=b.deliveries,
+                    marketplace=market)

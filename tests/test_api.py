@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from runtime.asgi import create_app
 from api.schemas import EVENT_TYPES
 from ledger.input_rules import ID_PATTERN
+from ledger.marketplace import TICK_ONLY_TYPES
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
 from conftest import T0, FakeClock
@@ -209,7 +210,8 @@ def test_full_call_bills_three_units_and_pays_doctor_after_settlement(store_api)
     assert steps(report) == [("s1", "charge", 1, 1, pool_id, None),
                              ("s1", "charge", 2, 1, pool_id, None),
                              ("s1", "settle", None, 3, None, None)]
-    assert report["counts"] == {"charged": 2, "ended": 0, "settled": 1, "expired": 0, "failed": 0}
+    assert report["counts"] == {"charged": 2, "ended": 0, "settled": 1, "expired": 0, "failed": 0,
+                                "consultations": 0}
     assert report["more"] is False
 
     session = api.client.get("/v1/sessions/s1", headers=AUDITOR).json()
@@ -453,7 +455,8 @@ def test_invalid_body_is_422_validation_error_and_records_nothing(api, body):
 
 
 def test_every_ledger_event_type_has_a_model(api):
-    assert set(EVENT_TYPES) == set(api.ledger.event_types)
+    # The tick-only types of §10 have a model (so posting one is a 403, not a 422) and no handler.
+    assert set(EVENT_TYPES) == set(api.ledger.event_types) | set(TICK_ONLY_TYPES)
 
 
 # ---------------------------------------------------------------------------------- batch
@@ -627,7 +630,8 @@ def test_unknown_route_and_method_are_problems(api):
 def test_admin_tick_defaults_to_now_and_refuses_far_future(api):
     report = api.tick()
     assert report["as_of"] == T0.isoformat()
-    assert set(report) == {"as_of", "steps", "expired", "failed", "counts", "conflicts", "more"}
+    assert set(report) == {"as_of", "steps", "expired", "failed", "consultations", "counts",
+                           "conflicts", "more"}
     assert api.tick(T0 + timedelta(minutes=5))["as_of"] == (T0 + timedelta(minutes=5)).isoformat()
     response = api.client.post("/v1/ticks", json={"as_of": (T0 + timedelta(minutes=6))
                                                   .isoformat()}, headers=ADMIN)

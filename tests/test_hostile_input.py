@@ -114,6 +114,37 @@ def templates() -> dict[str, dict]:
         "withdrawal.requested": {**withdrawal, "amount_minor": 5_000_000},
         "withdrawal.completed": withdrawal,
         "withdrawal.rejected": {**withdrawal, "reason": "bank refused"},
+        **marketplace_templates(later),
+    }
+
+
+def marketplace_templates(later: str) -> dict[str, dict]:
+    """The priced consultations' event types (billing-rules §10), every field present."""
+    consultation, admin = {"consultation_id": "c1"}, {"admin_id": "ops-1", "reason": "support"}
+    return {
+        "wallet.topped_up": {"patient_id": "p1", "currency": "INR", "amount_minor": 118_000,
+                             "payment_reference": "rzp-1", "provider": "razorpay"},
+        "wallet.refunded_to_source": {"refund_id": "r1", "payment_reference": "rzp-1",
+                                      "amount_minor": 1, **admin},
+        "wallet.payment_reversed": {"payment_reference": "rzp-1", "amount_minor": 1,
+                                    "reason": "chargeback"},
+        "price_list.published": {"practitioner_id": "d1", "version": "v1", "currency": "INR",
+                                 "tax_bps": 1800, "share_bps": 5000, "effective_from": later,
+                                 "fees": [{"consultation_type": "individual",
+                                           "duration_minutes": 50, "fee_minor": 100_000}]},
+        "consultation.booked": {**consultation, "patient_id": "p1", "practitioner_id": "d1",
+                                "consultation_type": "individual", "mode": "video",
+                                "start": later, "duration_minutes": 50},
+        "consultation.activated": {**consultation, "admin_id": "ops-1"},
+        "consultation.joined": {**consultation, "participant": "patient"},
+        "consultation.ended": {**consultation, "ended_by": "patient"},
+        "consultation.cancelled": {**consultation, "reason": "rescheduling"},
+        "consultation.declined": {**consultation, "reason": "unwell"},
+        "consultation.admin_cancelled": {**consultation, **admin},
+        "consultation.refunded": {**consultation, **admin},
+        **{t: consultation for t in ("consultation.confirmed", "consultation.completed",
+                                     "consultation.no_show", "consultation.expired",
+                                     "consultation.earning_released")},
     }
 
 

@@ -121,6 +121,7 @@ class WalletFold:
     held: int = 0
     withdrawn: int = 0
     credits: Counter = field(default_factory=Counter)  # session_id -> amount
+    earned: Counter = field(default_factory=Counter)  # consultation_id -> released share (§10)
 
     @property
     def available(self) -> int:
@@ -226,6 +227,9 @@ def fold(events, on_step=None) -> Folded:
             if n == "Wallet.Credited":
                 w.credited += e.amount_minor
                 w.credits[e.session_id] += e.amount_minor
+            elif n == "Wallet.EarningCredited":  # a priced consultation's share (§10)
+                w.credited += e.amount_minor
+                w.earned[e.consultation_id] += e.amount_minor
             elif n == "Wallet.WithdrawalHeld":
                 w.held += e.amount_minor
             elif n == "Wallet.WithdrawalCompleted":
@@ -419,6 +423,8 @@ def check_I6_conservation(events) -> None:
             accrued += pay * len(s.settled.charged)
             money[key]["reversed"] += pay * len(s.settled.reversed)
         money[key]["credited"] += accrued
+    for key, amounts in consultation_shares(events).items():
+        money[key].update(amounts)
     for key in set(money) | set(folded.wallets):
         m = money[key]
         w = folded.wallets.get(key) or WalletFold(*key)
@@ -427,6 +433,24 @@ def check_I6_conservation(events) -> None:
         assert lhs == rhs, f"I6: wallet {key}: credited {m['credited']} − reversed " \
                            f"{m['reversed']} != pending {m['pending']} + available {w.available}" \
                            f" + held {w.held} + withdrawn {w.withdrawn}"
+
+
+def consultation_shares(events) -> dict[tuple, Counter]:
+    """Per (practitioner, currency): the shares of priced consultations (§10) as the §5 wallet
+    counts them: credited at capture, pending until released, reversed by a pending refund."""
+    money: dict = defaultdict(Counter)
+    for e in events:
+        n = name(e)
+        if n == "Consultation.Closed" and e.capture is not None:
+            key = (e.practitioner_id, e.currency)
+            money[key]["credited"] += e.capture["share_minor"]
+            money[key]["pending"] += e.capture["share_minor"]
+        elif n == "Consultation.EarningReleased":
+            money[(e.practitioner_id, e.currency)]["pending"] -= e.amount_minor
+        elif n == "Consultation.Refunded":
+            money[(e.practitioner_id, e.currency)]["reversed"] += e.share_reversed_minor
+            money[(e.practitioner_id, e.currency)]["pending"] -= e.share_reversed_minor
+    return money
 
 
 def check_I7_replay_equals_live(events, ledger: Ledger) -> None:

@@ -365,18 +365,19 @@ def test_lag_and_bounded_catch_up(world):
     wipe_views(w)  # a rebuild: every projection starts again from position zero
     projector = w.projector()
     lag = projector.lag()
-    assert set(lag) == {"balances", "wallets", "live"} and all(v > 0 for v in lag.values())
+    assert set(lag) == {"balances", "wallets", "live", "marketplace"}
+    assert all(v > 0 for v in lag.values())
     assert projector.catch_up(max_events=5) == 5
     assert any(v > 0 for v in projector.lag().values())
     for _ in range(10):
         if not projector.catch_up(max_events=7):
             break
-    assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0}
+    assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0, "marketplace": 0}
     w.post("session.requested", w.at(hours=1), session_id="s2", kind="text", patient_id="p1",
            doctor_id="d1")
     assert all(v > 0 for v in projector.lag().values())
     projector.catch_up()
-    assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0}
+    assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0, "marketplace": 0}
     assert projector.live_session_ids() == ["call-1", "s2"]
 
 
@@ -461,7 +462,8 @@ def wipe_views(w: World) -> None:
     with store.transaction():
         for table in ("balance_pools", "balance_pool_buckets", "balance_members",
                       "balance_patient_buckets", "wallet_ids", "wallet_balances", "live_sessions",
-                      "live_pools", "projection_tracking"):
+                      "live_pools", "money_wallets", "platform_accounts", "live_consultations",
+                      "projection_tracking"):
             store.execute(f"DELETE FROM {table}")
 
 
@@ -539,7 +541,7 @@ def test_postgres_notification_gaps_are_skipped(pg_url, clock):
         voice_call(w, projector)
         w.tick(projector, w.at(hours=1))
         projector.catch_up()
-        assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0}
+        assert projector.lag() == {"balances": 0, "wallets": 0, "live": 0, "marketplace": 0}
         assert projector.patient_balance("p1", w.at(hours=1))["buckets"]["voice"]["charged"] == 3
         assert replay_verify(w.ledger, pg_url, POLICY).ok
     finally:

@@ -100,7 +100,8 @@ def test_scenario_is_deterministic_and_sized():
 @pytest.mark.timeout(240)
 def test_simulated_day_matches_the_oracle_over_http(tmp_path):
     out = io.StringIO()
-    report = run_simulation(seed=7, patients=60, doctors=10, sessions=200, workdir=tmp_path,
+    report = run_simulation(seed=7, patients=60, doctors=10, sessions=200, practitioners=4,
+                            consultations=40, workdir=tmp_path,
                             console=Console(file=out, width=140))
     assert report.differences == [], out.getvalue()[-6000:]
     assert report.replay_ok is True, report.summary.get("replay")
@@ -123,6 +124,27 @@ def test_simulated_day_matches_the_oracle_over_http(tmp_path):
     assert sum(s["units_charged"].values()) > 100
     assert any(m.get("withdrawn_minor", 0) > 0 for m in s["money"].values()), "no withdrawal"
     assert all(m.get("pending_minor", 0) == 0 for m in s["money"].values())
+    # The marketplace (§10) went through every row of its table and the rules around it.
+    market = s["marketplace"]
+    outcomes = market["consultations_by_outcome"]
+    for outcome in ("completed (ended)", "completed (completed_by_time)", "expired (never_activated)",
+                    "no_show (patient_absent)", "no_show (practitioner_absent)"):
+        assert outcomes.get(outcome, 0) > 0, f"no consultation {outcome}"
+    assert sum(n for o, n in outcomes.items() if o.startswith("cancelled")) >= 2
+    assert market["consultations_refused"] > 0 and set(market["refunds"]) == {"pending",
+                                                                              "available"}
+    for code in ("insufficient_funds", "wallet_in_debt", "invalid_booking", "payment_conflict",
+                 "activation_too_late", "cancellation_window_closed", "join_window_not_open",
+                 "consultation_not_started", "consultation_not_unit_billed",
+                 "price_list_conflict"):
+        assert refusals.get(code, 0) > 0, f"no {code} refusal"
+    by_type = s["refusals_by_event_type"]
+    assert by_type.get("session.requested: session_conflict", 0) > 0
+    assert by_type.get("consultation.joined: session_conflict", 0) + by_type.get(
+        "call.participant_joined: session_conflict", 0) > 0, "no double-booked practitioner"
+    assert market["accounts"]["INR"]["tax_payable_minor"] > 0
+    assert s["tick_work"].get("consultation steps", 0) > 0
+
     # Every notification the catalogue promises arrived, verified, once per id, in order.
     webhooks = s["webhooks"]
     assert webhooks["missing"] == 0 and webhooks["unexpected"] == 0
@@ -131,6 +153,7 @@ def test_simulated_day_matches_the_oracle_over_http(tmp_path):
                  "session.paid_until_changed", "balance.low", "pool.expired", "withdrawal.held",
                  "withdrawal.completed"):
         assert webhooks["by_type"][kind]["delivered"] > 0, f"no {kind} notification"
+
 
 
 def test_the_expectation_predicts_a_charge_an_exhaustion_and_a_low_balance():
@@ -155,3 +178,49 @@ def test_the_expectation_predicts_a_charge_an_exhaustion_and_a_low_balance():
     assert e["session.block_charged"] == {("s1", 1): 1, ("s1", 2): 1}
     assert e["session.ended"] == {("s1", (T0 + timedelta(seconds=1200)).isoformat(),
                                    "balance_exhausted"): 1}
+
+
+# --------------------------------------------------------- the marketplace oracle on its own
+
+
+def test_market_oracle_follows_the_documents_numbers_and_refund_rules():
+    from simulation.marketplace_oracle import MarketOracle, split
+
+    assert split(100_000, 1800, 5000) == {"fee_minor": 100_000, "tax_minor": 18_000,
+                                          "total_minor": 118_000, "share_minor": 50_000,
+                                          "platform_minor": 50_000, "tax_payable_minor": 18_000}
+    o = Oracle()
+    m = MarketOracle(o)
+    start = T0 + timedelta(hours=3)
+    _post(o, 1, "doctor.registered", T0, doctor_id="t1", country="IN")
+    _post(o, 2, "price_list.published", T0, practitioner_id="t1", version="v1", currency="INR",
+          tax_bps=1800, fees=[{"consultation_type": "individual", "duration_minutes": 50,
+                               "fee_minor": 100_000}])
+    _post(o, 3, "wallet.topped_up", T0, patient_id="p1", currency="INR", amount_minor=118_000,
+          payment_reference="r1", provider="razorpay")
+    assert _post(o, 4, "consultation.booked", T0, consultation_id="c1", patient_id="p1",
+                 practitioner_id="t1", consultation_type="individual", mode="video",
+                 start=start.isoformat(), duration_minutes=50).accepted
+    assert _post(o, 5, "consultation.booked", T0, consultation_id="c2", patient_id="p1",
+                 practitioner_id="t1", consultation_type="individual", mode="video",
+                 start=start.isoformat(), duration_minutes=50).code == "insufficient_funds"
+    _post(o, 6, "consultation.activated", T0, consultation_id="c1", admin_id="a")
+    _post(o, 7, "consultation.joined", start, consultation_id="c1", participant="patient")
+    _post(o, 8, "consultation.joined", start, consultation_id="c1", participant="practitioner")
+    assert m.tick(start) == []  # confirmation is skipped once it is in progress
+    end = start + timedelta(minutes=50)
+    assert m.tick(end + timedelta(seconds=60)) == [{
+        "consultation_id": "c1", "action": "complete", "status": "completed",
+        "reason": "completed_by_time", "money": "captured", "amount_minor": 118_000,
+        "currency": "INR"}]
+    assert o.wallet_numbers("t1") == {"INR": {"pending_minor": 50_000, "available_minor": 0,
+                                              "held_minor": 0, "withdrawn_minor": 0}}
+    assert [(s["action"], s["money"], s["amount_minor"])
+            for s in m.tick(end + timedelta(seconds=600))] == [
+        ("release", "earning_available", 50_000)]
+    _post(o, 9, "consultation.refunded", end + timedelta(hours=1), consultation_id="c1",
+          admin_id="a", reason="r")
+    assert m.accounts["INR"] == {"captured_minor": 118_000, "refunded_minor": 118_000,
+                                 "shares_minor": 50_000, "shares_reversed_minor": 0,
+                                 "platform_minor": -50_000, "tax_payable_minor": 0}
+    assert m.money[("p1", "INR")].available == 118_000 and o.available_minor("t1", "INR") == 50_000

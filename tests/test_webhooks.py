@@ -150,6 +150,7 @@ def test_a_call_produces_its_notifications_in_order_with_paid_until_and_links(wo
     desk.end("s1", desk.at(T0 + 15 * MIN))
     desk.ledger.tick(desk.at(T0 + 30 * MIN), ["s1"], [])
     n.start()
+    assert wait_until(lambda: n.health()["lag_events"] == 0)
     assert rx.wait_for(len(messages(url)))
     got = [(r.type, r.data) for r in rx.snapshot()]
     session = [(t, d) for t, d in got if t.startswith("session.")]
@@ -460,6 +461,8 @@ def test_a_notifier_killed_mid_delivery_loses_nothing_and_resends_the_same_ids(w
     rx = receiver(closing)
     rx.secrets.append(n.create_endpoint(rx.url, [])[1])
     day(desk)
+    while n.derive():  # the messages exist before either process sends
+        pass
     rx.mode, rx.hang_seconds = "hang", 1.0
     first = _notify_process(url)
     try:
