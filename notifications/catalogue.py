@@ -21,8 +21,11 @@ NS = uuid5(NAMESPACE_URL, "urn:telehealth-ledger:webhooks")
 
 SESSION_TYPES = ("session.block_charged", "session.ended", "session.settled",
                  "session.paid_until_changed")
+CONSULTATION_TYPES = ("consultation.booked", "consultation.activated", "consultation.confirmed",
+                      "consultation.started", "consultation.closed",
+                      "consultation.earning_released", "consultation.refunded")
 EVENT_TYPES = (*SESSION_TYPES, "balance.low", "pool.expired", "withdrawal.held",
-               "withdrawal.completed", "withdrawal.rejected")
+               "withdrawal.completed", "withdrawal.rejected", *CONSULTATION_TYPES)
 # Ends the ledger decides itself (the tick, billing-rules.md §3, §8; provider ends, issue 4).
 LEDGER_END_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",
                                 "max_duration", "balance_exhausted", "participant_left",
@@ -33,7 +36,8 @@ LEDGER_END_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "
 class Message:
     """One notification: `message_id` (the `webhook-id`, the same on every retry and every
     endpoint), `event_type`, `ordering_key` (deliveries with the same key are sent in order:
-    `session:<id>`, `patient:<id>`, `pool:<id>`, `withdrawal:<id>`), the log `position` of the
+    `session:<id>`, `patient:<id>`, `pool:<id>`, `wallet:<doctor>:<currency>`,
+    `consultation:<id>`), the log `position` of the
     event it derives from and its `ordinal` among that event's notifications, and the JSON
     `body` exactly as signed and sent."""
 

@@ -22,6 +22,7 @@ from uuid import uuid5
 
 from eventsourcing.utils import get_topic
 
+from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
 from ledger.rules import block_end
 from notifications import catalogue, schema
@@ -41,7 +42,14 @@ def _event_classes(aggregate: type) -> tuple[type, ...]:
 
 
 # Every event of the aggregates followed (the followers fold each version in turn).
-TOPICS = tuple(get_topic(c) for a in (Session, Pool, Wallet) for c in _event_classes(a))
+TOPICS = tuple(get_topic(c) for a in (Session, Pool, Wallet, Consultation)
+               for c in _event_classes(a))
+# A priced consultation's events (billing-rules §10) and the notification each one gives.
+CONSULTATION_EVENTS = {"Booked": "consultation.booked", "Activated": "consultation.activated",
+                       "Confirmed": "consultation.confirmed", "Joined": "consultation.started",
+                       "Closed": "consultation.closed",
+                       "EarningReleased": "consultation.earning_released",
+                       "Refunded": "consultation.refunded"}
 
 
 class _LostRace(Exception):
@@ -76,6 +84,7 @@ class Deriver:
         self.units = Units(threshold)
         self.sessions = AggregateFollower(self._stored_events)
         self.wallets = AggregateFollower(self._stored_events)
+        self.consultations = AggregateFollower(self._stored_events)
         self._catching_up = threading.Lock()
         self.races_lost = 0
 
@@ -153,6 +162,8 @@ class Deriver:
                 out += self._pool(position, event)
             elif owner == "Wallet":
                 out += self._wallet(position, event)
+            elif owner == "Consultation":
+                out += self._consultation(position, event)
         return out
 
     def _build(self, position: int, event: Any, items: list[tuple[str, str, dict, str]]):
@@ -233,6 +244,32 @@ class Deriver:
             data["reason"] = e.reason
         return self._build(position, e, [(event_type, f"wallet:{w.doctor_id}:{w.currency}",
                                           data, "")])
+
+    def _consultation(self, position: int, e: Any) -> list[Message]:
+        """A priced consultation's lifecycle (§10): booked, activated, confirmed, started (its
+        first join), closed (captured or released), earning released, refunded."""
+        before, c = self.consultations.advance(e, lambda a: a.status)
+        name = type(e).__name__
+        if name not in CONSULTATION_EVENTS or (name == "Joined" and before == "in_progress"):
+            return []
+        data = {"consultation_id": c.consultation_id, "patient_id": c.patient_id,
+                "practitioner_id": c.practitioner_id, "consultation_type": c.consultation_type,
+                "mode": c.mode, "status": c.status, "start": iso(c.start),
+                "duration_minutes": c.duration_minutes, "currency": c.currency,
+                "total_minor": c.total_minor,
+                "resource": resource(self.base_url, f"/v1/consultations/{c.consultation_id}")}
+        if name == "Joined":
+            data["first_joined"] = e.role
+        elif name == "Closed":
+            data.update(reason=e.reason, closed_by=e.by, closed_at=iso(e.at),
+                        completed_at=iso(e.completed_at),
+                        money="captured" if e.capture is not None else "released")
+        elif name == "EarningReleased":
+            data.update(share_minor=e.amount_minor)
+        elif name == "Refunded":
+            data.update(refunded_minor=e.total_minor, earning=e.earning, reason=e.reason)
+        return self._build(position, e, [(CONSULTATION_EVENTS[name],
+                                          f"consultation:{c.consultation_id}", data, "")])
 
     # ------------------------------------------------------------------------ recording
 

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from simulation.expectation import ExpectingOracle, WebhookComparison, compare
+from simulation.expectation import ExpectingMarket, ExpectingOracle, WebhookComparison, compare
 from simulation.marketplace import compare_marketplace, market_summary
-from simulation.marketplace_oracle import MarketOracle
 from simulation.oracle import KINDS, Outcome, utc
 from simulation.receiver import Receiver
 from simulation.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
@@ -261,7 +260,7 @@ class Driver:
         self.sc = scenario
         self.client = client
         self.oracle = ExpectingOracle()
-        self.market = MarketOracle(self.oracle)  # priced consultations (§10), same receipts
+        self.market = ExpectingMarket(self.oracle)  # priced consultations (§10), same receipts
         self.console = console
         self.rng = random.Random(scenario.seed * 7919 + 17)
         self.stats = Stats()

@@ -14,7 +14,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from simulation.marketplace_oracle import PRESENCE_EVENTS, MarketOracle
 from simulation.oracle import KINDS, OPool, OSession, Oracle, Timings
+
+CONSULTATION_POSTS = ("consultation.booked", "consultation.activated", "consultation.joined",
+                      "consultation.ended", "consultation.cancelled", "consultation.declined",
+                      "consultation.admin_cancelled", "consultation.refunded")
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -86,8 +91,62 @@ class ExpectingOracle(Oracle):
         self.note(f"withdrawal.{status}", request, amount)
 
 
+class ExpectingMarket(MarketOracle):
+    """The marketplace oracle noting a priced consultation's lifecycle notifications into the
+    unit oracle's `expected`: booked, activated, confirmed, started (the first join), closed
+    (status, reason, captured or released), earning released, refunded — one per change the
+    rules make, whichever post or tick made it."""
+
+    def __init__(self, oracle: ExpectingOracle) -> None:
+        super().__init__(oracle)
+        self.note = oracle.note
+        handlers = oracle.handlers
+        for event_type in CONSULTATION_POSTS:
+            handlers[event_type] = self._watching(handlers[event_type], "consultation_id")
+        for event_type in PRESENCE_EVENTS:
+            handlers[event_type] = self._watching(handlers[event_type], "session_id")
+
+    def _watching(self, handler, key: str):
+        def watched(at, p, now, event_type):
+            return self._watch(p.get(key, ""), lambda: handler(at, p, now, event_type))
+        return watched
+
+    def _apply(self, c, action: str, as_of: datetime) -> dict:
+        return self._watch(c.cid, lambda: super(ExpectingMarket, self)._apply(c, action, as_of))
+
+    def _watch(self, cid: str, call):
+        c = self.consultations.get(cid)
+        before = (c.status, c.refund is not None, c.earning_at is not None) if c else None
+        result = call()  # a refusal raises before anything changes: nothing is noted
+        c = self.consultations.get(cid)
+        if c is not None:
+            self._changed(c, before)
+        return result
+
+    def _changed(self, c, before) -> None:
+        status, refunded, released = before or (None, False, False)
+        if c.status != status:
+            if before is None:
+                self.note("consultation.booked", c.cid)
+            elif c.status in ("activated", "confirmed"):
+                self.note(f"consultation.{c.status}", c.cid)
+            elif c.status == "in_progress":
+                self.note("consultation.started", c.cid)
+            elif c.closed:
+                self.note("consultation.closed", c.cid, c.status, c.close_reason,
+                          "captured" if c.captured else "released")
+        if c.refund is not None and not refunded:
+            self.note("consultation.refunded", c.cid)
+        if c.earning_at is not None and not released:
+            self.note("consultation.earning_released", c.cid)
+
+
 def received_key(event_type: str, data: dict) -> tuple:
     """The key of a received notification, comparable with ExpectingOracle's."""
+    if event_type == "consultation.closed":
+        return (data["consultation_id"], data["status"], data["reason"], data["money"])
+    if event_type.startswith("consultation."):
+        return (data["consultation_id"],)
     if event_type == "session.paid_until_changed":
         return (data["session_id"], data["paid_until"])
     if event_type == "session.block_charged":
@@ -166,6 +225,8 @@ def compare(expected: dict[str, Counter], received: list, rejected: int = 0) -> 
 
 
 def _ordering_key(event_type: str, data: dict) -> str:
+    if event_type.startswith("consultation."):
+        return f"consultation:{data['consultation_id']}"
     if event_type.startswith("session."):
         return f"session:{data['session_id']}"
     if event_type == "balance.low":
