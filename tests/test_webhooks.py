@@ -484,3 +484,31 @@ def test_a_notifier_killed_mid_delivery_loses_nothing_and_resends_the_same_ids(w
     assert {r.webhook_id for r in got} == expected  # nothing lost, nothing new
     assert len(got) > len(expected)  # what was in flight came again, with the same ids
     assert in_order_per_key(sorted(rx.distinct().values(), key=lambda r: r.seq))
+
+
+def test_a_priced_consultation_announces_its_lifecycle(tmp_path, clock):
+    from test_marketplace import END, GRACE, SKEW, TOTAL, Clinic
+
+    c = Clinic(clock)  # the ledger on POPO; the notifier's tables in a SQLite file
+    url = f"sqlite:///{tmp_path / 'hooks.db'}"
+    n = notifier(c.ledger, url)
+    c.practitioner()
+    c.top_up()
+    c.in_progress("c1")
+    c.tick_at(END + SKEW)  # completed by time: captured
+    c.tick_at(END + SKEW + GRACE)  # the practitioner's share becomes available
+    c.refund("c1")
+    while n.derive():
+        pass
+    lifecycle = sorted((m for m in messages(url).values() if m["type"].startswith("consultation.")),
+                       key=lambda m: m["position"])
+    n.close()
+    assert [m["type"] for m in lifecycle] == [
+        "consultation.booked", "consultation.activated", "consultation.started",
+        "consultation.closed", "consultation.earning_released", "consultation.refunded"]
+    closed = lifecycle[3]["data"]
+    assert (closed["status"], closed["reason"], closed["money"], closed["total_minor"]) == \
+        ("completed", "completed_by_time", "captured", TOTAL)
+    assert lifecycle[2]["data"]["first_joined"] == "patient"
+    assert lifecycle[5]["data"]["refunded_minor"] == TOTAL
+    assert all(m["data"]["resource"] == "/v1/consultations/c1" for m in lifecycle)
