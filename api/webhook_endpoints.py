@@ -8,6 +8,7 @@ secret is in the answer of a registration or a rotation only, never in a read.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
@@ -163,8 +164,6 @@ def change_endpoint(endpoint_id: WebhookId, role: AdminRole, notifier: NotifierD
 def rotate_secret(endpoint_id: WebhookId, role: AdminRole, notifier: NotifierDep,
                   body: Annotated[Rotation | None, Body()] = None) -> dict:
     """A new signing secret (shown once); the previous one signs too for `grace_seconds`."""
-    from datetime import timedelta
-
     grace = timedelta(seconds=(body or Rotation()).grace_seconds)
     endpoint, secret = notifier.endpoints.rotate(endpoint_id, grace)
     return {**_view(notifier, endpoint), "secret": secret}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -90,8 +91,6 @@ class Notifier:
         """Derive everything committed, then send until nothing is due now and nothing is in
         flight (deliveries waiting for a later retry stay for the next run); bounded by
         `max_seconds`. Returns deliveries handed to the senders."""
-        import time
-
         deadline, handed = time.monotonic() + max_seconds, 0
         while self.derive() and time.monotonic() < deadline:
             pass
