@@ -95,9 +95,10 @@ class Notifier:
         while self.derive() and time.monotonic() < deadline:
             pass
         while time.monotonic() < deadline:
+            was_busy = self.dispatcher.busy()  # a send finishing meanwhile may free a next one
             sent = self.dispatcher.dispatch()
             handed += sent
-            if not sent and not self.dispatcher.busy():
+            if not sent and not was_busy and not self.dispatcher.busy():
                 return handed
             self.dispatcher.wake.wait(0.05)
             self.dispatcher.wake.clear()

@@ -512,3 +512,16 @@ def test_a_priced_consultation_announces_its_lifecycle(tmp_path, clock):
     assert lifecycle[2]["data"]["first_joined"] == "patient"
     assert lifecycle[5]["data"]["refunded_minor"] == TOTAL
     assert all(m["data"]["resource"] == "/v1/consultations/c1" for m in lifecycle)
+
+
+def test_drain_sends_everything_due_and_returns(world):
+    """`ledger notify --once`: derive what is committed, send all that is due, return."""
+    url, desk, closing = world
+    n = notifier(desk.ledger, url)
+    closing.append(n)
+    rx = receiver(closing)
+    rx.secrets.append(n.create_endpoint(rx.url, [])[1])
+    day(desk, sessions=4)
+    handed = n.drain()
+    assert handed == len(messages(url)) and not n.dispatcher.busy()
+    assert len(rx.distinct()) == handed and n.health()["undelivered"] == 0
