@@ -28,7 +28,7 @@ from ledger.rules import block_end
 from notifications import catalogue, schema
 from notifications.catalogue import LEDGER_END_REASONS, Message, build, iso, resource
 from notifications.follow import AggregateFollower
-from notifications.units import Fall, Units
+from notifications.units import Fall, Units, UnitsBatch
 from projections.store import Store
 
 BATCH_EVENTS = 500
@@ -133,12 +133,17 @@ class Deriver:
             start=position, limit=limit, stop=head, topics=TOPICS, inclusive_of_start=False)
         new_position = notifications[-1].id if len(notifications) >= limit else head
         events = [(n.id, self.ledger.mapper.to_domain_event(n)) for n in notifications]
+        # Derived before the write transaction (reads only), so that it holds the database's
+        # write lock briefly; the compare-and-set below discards it if another process won.
+        with self.store.locked():
+            units = self.units.batch(self.store)
+            messages = self._derive(events, units)
         try:
             with self.store.locked(), self.store.transaction():
                 self.store.lock(NAME)
                 if not self._advance(position, new_position):
                     raise _LostRace()
-                messages = self._derive(events)
+                units.flush()
                 self._record(messages)
         except _LostRace:
             self.races_lost += 1
@@ -152,14 +157,14 @@ class Deriver:
 
     # ------------------------------------------------------------------------- deriving
 
-    def _derive(self, events: list[tuple[int, Any]]) -> list[Message]:
+    def _derive(self, events: list[tuple[int, Any]], units: UnitsBatch) -> list[Message]:
         out: list[Message] = []
         for position, event in events:
             owner = type(event).__qualname__.split(".")[0]
             if owner == "Session":
                 out += self._session(position, event)
             elif owner == "Pool":
-                out += self._pool(position, event)
+                out += self._pool(position, event, units)
             elif owner == "Wallet":
                 out += self._wallet(position, event)
             elif owner == "Consultation":
@@ -207,12 +212,11 @@ class Deriver:
                 **base, "previous_paid_until": iso(before)}, ""))
         return self._build(position, e, items)
 
-    def _pool(self, position: int, e: Any) -> list[Message]:
+    def _pool(self, position: int, e: Any, units: UnitsBatch) -> list[Message]:
         name, pool_id = type(e).__name__, str(e.originator_id)
-        falls = self.units.apply(self.store, name, pool_id, e)
-        items = [self._balance_low(fall) for fall in falls]
+        items = [self._balance_low(fall) for fall in units.apply(name, pool_id, e)]
         if name == "Expired":
-            reference, owner = self.units.pool(self.store, pool_id) or ("", "")
+            reference, owner = units.pool(pool_id) or ("", "")
             items.append(("pool.expired", f"pool:{pool_id}", {
                 "pool_id": pool_id, "payment_reference": reference, "owner_id": owner,
                 "forfeited": {b: int(n) for b, n in sorted(e.forfeited.items())},
