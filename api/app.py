@@ -21,6 +21,7 @@ from api.ops import router as ops_router
 from api.problems import UnexpectedErrors, add_problem_schema, install_problem_handlers
 from api.marketplace_routes import router as marketplace_router
 from api.routes import router
+from api.webhook_endpoints import router as webhook_endpoints_router
 from api.webhooks import router as webhook_router
 from observability import Metrics
 from storage import pool_usage
@@ -55,6 +56,7 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
                        pool_usage=lambda: _pool_usage(app))
     app.include_router(router)
     app.include_router(audit_router)  # /v1/audit/digest, statements (docs/audit.md)
+    app.include_router(webhook_endpoints_router)  # /v1/webhook-endpoints, /v1/webhook-deliveries
     app.include_router(marketplace_router)  # priced consultations and money wallets (§10)
     app.include_router(ops_router)  # /readyz, /metrics
     app.include_router(webhook_router)  # /webhooks/*: provider signatures, not API keys

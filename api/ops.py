@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from api.auth import require
 from api.problems import NotReady, error_problem, problem_response, problem_responses
-from observability import ProjectionCollector
+from observability import ProjectionCollector, WebhookCollector
 from observability.metrics import CONTENT_TYPE
 from storage import is_unavailable
 
@@ -102,4 +102,7 @@ def metrics(request: Request, role: MetricsRole) -> Response:
     state = request.app.state
     projector = getattr(state, "projector", None)
     extra = [ProjectionCollector(projector.health)] if projector is not None else []
+    notifier = getattr(state, "notifier", None)
+    if notifier is not None:
+        extra.append(WebhookCollector(notifier.health))
     return Response(state.metrics.exposition(extra), media_type=CONTENT_TYPE)

@@ -16,6 +16,7 @@ from projections import Projector
 from scheduler.tick import run_tick
 from runtime.wiring import build_ledger
 from runtime.settings import Settings
+from bench.notifier import bench_notifier
 from bench.webhooks import bench_webhooks
 
 T0 = datetime(2026, 11, 2, 8, tzinfo=timezone.utc)
@@ -69,6 +70,7 @@ def bench_store(label: str, url: str, n_sessions: int) -> list[tuple[str, str, i
     report = run_tick(ledger, projector, clock.now)
     steps = len(report.charged) + len(report.settled) + len(report.ended)
     rows.append((label, "tick steps (charge/settle)", steps, time.perf_counter() - started))
+    rows += bench_notifier(label, url, ledger)
     projector.close()
     ledger.close()
     return rows

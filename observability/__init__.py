@@ -6,6 +6,6 @@ callback instead).
 """
 
 from observability.logs import configure_logging
-from observability.metrics import Metrics, ProjectionCollector
+from observability.metrics import Metrics, ProjectionCollector, WebhookCollector
 
-__all__ = ["Metrics", "ProjectionCollector", "configure_logging"]
+__all__ = ["Metrics", "ProjectionCollector", "WebhookCollector", "configure_logging"]

@@ -59,6 +59,10 @@ class Metrics:
         self.tick_work = Counter(
             "ledger_tick_work", "What ticks did: blocks charged, sessions ended, settled, pools "
             "expired, sessions failed, priced consultations' steps", ["kind"], registry=registry)
+        self.webhooks = Counter(
+            "ledger_webhook_deliveries", "Webhook delivery attempts by outcome (sent; failed: "
+            "retried later; dead: dead-lettered) and notification type", ["outcome", "type"],
+            registry=registry)
         self.pool = Gauge(
             "ledger_db_pool_connections", "Event-store connection pool (PostgreSQL): size, idle, "
             "max, and requests waiting for a connection; summed over live workers", ["state"],
@@ -127,3 +131,31 @@ class ProjectionCollector:
             yield GaugeMetricFamily("ledger_projection_lag_seconds",
                                     "Age in seconds of the oldest event not yet applied",
                                     value=health["lag_seconds"])
+
+
+class WebhookCollector:
+    """Read at scrape time from the notifier's tables (Notifier.health): the undelivered
+    backlog of enabled endpoints, the age of its oldest notification, the dead letters and how
+    far the deriver is behind the log."""
+
+    def __init__(self, health: Callable[[], dict]) -> None:
+        self.health = health
+
+    def collect(self):
+        try:
+            health = self.health()
+        except Exception:  # noqa: BLE001 - ledger_store_up says whether the store answers
+            return
+        gauges = (
+            ("ledger_webhook_undelivered", "Webhook deliveries not yet delivered (pending or "
+             "retrying) to enabled endpoints", health["undelivered"]),
+            ("ledger_webhook_oldest_undelivered_seconds", "Age in seconds of the oldest "
+             "undelivered webhook notification (0 when none)",
+             health["oldest_undelivered_seconds"]),
+            ("ledger_webhook_dead_letters", "Webhook deliveries dead-lettered (retries exhausted)",
+             health["dead"]),
+            ("ledger_webhook_derive_lag_events", "Events stored but not yet turned into webhook "
+             "notifications", health["lag_events"]),
+        )
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(name, text, value=value)

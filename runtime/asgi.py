@@ -2,8 +2,9 @@
 
 The factory configures JSON logging (observability/logs.py). The lifespan builds, per process,
 the clock, the Ledger application (waiting for the database with bounded, logged retries: see
-`wait_for_store`), the Projector, the tick and (if `settings.tick_enabled`) the in-process tick
-scheduler, keeps them in `app.state`, and closes them in reverse order on shutdown.
+`wait_for_store`), the Projector, the webhook Notifier (started if
+`settings.webhook_delivery_enabled`), the tick and (if `settings.tick_enabled`) the in-process
+tick scheduler, keeps them in `app.state`, and closes them in reverse order on shutdown.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from api.app import build_app
 from observability import configure_logging
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
-from runtime.wiring import open_audit, open_ledger, wait_for_store
+from runtime.wiring import open_audit, open_ledger, open_notifier, wait_for_store
 from storage import redacted_url
 from scheduler.jobs import observed_tick, start_scheduler
 
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
     async def lifespan(app: FastAPI):
         state = app.state
         state.clock = clock if clock is not None else build_clock(settings)
-        state.ledger = state.projector = state.scheduler = state.tick = None
+        state.ledger = state.projector = state.scheduler = state.tick = state.notifier = None
         state.audit = state.audit_follower = None
         metrics = state.metrics
         try:
@@ -61,6 +62,12 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
                 state.projector.catch_up()
             except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries
                 log.exception("initial projection catch-up failed")
+            state.notifier = wait_for_store(settings, lambda: open_notifier(
+                settings, state.ledger,
+                observe=lambda outcome, kind: metrics.webhooks.labels(outcome, kind).inc()),
+                what="open the webhook tables")
+            if settings.webhook_delivery_enabled:
+                state.notifier.start()
             if settings.tick_enabled:
                 state.scheduler = start_scheduler(state)
             log.info("ready", store=redacted_url(settings.database_url),
@@ -74,8 +81,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
 
 
 def _close(state) -> None:
-    """Shut the scheduler down, then close the projector and the ledger, whatever fails."""
-    for name in ("scheduler", "audit_follower", "audit", "projector", "ledger"):
+    """Shut the scheduler down, then close the notifier, the audit, the projector and the
+    ledger, whatever fails."""
+    for name in ("scheduler", "notifier", "audit_follower", "audit", "projector", "ledger"):
         resource = getattr(state, name, None)
         if resource is None:
             continue

@@ -140,6 +140,40 @@ def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 ins
 
 
 @app.command()
+def notify(once: bool = typer.Option(False, "--once", help="derive what is committed, send what "
+                                                          "is due, wait for it, and exit")) -> None:
+    """Derive and send the webhooks (docs/webhooks.md) until stopped (SIGINT/SIGTERM): for a
+    deployment whose API processes run with LEDGER_WEBHOOK_DELIVERY_ENABLED=false. Any number
+    may run at once on one database."""
+    import signal
+    import threading
+
+    import structlog
+
+    from observability import configure_logging
+    from runtime.wiring import open_notifier
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    log = structlog.get_logger("ledger.notify")
+    with _opened(settings) as (ledger, _):
+        notifier = open_notifier(settings, ledger)
+        try:
+            if once:
+                notifier.drain()
+            else:
+                stop = threading.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: stop.set())
+                notifier.start()
+                log.info("notifying", position=notifier.deriver.position())
+                stop.wait()
+        finally:
+            notifier.close()
+    err.print("notifier stopped")
+
+
+@app.command()
 def replay(verify: bool = typer.Option(True, "--verify/--no-verify",
                                        help="compare the rebuilt projections with the live ones")) -> None:
     """Rebuild every projection from position zero into a scratch store and compare."""

@@ -66,6 +66,31 @@ class Settings(BaseSettings):
         description="the scheme://host[/prefix] the providers call (signed by Twilio); "
                     "never taken from the request, which a proxy may have rewritten")
     twilio_auth_token: SecretStr | None = None
+    # Outbound webhooks (docs/webhooks.md).
+    webhook_delivery_enabled: bool = Field(
+        True, description="derive and send webhooks in this process (false: only the API "
+                          "manages endpoints; run `ledger notify` somewhere)")
+    webhook_allow_http_hosts: str = Field(
+        "", description="comma-separated hosts that may receive webhooks over plain http "
+                        "(loopback receivers in tests); every other endpoint must be https")
+    webhook_balance_low_units: int = Field(
+        1, ge=0, le=1000, description="balance.low is sent when a patient's available units "
+                                      "of a bucket fall to this, and again at zero")
+    webhook_concurrency: int = Field(8, ge=1, le=256, description="webhook requests in flight per process")
+    webhook_per_endpoint: int = Field(4, ge=1, le=256,
+                                      description="of which at most this many to one endpoint")
+    webhook_timeout_seconds: float = Field(10, gt=0, le=120, description="per webhook request")
+    webhook_retry_base_seconds: float = Field(5, gt=0, le=3600,
+                                              description="first retry delay (doubling, jittered)")
+    webhook_retry_max_seconds: float = Field(6 * 3600, gt=0, le=7 * 86400,
+                                             description="the retry delay stops doubling here")
+    webhook_retry_for_seconds: float = Field(3 * 86400, gt=0, le=30 * 86400,
+                                             description="then a delivery is dead-lettered")
+    webhook_response_cap_bytes: int = Field(1024, ge=0, le=65536,
+                                            description="response body bytes read and kept")
+    webhook_claim_margin_seconds: float = Field(
+        30, gt=0, le=3600, description="a delivery whose sender died is sent again this long "
+                                       "after its request's timeout")
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
 
@@ -89,6 +114,26 @@ class Settings(BaseSettings):
             if minimum < 0:
                 raise ValueError(f"the {currency} minimum is negative")
         return value
+
+    def notifier_config(self):
+        """The NotifierConfig these settings select (notifications/, docs/webhooks.md)."""
+        from datetime import timedelta
+
+        from notifications import DeliveryPolicy, NotifierConfig
+
+        hosts = frozenset(h.strip().lower() for h in self.webhook_allow_http_hosts.split(",")
+                          if h.strip())
+        policy = DeliveryPolicy(
+            concurrency=self.webhook_concurrency, per_endpoint=self.webhook_per_endpoint,
+            timeout_seconds=self.webhook_timeout_seconds,
+            response_cap_bytes=self.webhook_response_cap_bytes,
+            retry_base_seconds=self.webhook_retry_base_seconds,
+            retry_max_seconds=self.webhook_retry_max_seconds,
+            retry_for=timedelta(seconds=self.webhook_retry_for_seconds),
+            claim_margin_seconds=self.webhook_claim_margin_seconds)
+        return NotifierConfig(balance_low_units=self.webhook_balance_low_units,
+                              public_base_url=self.public_base_url or "",
+                              allow_http_hosts=hosts, policy=policy)
 
     def policy(self) -> Policy:
         """The billing Policy these settings select (billing-rules.md §3, §8)."""

@@ -12,6 +12,7 @@ from audit.follower import AuditFollower
 from audit.service import AuditService
 from ledger.application import Ledger
 from legacy.log import open_legacy_if_present
+from notifications import Notifier
 from projections import Projector
 from runtime.settings import Settings
 from storage import ddl_lock, is_unavailable, persistence_env, redacted_url
@@ -83,12 +84,21 @@ def open_ledger(settings: Settings, clock: Callable[[], datetime],
             raise
 
 
+def open_notifier(settings: Settings, ledger: Ledger,
+                  observe: Callable[[str, str], None] | None = None) -> Notifier:
+    """The webhook Notifier on the configured store (its tables are created if missing; it
+    is not started). `observe(outcome, event_type)` counts delivery attempts (metrics)."""
+    with ddl_lock(settings.database_url, settings.store_timeout_seconds):
+        return Notifier(ledger, settings.database_url, settings.notifier_config(),
+                        observe=observe)
+
+
 def open_audit(settings: Settings, ledger: Ledger,
                follow: bool | None = None) -> tuple[AuditService, AuditFollower | None]:
     """The AuditService of the configured store (the legacy log joins once it exists) and, if
     `follow` (default `settings.audit_enabled`), its background follower, started."""
     url = settings.database_url
-    with ddl_lock(url):
+    with ddl_lock(url, settings.store_timeout_seconds):
         service = AuditService(ledger, url, legacy_log=lambda: open_legacy_if_present(url))
     follow = settings.audit_enabled if follow is None else follow
     follower = AuditFollower(service, settings.audit_poll_seconds).start() if follow else None

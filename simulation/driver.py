@@ -32,9 +32,10 @@ from pathlib import Path
 
 import httpx
 
+from simulation.expectation import ExpectingMarket, ExpectingOracle, WebhookComparison, compare
 from simulation.marketplace import compare_marketplace, market_summary
-from simulation.marketplace_oracle import MarketOracle
-from simulation.oracle import KINDS, Oracle, Outcome, utc
+from simulation.oracle import KINDS, Outcome, utc
+from simulation.receiver import Receiver
 from simulation.scenario import Delivery, Scenario, build_scenario, iso, next_midnight
 
 ADMIN_KEY = "sim-admin"
@@ -44,10 +45,11 @@ MAX_TICK_CALLS = 50  # per step: bound on POST /v1/ticks while "more"
 SETTLE_HORIZON = timedelta(hours=6)  # bound on the drain after the last delivery
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPLAY_TIMEOUT_SECONDS = 600  # bound on the replay audit subprocess
-PRINTED_DIFFERENCES = 500
+WEBHOOK_DRAIN_SECONDS = 180  # bound on waiting for the last webhooks after the day
+PRINTED_DIFFERENCES = 500  # printed in full up to this many; all are in the report
 # The events that open a session or a priced consultation: the backend waits for their answer
 # and sends nothing more about one that was refused.
-OPENING_TYPES = ("session.requested", "consultation.booked")  # printed in full up to this many; all are in the report
+OPENING_TYPES = ("session.requested", "consultation.booked")
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
 
@@ -80,6 +82,7 @@ class ServiceProcess:
         self.log_path = workdir.resolve() / "service.log"
         env = {**os.environ, "LEDGER_DATABASE_URL": self.database_url, "LEDGER_CLOCK": "manual",
                "LEDGER_TICK_ENABLED": "false", "LEDGER_API_KEYS": f"{ADMIN_KEY}:admin",
+               "LEDGER_WEBHOOK_ALLOW_HTTP_HOSTS": "127.0.0.1",
                "LEDGER_LOG_LEVEL": "warning",
                "PYTHONPATH": os.pathsep.join(
                    filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
@@ -204,6 +207,23 @@ class Client:
     def head(self) -> int:
         return int(self._check(self._send("GET", "/v1/projections")).json()["head"])
 
+    def register_webhook(self, url: str) -> tuple[str | None, str]:
+        """Register `url` for every notification type: (its secret, or None; why not)."""
+        r = self._check(self._send("POST", "/v1/webhook-endpoints",
+                                   json={"url": url, "description": "simulation receiver"}))
+        if r.status_code != 201:
+            return None, f"{r.status_code} {r.text[:300]}"
+        return r.json()["secret"], ""
+
+    def undelivered_webhooks(self) -> int:
+        """Deliveries still pending or retrying (the first page of each is enough to know)."""
+        total = 0
+        for status in ("pending", "retrying"):
+            r = self._check(self._send("GET", "/v1/webhook-deliveries",
+                                       params={"status": status, "limit": 500}))
+            total += len(r.json()["deliveries"]) if r.status_code == 200 else 1
+        return total
+
     def get(self, path: str) -> httpx.Response:
         """A read; a 5xx is returned, not raised (the comparison reports it)."""
         return self._check(self._send("GET", path), raise_5xx=False)
@@ -239,8 +259,8 @@ class Driver:
     def __init__(self, scenario: Scenario, client: Client, console=None) -> None:
         self.sc = scenario
         self.client = client
-        self.oracle = Oracle()
-        self.market = MarketOracle(self.oracle)  # priced consultations (§10), same receipts
+        self.oracle = ExpectingOracle()
+        self.market = ExpectingMarket(self.oracle)  # priced consultations (§10), same receipts
         self.console = console
         self.rng = random.Random(scenario.seed * 7919 + 17)
         self.stats = Stats()
@@ -668,6 +688,53 @@ def summarize(driver: Driver, money: dict, wall_seconds: float) -> dict:
     }
 
 
+def check_webhooks(driver: Driver, client: Client, receiver: Receiver,
+                   console=None) -> WebhookComparison:
+    """Wait (bounded) until the service has nothing left to deliver and the receiver has at
+    least the expected number of notifications, then compare them with the expectation."""
+    expected_total = sum(sum(c.values()) for c in driver.oracle.expected.values())
+    deadline = time.monotonic() + WEBHOOK_DRAIN_SECONDS
+    while time.monotonic() < deadline:
+        if len(receiver.distinct()) >= expected_total and client.undelivered_webhooks() == 0:
+            break
+        time.sleep(0.5)
+    result = compare(driver.oracle.expected, receiver.snapshot(), len(receiver.rejected))
+    for line in result.differences():
+        driver.differ(line)
+    return result
+
+
+def webhook_summary(result: WebhookComparison | None, note: str = "") -> dict:
+    if result is None:
+        return {"skipped": note}
+    return {"by_type": {t: {k: v for k, v in r.items() if k != "examples"}
+                        for t, r in result.rows.items()},
+            "missing": result.missing, "unexpected": result.unexpected,
+            "redeliveries": result.redeliveries, "out_of_order": len(result.out_of_order),
+            "rejected": result.rejected}
+
+
+def render_webhooks(console, webhooks: dict) -> None:
+    from rich.table import Table
+
+    if "skipped" in webhooks:
+        console.print(f"Webhooks not checked: {webhooks['skipped']}")
+        return
+    table = Table(title="Webhook notifications by type (receiver vs the oracle's expectation)")
+    for column in ("type", "expected", "delivered", "missing", "unexpected"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for event_type, row in webhooks["by_type"].items():
+        table.add_row(event_type, *(str(row[k]) for k in ("expected", "delivered", "missing",
+                                                          "unexpected")))
+    table.add_row("total", *(str(sum(r[k] for r in webhooks["by_type"].values()))
+                             for k in ("expected", "delivered", "missing", "unexpected")))
+    console.print(table)
+    console.print(f"webhooks: {webhooks['missing']} missing, {webhooks['unexpected']} "
+                  f"unexpected, {webhooks['redeliveries']} redelivered with the same id, "
+                  f"{webhooks['out_of_order']} out of order per session/patient/pool/wallet, "
+                  f"{webhooks['rejected']} failed signature verification")
+
+
 def render(console, summary: dict, differences: list[str], replay: dict) -> None:
     from rich.table import Table
 
@@ -728,6 +795,7 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
     for name, value in rows:
         facts.add_row(str(name), str(value))
     console.print(facts)
+    render_webhooks(console, summary.get("webhooks", {"skipped": "not run"}))
 
 
 # ------------------------------------------------------------------------------ entry
@@ -770,9 +838,13 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         base_url, database_url = service.base_url, service.database_url
     client = Client(base_url, api_key or os.environ.get("LEDGER_SIM_API_KEY", ADMIN_KEY))
     phases: dict[str, float] = {}
+    receiver, webhooks, webhook_note = Receiver(), None, ""
     try:
         if service is not None:
             service.wait_ready()
+        secret, webhook_note = client.register_webhook(receiver.url)
+        if secret is not None:
+            receiver.secrets.append(secret)
         day_start = next_midnight(client.clock())
         scenario = build_scenario(seed=seed, patients=patients, doctors=doctors,
                                   sessions=sessions, day_start=day_start,
@@ -798,7 +870,11 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         money = compare_all(driver, client)
         accounts = compare_marketplace(driver, client)
         phases["compare"] = time.monotonic() - started - sum(phases.values())
+        if secret is not None:
+            webhooks = check_webhooks(driver, client, receiver, console)
+            phases["webhooks"] = time.monotonic() - started - sum(phases.values())
     finally:
+        receiver.close()
         client.close()
         if service is not None:
             service.stop()
@@ -815,6 +891,7 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     summary["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
     summary["marketplace"] = market_summary(driver, accounts)
     summary["replay"] = replay
+    summary["webhooks"] = webhook_summary(webhooks, webhook_note)
     render(console, summary, driver.differences, replay)
     if driver.differences:
         for diff in driver.differences[30:PRINTED_DIFFERENCES]:

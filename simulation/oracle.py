@@ -345,8 +345,10 @@ class Oracle:
         pool = self._known_pool(p["payment_reference"])
         if not pool.refunded:
             for b in KINDS:
-                pool.revoked[b] += pool.free[b]
+                gone = pool.free[b]
+                pool.revoked[b] += gone
                 pool.free[b] = 0
+                self.noted_units(pool, b, -gone)
             pool.refunded = True
         return {**self._pool_result(pool), "revoked": dict(pool.revoked)}
 
@@ -367,6 +369,7 @@ class Oracle:
         if not span or span[1] is not None:
             raise Refused("unknown_member")
         span[1] = max(at, span[0])
+        self.noted_unlink(pool, p["patient_id"])
         return {**self._pool_result(pool), "patient_id": p["patient_id"]}
 
     # ---- sessions
@@ -411,6 +414,7 @@ class Oracle:
                            requested_at=at, holds={1: pool.ref})
         pool.free[kind] -= 1
         pool.held[(sid, 1)] = kind
+        self.noted_units(pool, kind, -1)
         self.sessions[sid] = session
         self.unsettled.add(sid)
         self._patient(patient)["live"][group] = sid
@@ -455,7 +459,9 @@ class Oracle:
             # One billable start: the earliest reported before settlement (§1).
             if session.rate is None:
                 session.rate = pay_rate(self.doctors[session.doctor]["country"], session.kind, at)
+            before = session.paid_until()
             session.started_at = at
+            self.noted_session(session, before)
             self._touch(session, at)
             if session.last_activity_at < session.started_at:
                 session.last_activity_at = session.started_at
@@ -505,6 +511,7 @@ class Oracle:
         # session zero-length, and an earlier start reported later still counts from there.
         first = session.ended_at is None
         session.ended_at, session.end_by, session.end_reason = at, by, reason
+        self.noted_end(session, first)
         session.final = session.final or reason in FINAL_REASONS
         if reason == "balance_exhausted":
             session.exhausted = True
@@ -530,6 +537,7 @@ class Oracle:
             raise Refused("insufficient_funds")
         wallet.held += amount
         wallet.withdrawals[p["request_id"]] = [amount, "held"]
+        self.noted_withdrawal("held", p["doctor_id"], currency, p["request_id"], amount)
         return self._wallet_result(p["doctor_id"], currency, p["request_id"])
 
     def _withdraw_done(self, at, p, now, event_type) -> dict:
@@ -545,6 +553,7 @@ class Oracle:
             item[1] = "completed"
         else:
             item[1] = "rejected"
+        self.noted_withdrawal(item[1], p["doctor_id"], p["currency"], p["request_id"], item[0])
         return self._wallet_result(p["doctor_id"], p["currency"], p["request_id"])
 
     def _wallet_result(self, doctor: str, currency: str, request: str) -> dict:
@@ -620,7 +629,10 @@ class Oracle:
             return False
         pool.free[s.kind] -= 1
         pool.held[(s.sid, block)] = s.kind
+        self.noted_units(pool, s.kind, -1)
+        before = s.paid_until()
         s.holds[block] = pool.ref
+        self.noted_session(s, before)
         return True
 
     def _hold_ahead(self, s: OSession, upto: int) -> None:
@@ -677,10 +689,13 @@ class Oracle:
 
     def _expire(self, pool: OPool) -> None:
         """At effective_end the pool's free units are forfeited (§4)."""
+        forfeited = dict(pool.free)
         for b in KINDS:
             pool.forfeited[b] += pool.free[b]
             pool.free[b] = 0
+            self.noted_units(pool, b, -forfeited[b])
         pool.expired = True
+        self.noted_expiry(pool, forfeited)
 
     def _charge(self, s: OSession, n: int, as_of: datetime) -> None:
         """AutoDeducted(n): post block n's hold, hold ahead, end if block n+1 is unpaid (§3)."""
@@ -692,6 +707,7 @@ class Oracle:
         pool.charged[(s.sid, n)] = pool.held.pop((s.sid, n))
         s.charges[n] = ref
         s.auto_charged += 1
+        self.noted_charge(s, n)
         key = (s.doctor, s.rate[1])
         self.pending_pay[key] = self.pending_pay.get(key, 0) + s.rate[0]
         self._hold_ahead(s, n + 2)
@@ -711,7 +727,8 @@ class Oracle:
         else:
             raise AssertionError(f"oracle: settlement of {s.sid} did not converge")
         pending_before = len(s.charges) * (s.rate[0] if s.rate else 0)
-        for b in sorted((b for b in s.charges if b > owed), reverse=True):
+        reversed_now = sorted((b for b in s.charges if b > owed), reverse=True)
+        for b in reversed_now:
             pool = self.pools[s.charges.pop(b)]
             pool.give_back(pool.charged.pop((s.sid, b)))
             pool.reversed[s.kind] += 1
@@ -727,12 +744,43 @@ class Oracle:
         assert len(s.charges) == owed
         s.units_owed = owed
         s.settled_at = as_of
+        self.noted_settlement(s, len(missing), reversed_now)
         self.unsettled.discard(s.sid)
         if s.rate is not None:
             key = (s.doctor, s.rate[1])
             self.pending_pay[key] = self.pending_pay.get(key, 0) - pending_before
             if owed > 0:
                 self.wallets.setdefault(key, OWallet()).credited += owed * s.rate[0]
+
+    # ------------------------------------------------------------------ observation points
+    # Called where the ledger records an event a webhook is derived from; they do nothing
+    # here. simulation/expectation.py overrides them to predict the notifications.
+
+    def noted_units(self, pool: OPool, bucket: str, delta: int) -> None:
+        """The free units of `pool` in `bucket` changed by `delta` < 0 (a hold, a refund's
+        revocation, an expiry)."""
+
+    def noted_unlink(self, pool: OPool, patient: str) -> None:
+        """`patient` stopped being an active member of `pool`."""
+
+    def noted_session(self, s: OSession, paid_until_before: datetime | None) -> None:
+        """A billable start or a hold was recorded for `s` (paid_until may have moved)."""
+
+    def noted_charge(self, s: OSession, block: int) -> None:
+        """The tick charged `block` of `s` (AutoDeducted)."""
+
+    def noted_end(self, s: OSession, first: bool) -> None:
+        """An end was recorded for `s` (the first, or an earlier one replacing it)."""
+
+    def noted_settlement(self, s: OSession, charged_now: int, reversed_blocks: list) -> None:
+        """`s` settled, charging `charged_now` more blocks and reversing `reversed_blocks`."""
+
+    def noted_expiry(self, pool: OPool, forfeited: dict) -> None:
+        """`pool` expired, forfeiting `forfeited` units per bucket."""
+
+    def noted_withdrawal(self, status: str, doctor: str, currency: str, request: str,
+                         amount: int) -> None:
+        """A withdrawal was held, completed or rejected."""
 
     # ------------------------------------------------------------------------------ views
 

@@ -25,7 +25,8 @@ from runtime.asgi import create_app
 from runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ledger", "storage", "projections", "audit", "api", "scheduler", "legacy", "runtime")
+PACKAGES = ("ledger", "storage", "projections", "audit", "api", "scheduler", "legacy", "runtime",
+            "notifications")
 
 
 def import_everything() -> None:

@@ -17,8 +17,10 @@ from conftest import FakeClock
 from runtime.settings import Settings
 
 _DB = Path(tempfile.mkdtemp(prefix="ledger-fuzz-")) / "ledger.db"
+# Fuzzed endpoints get made-up https URLs: nothing may be sent to them.
 APP = create_app(Settings(database_url=f"sqlite:///{_DB}", tick_enabled=False,
-                          api_keys="fuzz-admin:admin"), clock=FakeClock())
+                          api_keys="fuzz-admin:admin", webhook_delivery_enabled=False),
+                 clock=FakeClock())
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

@@ -145,6 +145,40 @@ def test_simulated_day_matches_the_oracle_over_http(tmp_path):
     assert market["accounts"]["INR"]["tax_payable_minor"] > 0
     assert s["tick_work"].get("consultation steps", 0) > 0
 
+    # Every notification the catalogue promises arrived, verified, once per id, in order.
+    webhooks = s["webhooks"]
+    assert webhooks["missing"] == 0 and webhooks["unexpected"] == 0
+    assert webhooks["out_of_order"] == 0 and webhooks["rejected"] == 0
+    for kind in ("session.block_charged", "session.ended", "session.settled",
+                 "session.paid_until_changed", "balance.low", "pool.expired", "withdrawal.held",
+                 "withdrawal.completed"):
+        assert webhooks["by_type"][kind]["delivered"] > 0, f"no {kind} notification"
+
+
+
+def test_the_expectation_predicts_a_charge_an_exhaustion_and_a_low_balance():
+    from simulation.expectation import ExpectingOracle
+
+    o = ExpectingOracle(threshold=1)
+    _post(o, 1, "doctor.registered", T0, doctor_id="d1", country="MW")
+    plan = {"name": "P", "price_minor": 1, "currency": "MWK", "units": {"voice": 2},
+            "seats": 1, "duration_days": 30}
+    _post(o, 2, "subscription.granted", T0, payment_reference="pay1", owner_id="p1", plan=plan,
+          starts_at=T0.isoformat())
+    _post(o, 3, "session.requested", T0, session_id="s1", kind="voice", patient_id="p1",
+          doctor_id="d1")
+    _post(o, 4, "call.connected", T0, session_id="s1")
+    _post(o, 5, "session.activity", T0 + timedelta(seconds=590), session_id="s1")
+    o.tick(T0 + timedelta(seconds=1260))
+    e = o.expected
+    assert e["balance.low"] == {("p1", "voice", 1): 1, ("p1", "voice", 0): 1}
+    assert e["session.paid_until_changed"] == {
+        ("s1", (T0 + timedelta(seconds=600)).isoformat()): 1,
+        ("s1", (T0 + timedelta(seconds=1200)).isoformat()): 1}
+    assert e["session.block_charged"] == {("s1", 1): 1, ("s1", 2): 1}
+    assert e["session.ended"] == {("s1", (T0 + timedelta(seconds=1200)).isoformat(),
+                                   "balance_exhausted"): 1}
+
 
 # --------------------------------------------------------- the marketplace oracle on its own
 
