@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -219,7 +220,14 @@ def test_metrics_sum_over_worker_processes(pg_url, tmp_path):
                           ("type", "doctor.registered"))] == posted
             assert found[("ledger_http_requests_total", ("method", "POST"),
                           ("route", "/v1/events"), ("status", "201"))] == posted
-        ticks = sum(v for k, v in found.items() if k[0] == "ledger_ticks_total")
-        assert ticks >= 1 and found[("ledger_db_pool_connections", ("state", "size"))] >= 1
+        for _ in range(40):  # the scheduled tick (every 1 s) may not have run yet: wait, bounded
+            ticks = sum(v for k, v in found.items() if k[0] == "ledger_ticks_total")
+            if ticks >= 1:
+                break
+            time.sleep(0.5)
+            found = samples(httpx.get(service.base_url + "/metrics",
+                                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text)
+        assert ticks >= 1, "no scheduled tick was counted within 20 s"
+        assert found[("ledger_db_pool_connections", ("state", "size"))] >= 1
     finally:
         service.stop()
