@@ -17,6 +17,7 @@ import structlog
 from fastapi import FastAPI
 
 from api.app import build_app
+from console import install as install_console
 from observability import configure_logging
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
@@ -77,7 +78,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
             _close(state)
             metrics.process_exited()
 
-    return build_app(settings, lifespan)
+    app = build_app(settings, lifespan)
+    install_console(app)  # /console: the auditor's read-only pages (docs/console.md)
+    return app
 
 
 def _close(state) -> None:

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
                                        "after its request's timeout")
     livekit_api_key: str | None = None
     livekit_api_secret: SecretStr | None = None
+    # The auditor console (docs/console.md).
+    console_secret: SecretStr | None = Field(
+        None, description="signs the console's session cookies; unset: derived from "
+                          "LEDGER_API_KEYS (every worker derives the same; changing the keys "
+                          "ends every console session)")
+    console_cookie_secure: bool = Field(
+        True, description="mark the console's session cookie Secure (browsers keep it on "
+                          "https and on http://localhost / 127.0.0.1); false only behind a "
+                          "plain-http proxy you trust")
 
     def secrets(self) -> list[str]:
         """Every configured secret (API keys, provider credentials, database password): log
@@ -100,7 +109,8 @@ class Settings(BaseSettings):
         from storage import postgres_parts, is_postgres
 
         values = list(self.api_key_roles())
-        values += [s.get_secret_value() for s in (self.twilio_auth_token, self.livekit_api_secret) if s]
+        values += [s.get_secret_value() for s in (self.twilio_auth_token, self.livekit_api_secret,
+                                                  self.console_secret) if s]
         if is_postgres(self.database_url):
             values.append(postgres_parts(self.database_url)["password"])
         return [v for v in values if v and len(v) >= 4]
