@@ -25,6 +25,7 @@ from ledger.domain import Wallet
 from ledger.rules import BUCKETS, utc_seconds
 
 DEFAULT_PERIOD = timedelta(days=7)
+PLOT_LEAD = timedelta(minutes=30)
 POOL_PARTS = ("available", "held", "charged", "forfeited", "revoked")
 
 
@@ -73,9 +74,20 @@ def pools_plot(balance: dict) -> Markup:
     return stacked_bars("Units per pool and bucket", labels, parts, "units")
 
 
+def _plot_start(statement_from: str, moments: list[datetime]) -> datetime:
+    """Where a plot's time axis starts: the period's start, or shortly before its first
+    movement when the period is much longer (the picture would be squeezed to the right)."""
+    start = parse_instant(statement_from)
+    if moments:
+        start = max(start, min(moments) - PLOT_LEAD)
+    return start
+
+
 def balance_plot(statement: dict) -> Markup:
     """Available units per bucket over the statement period (recorded time)."""
-    start, end = parse_instant(statement["from"]), parse_instant(statement["to"])
+    end = parse_instant(statement["to"])
+    start = _plot_start(statement["from"], [parse_instant(m["recorded_at"])
+                                            for m in statement["movements"]])
     series = {}
     for bucket in BUCKETS:
         section = statement["buckets"][bucket]
@@ -126,7 +138,10 @@ def withdrawals(ledger: Any, doctor_id: str, wallet: dict, statement: dict) -> l
 def earnings_plot(statement: dict) -> Markup:
     """Per currency, earned (credited − reversed) and available over the period, in major
     units (recorded time)."""
-    start, end = parse_instant(statement["from"]), parse_instant(statement["to"])
+    end = parse_instant(statement["to"])
+    start = _plot_start(statement["from"], [
+        parse_instant(m["recorded_at"]) for section in statement["currencies"].values()
+        for m in section["movements"]])
     series = {}
     for currency, section in statement["currencies"].items():
         for field in ("earned", "available"):

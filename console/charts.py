@@ -71,7 +71,7 @@ def stacked_bars(title: str, labels: list[str], parts: dict[str, list[int]],
     """One horizontal bar per label, split into `parts` (name → one value per label)."""
     chart = pygal.HorizontalStackedBar(y_title=y_title, truncate_label=40)
     _config(chart, title)
-    chart.config.height = max(160, 60 + 34 * len(labels))
+    chart.config.height = max(240, 140 + 40 * len(labels))
     chart.x_labels = labels
     for name, values in parts.items():
         chart.add(name, values)
