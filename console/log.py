@@ -20,7 +20,7 @@ from eventsourcing.utils import get_topic
 from ledger.domain import Receipt
 
 RECEIPT_TOPIC = get_topic(Receipt.Recorded)
-COMMIT_SCAN = 64  # notifications read after an event to find its commit's receipt
+COMMIT_SCAN = 64  # positions after an event searched for its commit's receipt
 MAX_EVENTS = 2000  # an aggregate's events shown on one page
 
 
@@ -65,15 +65,13 @@ def event_ids(ledger: Any, session_id: str, events: list[Any],
 
 
 def _receipt_after(ledger: Any, position: int, cache: dict[int, Any]) -> Any | None:
-    """The first Receipt stored after `position` within COMMIT_SCAN notifications, or None."""
+    """The first Receipt stored after `position` and within COMMIT_SCAN positions of it (one
+    notification read, filtered by topic), or None."""
     if position in cache:
         return cache[position]
-    rows = ledger.recorder.select_notifications(start=position, limit=COMMIT_SCAN,
-                                                inclusive_of_start=False)
-    receipt = None
-    for row in rows:
-        if row.topic == RECEIPT_TOPIC:
-            receipt = ledger.repository.get(row.originator_id, version=1)
-            break
+    rows = ledger.recorder.select_notifications(start=position, limit=1,
+                                                stop=position + COMMIT_SCAN,
+                                                topics=(RECEIPT_TOPIC,), inclusive_of_start=False)
+    receipt = ledger.repository.get(rows[0].originator_id, version=1) if rows else None
     cache[position] = receipt
     return receipt

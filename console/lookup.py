@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ledger.domain import Pool
+from legacy.log import legacy_log_exists
 from ledger.errors import LedgerError
 from ledger.input_rules import id_problem
 
@@ -115,4 +116,4 @@ def audit_page(state: Any) -> dict:
     return {"digest": digest, "chains": chains, "head": head,
             "projection_lag": state.projector.lag() if state.projector is not None else {},
             "audit_lag": state.audit.lag() if state.audit is not None else {},
-            "legacy": any(c["chain"] == "legacy" for c in chains)}
+            "legacy": legacy_log_exists(state.settings.database_url)}

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from console import accounts, format as fmt, lookup, signin
+from console.legacy import legacy_page
 from console.timeline import session_page
 from ledger.errors import LedgerError
 from ledger.input_rules import id_problem
@@ -268,3 +269,12 @@ def audit(request: Request) -> Response:
     except LedgerError as exc:
         return error_page(request, role, exc)
     return page(request, "audit.html", role=role, a=model)
+
+
+@router.get("/legacy")
+def legacy(request: Request) -> Response:
+    """The reconciliation of the imported legacy history by bug class, with its items."""
+    role = role_or_redirect(request)
+    if isinstance(role, Response):
+        return role
+    return page(request, "legacy.html", role=role, r=legacy_page(request.app.state))

@@ -222,3 +222,56 @@ def test_times_are_utc_with_a_machine_readable_datetime():
     tag = str(time_tag(T0))
     assert tag == ('<time datetime="2026-11-02T08:00:00Z" title="2026-11-02 08:00:00 UTC">'
                    "2026-11-02 08:00:00 UTC</time>")
+
+
+# ------------------------------------------------------------------------------- legacy
+
+
+def test_without_a_legacy_history_the_legacy_page_says_so(console):
+    sign_in(console)
+    assert 'id="legacy-link"' not in console.client.get("/console/audit").text
+    page = console.client.get("/console/legacy")
+    assert page.status_code == 200 and "No legacy history was imported" in page.text
+
+
+@pytest.mark.postgres
+def test_legacy_page_shows_the_reconciliation_by_bug_class(tmp_path, pg_url):
+    import psycopg
+    from psycopg import sql
+
+    from legacy.fixtures import build_legacy_database
+    from legacy.importer import import_legacy
+    from legacy.log import open_legacy
+    from legacy.reconcile import reconcile
+    from legacy.replay import load_history
+    from storage import postgres_conninfo, postgres_parts
+
+    conninfo = postgres_conninfo(pg_url)
+    source = postgres_parts(pg_url)["schema"] + "_src"
+    build_legacy_database(conninfo, source)
+    try:
+        import_legacy(f"{pg_url.split('?')[0]}?schema={source}", pg_url)
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(source)))
+    app = open_legacy(pg_url)
+    try:
+        expected = reconcile(load_history(app)).by_bug()
+    finally:
+        app.close()
+    assert expected, "the fixture has one scenario per legacy bug"
+    settings = make_settings(tmp_path, database_url=pg_url)
+    with TestClient(create_app(settings, clock=FakeClock(T0)), base_url="https://testserver",
+                    follow_redirects=False) as client:
+        api = Api(client, FakeClock(T0))
+        sign_in(api)
+        assert 'id="legacy-link"' in client.get("/console/audit").text
+        page = client.get("/console/legacy")
+        assert page.status_code == 200, page.text
+        shown = {r[0]: int(r[1]) for r in cells(page.text, "bugs")}
+        assert shown == {bug: t["count"] for bug, t in expected.items()}
+        for bug, totals in expected.items():
+            assert f'id="bug-{bug}"' in page.text
+            table = re.search(rf'<table class="items" data-bug="{bug}".*?</table>', page.text,
+                              re.S).group(0)
+            assert table.count("<tr>") - 1 == min(totals["count"], 500)  # header row excluded
