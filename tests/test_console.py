@@ -24,13 +24,24 @@ from test_audit_api import call_story
 ORIGIN = {"Origin": "https://testserver"}
 
 
-@pytest.fixture
-def console(tmp_path):
-    settings = make_settings(tmp_path, audit_poll_seconds=0.05, withdrawal_minimums={"MWK": 0})
+def running_console(tmp_path, **overrides):
+    settings = make_settings(tmp_path, audit_poll_seconds=0.05, withdrawal_minimums={"MWK": 0},
+                             **overrides)
     clock = FakeClock(T0)
     with TestClient(create_app(settings, clock=clock), base_url="https://testserver",
                     follow_redirects=False) as client:
         yield Api(client, clock)
+
+
+@pytest.fixture
+def console(tmp_path):
+    yield from running_console(tmp_path)
+
+
+@pytest.fixture
+def store_console(tmp_path, store_url):
+    """The console on SQLite and on PostgreSQL (log positions are read per store)."""
+    yield from running_console(tmp_path, database_url=store_url)
 
 
 def sign_in(api: Api, key: str = "k-auditor"):
@@ -117,7 +128,8 @@ def test_the_key_is_never_logged(console, caplog):
 # -------------------------------------------------------------------------------- pages
 
 
-def test_session_page_shows_the_statement_blocks_and_pools(console):
+def test_session_page_shows_the_statement_blocks_and_pools(store_console):
+    console = store_console
     call_story(console, [])
     sign_in(console)
     resource = console.client.get("/v1/sessions/c1", headers=AUDITOR).json()
@@ -131,7 +143,8 @@ def test_session_page_shows_the_statement_blocks_and_pools(console):
     events = cells(page.text, "events")
     names = [r[4] for r in events]
     assert names[0] == "Requested" and "Connected" in names and names[-1] == "Settled"
-    assert all(r[1].isdigit() for r in events)  # every event has its log position
+    positions = [int(r[1]) for r in events]  # every event has its log position, in order
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
     # The request and the end were posted by the backend: their event ids are shown.
     by_name = {r[4]: r for r in events}
     assert by_name["Requested"][6].startswith("ev-")

@@ -189,6 +189,8 @@ def test_search_a_session_and_see_its_blocks_and_pools(signed_in, day):
     events = page.locator("#events tbody tr")
     assert events.nth(0).get_attribute("data-event") == "Requested"
     assert events.nth(events.count() - 1).get_attribute("data-event") == "Settled"
+    first_time = page.locator("#blocks time").first
+    assert first_time.get_attribute("title").endswith("(your local time)")  # local on hover
     shot(page, "session")
     shot(page, "session-top", full_page=False)  # what README.md shows (docs/img/)
 
