@@ -388,8 +388,19 @@ class Ledger(Application):
         """Record one backend event exactly once; returns its result (I8).
 
         Raises IdempotencyConflict (same id, other body), OccurredAtOutOfRange, RetryLater and
-        the business refusals of each handler. A refused event records nothing.
+        the business refusals of each handler. A refused event records nothing. A unit of one
+        event (`ingest_batch`): its aggregates are read together, then saved in one transaction.
         """
+        outcome = self.ingest_batch([(event_id, event_type, occurred_at, payload)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def ingest_alone(self, event_id: str, event_type: str, occurred_at: datetime,
+                     payload: dict) -> Accepted:
+        """`ingest` as its own decision, loading aggregates one by one and retrying a lost race
+        up to MAX_ATTEMPTS times: the path every unit falls back to, and the reference the
+        units are tested against (tests/test_write_path.py)."""
         occurred_at = utc_seconds(occurred_at)
         digest = body_hash(event_type, occurred_at, payload)
         for _ in range(MAX_ATTEMPTS):
@@ -459,7 +470,7 @@ class Ledger(Application):
         outcomes: list[Accepted | Exception] = []
         for item in items:
             try:
-                outcomes.append(self.ingest(*item))
+                outcomes.append(self.ingest_alone(*item))
             except errors.LedgerError as exc:
                 outcomes.append(exc)
             except Exception as exc:  # noqa: BLE001 - the caller's `fatal` judges it

@@ -177,7 +177,7 @@ def outcome(o) -> tuple:
 
 def ingest_one(ledger: Ledger, item):
     try:
-        return ledger.ingest(*item)
+        return ledger.ingest_alone(*item)
     except errors.LedgerError as exc:
         return exc
 
