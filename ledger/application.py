@@ -444,14 +444,16 @@ class Ledger(Application):
         """Record events in array order as ONE unit of work; per item, its Accepted or the
         exception that refused it (a LedgerError, or an unexpected error when not `fatal`).
 
-        The outcomes are those of `ingest` called on each item in turn (I8 and array order
-        hold: a duplicate event_id later in the batch replays the earlier one's result; a
+        The outcomes are those of `ingest_alone` called on each item in turn (I8 and array
+        order hold: a duplicate event_id later in the batch replays the earlier one's result; a
         refused event writes nothing), but every event is decided in memory against one shared
         set of aggregates and all are saved in one transaction. A unit lost to a concurrent
         writer is re-decided (UNIT_ATTEMPTS), then the batch goes event by event; so does a
-        batch in which a decision raised something other than a refusal. On that path an
-        unexpected error for which `fatal(exc)` is true is raised (events before it are
-        durable); otherwise it is that item's outcome and the next items go on.
+        batch in which a decision raised something other than a refusal, or whose reads or
+        save failed with an error that is not `fatal` (nothing of the unit is saved). A `fatal`
+        error (e.g. the store is unreachable) is raised; on the event-by-event path the events
+        before it are durable. Other unexpected errors are their item's outcome there, and the
+        next items go on.
         """
         for _ in range(UNIT_ATTEMPTS):
             try:
@@ -461,6 +463,10 @@ class Ledger(Application):
             except _Fallback as fallback:
                 if fallback.stale:
                     self.on_conflict("ingest")
+                break
+            except Exception as exc:  # noqa: BLE001 - a read or the save failed: nothing saved
+                if fatal(exc):
+                    raise
                 break
         return self._ingest_each(items, fatal)
 
@@ -498,6 +504,7 @@ class Ledger(Application):
                 written.append((index, events))
         if unit.events:
             positions = {id(r.domain_event): r.notification.id for r in self.save(*unit.events)}
+            self._remember(unit)
             for index, events in written:
                 position = max(positions.get(id(e)) or 0 for e in events) or None
                 outcomes[index] = Accepted(outcomes[index].result, position=position)
@@ -1014,8 +1021,20 @@ class Ledger(Application):
         """Save the unit's queued events in one transaction, then report its steps."""
         if unit.events:
             self.save(*unit.events)
-            unit.events.clear()
+            self._remember(unit)
+            unit.saved()
         report.absorb(pending)
+
+    def _remember(self, unit: Unit) -> None:
+        """Cache the aggregates a unit just saved, as saved (their versions are the stored
+        ones), so the next load reads nothing but what others wrote since. Safe to share:
+        a unit never changes its aggregates in place (it copies on use)."""
+        if self._aggregates is None:
+            return
+        for aggregate_id in {event.originator_id for event in unit.events}:
+            aggregate = unit.current.get(aggregate_id)
+            if aggregate is not None and not aggregate.pending_events:
+                self._aggregates.put(aggregate_id, aggregate)
 
     def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime,
                       report: TickReport) -> datetime | None:

@@ -158,6 +158,12 @@ class Unit:
         """A Work for one decision, reading private copies of the unit's aggregates."""
         return Work(self.copy)
 
+    def saved(self) -> None:
+        """The queued events were saved: the store now holds the unit's current versions."""
+        for event in self.events:
+            self.read_versions[event.originator_id] = event.originator_version
+        self.events.clear()
+
     def adopt(self, work: "Work") -> list:
         """Make one successful decision part of the unit; returns the events it adds.
 
