@@ -229,6 +229,7 @@ def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONR
         valid.append((index, event))
     outcomes = ingest_in_order(ledger, [event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes):
+        outcome.pop("position", None)  # kept off the wire for now (read-your-writes: issue 10)
         results[index] = outcome
     if any(r["status"] == 201 for r in outcomes):
         catch_up(request)
@@ -236,25 +237,30 @@ def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONR
 
 
 def ingest_in_order(ledger, events: list) -> list[dict]:
-    """Per validated event, in order: {"event_id", "status": 201|200, "result"} or {"event_id",
-    "status", "problem"}; a refusal does not stop the others (earlier events are durable)."""
+    """Per validated event, in order: {"event_id", "status": 201|200, "result", "position"}
+    or {"event_id", "status", "problem"}. The batch is one unit of work (Ledger.ingest_batch):
+    the outcomes are those of posting the events one by one; a refusal does not stop the
+    others. `position`: the log position the event's save wrote (None on a replay). A store
+    outage raises (the whole batch answers 503 retry_later; events already durable replay)."""
+    items = [(e.event_id, e.type, e.occurred_at, e.payload.model_dump(mode="json"))
+             for e in events]
     out = []
-    for event in events:
-        try:
-            status, result, _ = _ingest(ledger, event)
-        except LedgerError as exc:
-            out.append({"event_id": event.event_id, "status": exc.status,
-                        "problem": error_problem(exc)})
-            continue
-        except Exception as exc:  # noqa: BLE001 - earlier events are durable; report this one
-            if is_unavailable(exc):
-                raise  # the whole batch answers 503 retry_later; its accepted events replay
-            log.exception("unexpected error ingesting %s", event.event_id)
+    for event, outcome in zip(events, ledger.ingest_batch(items, fatal=is_unavailable)):
+        session_id = getattr(event.payload, "session_id", None)
+        if isinstance(outcome, LedgerError):
+            event_answered(event.type, event.event_id, session_id, "refused", outcome.code)
+            out.append({"event_id": event.event_id, "status": outcome.status,
+                        "problem": error_problem(outcome)})
+        elif isinstance(outcome, Exception):
+            log.error("unexpected error ingesting %s", event.event_id, exc_info=outcome)
             error = InternalError("An unexpected error occurred; it has been logged")
             out.append({"event_id": event.event_id, "status": 500,
                         "problem": error_problem(error)})
-            continue
-        out.append({"event_id": event.event_id, "status": status, "result": result})
+        else:
+            event_answered(event.type, event.event_id, session_id,
+                           "replayed" if outcome.replayed else "accepted")
+            out.append({"event_id": event.event_id, "status": 200 if outcome.replayed else 201,
+                        "result": outcome.result, "position": outcome.position})
     return out
 
 

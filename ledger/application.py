@@ -15,16 +15,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import Application, LRUCache
 from eventsourcing.persistence import IntegrityError
 
 from ledger import errors
 from ledger.appointments import APPOINTMENT_KINDS, Appointment
-from ledger.billing import (Step, Work, apply_step, choose_pool, complete_appointment,
-                            end_session, hold_ahead, next_step)
+from ledger.billing import (Step, Unit, Work, apply_step, choose_pool, complete_appointment,
+                            copy_aggregate, end_session, hold_ahead, next_step)
+from ledger.consultations import Consultation, PriceList, TopUp
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.marketplace import Marketplace
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
@@ -35,6 +36,9 @@ from ledger.tariff import rate_at
 log = logging.getLogger("ledger")
 Clock = Callable[[], datetime]
 MAX_ATTEMPTS = 8  # optimistic retries per command before answering retry_later
+UNIT_ATTEMPTS = 2  # a batch unit lost to a concurrent writer is re-decided once, then event by event
+TICK_UNIT_STEPS = 250  # tick decisions saved per transaction (a lost race redoes at most these)
+AGGREGATE_CACHE_SIZE = 20_000  # aggregates kept per process, brought up to date on every load
 END_BY = ("patient", "doctor", "system")
 # Legacy minimums (§7); the service takes LEDGER_WITHDRAWAL_MINIMUMS (runtime/settings.py).
 WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}
@@ -42,10 +46,49 @@ WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}
 
 @dataclass(frozen=True)
 class Accepted:
-    """Result of one ingested event: `result` is the stored body; `replayed` on a re-post."""
+    """Result of one ingested event: `result` is the stored body; `replayed` on a re-post.
+
+    `position`: the highest notification id (global log position) the save of this event wrote,
+    None when replayed; a reader that has applied the log up to it sees this event's effects.
+    """
 
     result: dict
     replayed: bool = False
+    position: int | None = None
+
+
+Item = tuple[str, str, datetime, dict]  # (event_id, type, occurred_at, payload) of one event
+
+
+class _Fallback(Exception):
+    """A unit of work met something only the one-decision-at-a-time path can judge (an
+    unexpected error, possibly a domain guard tripping on a snapshot a concurrent writer
+    moved: `stale`): nothing of the unit was saved; it is redone decision by decision."""
+
+    def __init__(self, key: str, unit: Unit | None = None) -> None:
+        super().__init__(key)
+        self.stale = _quietly_stale(unit) if unit is not None else False
+
+
+def _quietly_stale(unit: Unit) -> bool:
+    """unit.stale(), or False if even that cannot be read (the fallback path will tell)."""
+    try:
+        return unit.stale()
+    except Exception:  # noqa: BLE001 - only an observation for the conflict count
+        return False
+
+
+class _LostRace(Exception):
+    """A concurrent writer recorded one of the unit's events first: re-decide the unit."""
+
+
+def project_events(aggregate: Any, events: Iterable[Any]) -> Any:
+    """eventsourcing's `project_aggregate` without its per-event runtime Protocol check
+    (`isinstance(e, CanMutateProtocol)`, about 2 µs an event: see docs/design.md, Write path):
+    every stored event of the ledger is an eventsourcing aggregate event, which can mutate."""
+    for domain_event in events:
+        aggregate = domain_event.mutate(aggregate)
+    return aggregate
 
 
 @dataclass
@@ -112,6 +155,14 @@ class TickReport:
             self.steps.append({**base, "action": "end", "reason": "balance_exhausted",
                                "block": first_unpaid, "ended_at": session.ended_at.isoformat()})
 
+    def absorb(self, other: "TickReport") -> None:
+        """Append what `other` (a later part of the same tick) did; `more` is other's."""
+        for name in ("charged", "ended", "settled", "expired", "failed", "steps", "pools",
+                     "failures", "consultations", "consultation_steps"):
+            getattr(self, name).extend(getattr(other, name))
+        self.conflicts += other.conflicts
+        self.more = other.more
+
     def fail(self, session_id: str, exc: Exception) -> None:
         self.failed.append(f"{session_id}: {type(exc).__name__}: {exc}")
         self.failures.append({"session_id": session_id, "error": type(exc).__name__})
@@ -120,6 +171,50 @@ class TickReport:
         self.expired.append(f"{pool.payment_reference}: forfeited {pool.forfeited}")
         self.pools.append({"pool_id": str(pool.id), "payment_reference": pool.payment_reference,
                            "forfeited": dict(pool.forfeited)})
+
+
+# Payload fields naming an aggregate, and the aggregates they may name (prefetching only).
+_PAYLOAD_IDS: dict[str, tuple[Callable[[str], UUID], ...]] = {
+    "session_id": (Session.create_id, Consultation.create_id),
+    "consultation_id": (Consultation.create_id,),
+    "patient_id": (Patient.create_id,),
+    "owner_id": (Patient.create_id,),
+    "doctor_id": (Doctor.create_id,),
+    "practitioner_id": (Doctor.create_id, PriceList.create_id),
+    "payment_reference": (Pool.create_id, TopUp.create_id),
+    "appointment_id": (Appointment.create_id,),
+}
+
+
+def _named_ids(payload: dict) -> list[UUID]:
+    """Ids of the aggregates an event's payload names (a guess for prefetching; extra ids
+    cost nothing but a lookup, missing ones are loaded when used)."""
+    ids = []
+    for field_name, ids_of in _PAYLOAD_IDS.items():
+        value = payload.get(field_name)
+        if isinstance(value, str):
+            ids += [create_id(value) for create_id in ids_of]
+    return ids
+
+
+def _prefetch_parties(unit: Unit, sessions: list[Session]) -> None:
+    """Read the patients, doctors, appointments, wallets and pools these sessions may need."""
+    ids = []
+    for session in sessions:
+        ids += [Patient.create_id(session.patient_id), Doctor.create_id(session.doctor_id)]
+        ids += [UUID(p) for p in (*session.holds.values(), *session.charges.values())]
+        if session.appointment_id:
+            ids.append(Appointment.create_id(session.appointment_id))
+        if session.rate:
+            ids.append(Wallet.create_id(session.doctor_id, session.rate["currency"]))
+    unit.prefetch(ids)
+    patients = [a for a in unit.current.values() if isinstance(a, Patient)]
+    unit.prefetch(UUID(p) for patient in patients for p in patient.pool_ids)
+
+
+def _last_position(recordings: Iterable[Any]) -> int | None:
+    """The highest notification id among eventsourcing Recordings (None if there are none)."""
+    return max((r.notification.id for r in recordings), default=None)
 
 
 def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
@@ -167,16 +262,27 @@ def stamped_rate(doctor: Doctor, bucket: str, at: datetime) -> dict:
 
 
 class Ledger(Application):
-    """Event-sourced billing ledger. `clock` returns aware UTC datetimes (acceptance time)."""
+    """Event-sourced billing ledger. `clock` returns aware UTC datetimes (acceptance time).
+
+    Aggregates load through a version-checked cache of `cache_size` aggregates (0: none):
+    every load reads the events recorded since the cached version, so it costs one indexed
+    query whatever the history's length, and sees every other writer's events
+    (`load_many`; docs/design.md, Write path).
+    """
 
     name = "Ledger"
 
     def __init__(self, env: dict | None = None, *, clock: Clock, policy: Policy = Policy(),
                  withdrawal_minimum_minor: dict[str, int] | None = None,
-                 on_conflict: Callable[[str], None] | None = None) -> None:
+                 on_conflict: Callable[[str], None] | None = None,
+                 cache_size: int = AGGREGATE_CACHE_SIZE) -> None:
         """`on_conflict(operation)` ("ingest" or "tick") is called at each optimistic-concurrency
-        retry: a plain observer, so the domain stays free of metrics libraries."""
+        retry: a plain observer, so the domain stays free of metrics libraries. `cache_size`:
+        aggregates kept in memory (LRU), 0 for none."""
         super().__init__(env=env)
+        # Cached aggregates are never mutated: a load copies before applying new events and
+        # hands out copies, so threads can share the cache without locks (the LRU locks itself).
+        self._aggregates: LRUCache | None = LRUCache(maxsize=cache_size) if cache_size > 0 else None
         self.clock = clock
         self.on_conflict = on_conflict or (lambda operation: None)
         self.policy = policy
@@ -222,11 +328,48 @@ class Ledger(Application):
     # ------------------------------------------------------------------------------ loading
 
     def load(self, aggregate_id: UUID) -> Any:
-        """The aggregate with this id, or None."""
-        try:
-            return self.repository.get(aggregate_id)
-        except AggregateNotFoundError:
+        """The current aggregate with this id (a private copy the caller may change), or None."""
+        return self.load_many([aggregate_id])[aggregate_id]
+
+    def load_many(self, aggregate_ids: Iterable[UUID], shared: bool = False) -> dict[UUID, Any]:
+        """{id: the current aggregate (a private copy) or None} for these ids, read together:
+        one query for all the events recorded after each cached version (from the start for
+        an aggregate not cached), so the cost does not grow with the histories. `shared`:
+        the caller never changes them (a Unit, which copies on use), so the cached objects
+        themselves are returned."""
+        ids = list(dict.fromkeys(aggregate_ids))
+        cached = {i: self._cached(i) for i in ids}
+        streams = self._read_streams({i: a.version if a is not None else 0
+                                      for i, a in cached.items()})
+        loaded = {}
+        for aggregate_id in ids:
+            aggregate, records = cached[aggregate_id], streams.get(aggregate_id)
+            if records:
+                start = copy_aggregate(aggregate) if aggregate is not None else None
+                aggregate = project_events(start, map(self.mapper.to_domain_event, records))
+                if self._aggregates is None:
+                    loaded[aggregate_id] = aggregate  # built for this call: no copy needed
+                    continue
+                self._aggregates.put(aggregate_id, aggregate)
+            private = not shared and aggregate is not None
+            loaded[aggregate_id] = copy_aggregate(aggregate) if private else aggregate
+        return loaded
+
+    def _cached(self, aggregate_id: UUID) -> Any:
+        if self._aggregates is None:
             return None
+        try:
+            return self._aggregates.get(aggregate_id)
+        except KeyError:
+            return None
+
+    def _read_streams(self, after: dict[UUID, int]) -> dict[UUID, Sequence]:
+        """{id: stored events with version > after[id]}: one query where the recorder can
+        (storage/streams.py), else one per id (the in-memory store of the tests)."""
+        select_streams = getattr(self.recorder, "select_streams", None)
+        if select_streams is not None and len(after) > 1:
+            return select_streams(after)
+        return {i: self.recorder.select_events(i, gt=v or None) for i, v in after.items()}
 
     def get_session(self, session_id: str) -> Session:
         """Raises UnknownSession."""
@@ -245,8 +388,19 @@ class Ledger(Application):
         """Record one backend event exactly once; returns its result (I8).
 
         Raises IdempotencyConflict (same id, other body), OccurredAtOutOfRange, RetryLater and
-        the business refusals of each handler. A refused event records nothing.
+        the business refusals of each handler. A refused event records nothing. A unit of one
+        event (`ingest_batch`): its aggregates are read together, then saved in one transaction.
         """
+        outcome = self.ingest_batch([(event_id, event_type, occurred_at, payload)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def ingest_alone(self, event_id: str, event_type: str, occurred_at: datetime,
+                     payload: dict) -> Accepted:
+        """`ingest` as its own decision, loading aggregates one by one and retrying a lost race
+        up to MAX_ATTEMPTS times: the path every unit falls back to, and the reference the
+        units are tested against (tests/test_write_path.py)."""
         occurred_at = utc_seconds(occurred_at)
         digest = body_hash(event_type, occurred_at, payload)
         for _ in range(MAX_ATTEMPTS):
@@ -277,12 +431,139 @@ class Ledger(Application):
                     continue  # decided on a snapshot another writer has moved: a lost race
                 raise
             try:
-                self.save(*work.to_save(), receipt)
+                recordings = self.save(*work.to_save(), receipt)
             except IntegrityError:
                 self.on_conflict("ingest")
                 continue  # a concurrent writer won; reload everything and decide again
-            return Accepted(result)
+            return Accepted(result, position=_last_position(recordings))
         raise errors.RetryLater("too many concurrent writers; retry the same event")
+
+    def ingest_batch(self, items: Sequence[Item],
+                     fatal: Callable[[Exception], bool] = lambda exc: True,
+                     ) -> list[Accepted | Exception]:
+        """Record events in array order as ONE unit of work; per item, its Accepted or the
+        exception that refused it (a LedgerError, or an unexpected error when not `fatal`).
+
+        The outcomes are those of `ingest_alone` called on each item in turn (I8 and array
+        order hold: a duplicate event_id later in the batch replays the earlier one's result; a
+        refused event writes nothing), but every event is decided in memory against one shared
+        set of aggregates and all are saved in one transaction. A unit lost to a concurrent
+        writer is re-decided (UNIT_ATTEMPTS), then the batch goes event by event; so does a
+        batch in which a decision raised something other than a refusal, or whose reads or
+        save failed with an error that is not `fatal` (nothing of the unit is saved). A `fatal`
+        error (e.g. the store is unreachable) is raised; on the event-by-event path the events
+        before it are durable. Other unexpected errors are their item's outcome there, and the
+        next items go on.
+        """
+        for _ in range(UNIT_ATTEMPTS):
+            try:
+                return self._ingest_unit(items)
+            except (IntegrityError, _LostRace):
+                self.on_conflict("ingest")
+            except _Fallback as fallback:
+                if fallback.stale:
+                    self.on_conflict("ingest")
+                break
+            except Exception as exc:  # noqa: BLE001 - a read or the save failed: nothing saved
+                if fatal(exc):
+                    raise
+                break
+        return self._ingest_each(items, fatal)
+
+    def _ingest_each(self, items: Sequence[Item],
+                     fatal: Callable[[Exception], bool]) -> list[Accepted | Exception]:
+        """The batch event by event, each its own transaction (the path before units)."""
+        outcomes: list[Accepted | Exception] = []
+        for item in items:
+            try:
+                outcomes.append(self.ingest_alone(*item))
+            except errors.LedgerError as exc:
+                outcomes.append(exc)
+            except Exception as exc:  # noqa: BLE001 - the caller's `fatal` judges it
+                if fatal(exc):
+                    raise
+                outcomes.append(exc)
+        return outcomes
+
+    def _ingest_unit(self, items: Sequence[Item]) -> list[Accepted | Exception]:
+        """Decide every item against one Unit, then save all their events in one transaction.
+        Raises IntegrityError or _LostRace (nothing saved; re-decide) or _Fallback."""
+        unit = Unit(self.load, self.load_many)
+        self._prefetch_items(unit, items)
+        outcomes: list[Accepted | Exception] = []
+        written: list[tuple[int, list]] = []  # (item index, the events its decision added)
+        for index, (event_id, event_type, occurred_at, payload) in enumerate(items):
+            try:
+                accepted, events = self._decide_in_unit(unit, event_id, event_type,
+                                                        occurred_at, payload)
+            except errors.LedgerError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(accepted)
+            if events:
+                written.append((index, events))
+        if unit.events:
+            positions = {id(r.domain_event): r.notification.id for r in self.save(*unit.events)}
+            self._remember(unit)
+            for index, events in written:
+                position = max(positions.get(id(e)) or 0 for e in events) or None
+                outcomes[index] = Accepted(outcomes[index].result, position=position)
+        return outcomes
+
+    def _decide_in_unit(self, unit: Unit, event_id: str, event_type: str,
+                        occurred_at: datetime, payload: dict) -> tuple[Accepted, list]:
+        """`ingest`'s decision for one item inside `unit`: (Accepted, the events it adds).
+        Raises the refusals `ingest` raises; _LostRace when a refused event turns out to have
+        been recorded meanwhile by a concurrent writer; _Fallback on any other error."""
+        occurred_at = utc_seconds(occurred_at)
+        digest = body_hash(event_type, occurred_at, payload)
+        receipt = self._unit_receipt(unit, event_id)
+        if receipt is not None:
+            if receipt.body_hash != digest:
+                raise errors.IdempotencyConflict(f"event_id {event_id!r} was used with another body")
+            return Accepted(receipt.result, replayed=True), []
+        now = utc_seconds(self.clock())
+        self._check_age(occurred_at, now)
+        handler = self._handlers.get(event_type)
+        if handler is None:
+            raise errors.InvalidEvent(f"unknown event type {event_type!r}")
+        work = unit.work()
+        try:
+            with recording_at(now):  # every event of this decision: recorded time `now`
+                outcome = handler(work, occurred_at, {**payload, "_type": event_type}, now)
+                result = {"event_id": event_id, "type": event_type, **outcome}
+                receipt = Receipt(event_id=event_id, body_hash=digest,
+                                  event_type=event_type, result=result)
+        except errors.LedgerError:
+            if self.get_receipt(event_id) is not None:
+                raise _LostRace(event_id) from None  # a concurrent duplicate committed first
+            raise
+        except Exception as exc:  # noqa: BLE001 - judged again on the one-by-one path
+            raise _Fallback(event_id, unit) from exc
+        work.add(receipt)
+        return Accepted(result), unit.adopt(work)
+
+    @staticmethod
+    def _prefetch_items(unit: Unit, items: Sequence[Item]) -> None:
+        """Read together what a batch's decisions will likely read: the receipts, the
+        aggregates its payloads name, then the sessions' parties and the patients' pools."""
+        unit.prefetch([Receipt.create_id(item[0]) for item in items]
+                      + [i for item in items for i in _named_ids(item[3])])
+        _prefetch_parties(unit, [a for a in unit.current.values() if isinstance(a, Session)])
+
+    def _prefetch_page(self, unit: Unit, session_ids: list[str], pool_ids: list[str]) -> None:
+        """Read a tick page's sessions and pools, then their parties, wallets and pools."""
+        unit.prefetch([Session.create_id(s) for s in session_ids] + [UUID(p) for p in pool_ids])
+        sessions = [unit.current.get(Session.create_id(s)) for s in session_ids]
+        _prefetch_parties(unit, [s for s in sessions if s is not None and not s.settled])
+
+    @staticmethod
+    def _unit_receipt(unit: Unit, event_id: str) -> Receipt | None:
+        """The receipt of `event_id` recorded earlier or earlier in this unit, or None."""
+        try:
+            return unit.peek(Receipt.create_id(event_id))
+        except Exception as exc:  # noqa: BLE001 - judged again on the one-by-one path
+            raise _Fallback(event_id) from exc
 
     @staticmethod
     def _check_age(occurred_at: datetime, now: datetime) -> None:
@@ -688,14 +969,114 @@ class Ledger(Application):
              max_steps: int = 20_000) -> TickReport:
         """Decide everything due by `as_of` for the given sessions and pools, in time order.
 
-        Candidates come from the live view. Each step is decided on the session as loaded
-        (or as this tick last saved it) and saved optimistically, so a step another tick has
-        already taken fails to save, is re-decided on a fresh load and changes nothing (I1, I9).
+        Candidates come from the live view. Steps are decided in units of TICK_UNIT_STEPS
+        against one shared set of aggregates and each unit is saved in one transaction
+        (`Unit`). Every save is optimistic: a unit another writer has moved (a concurrent tick
+        or ingest) fails to save as a whole, and the tick goes on step by step from there; so
+        does a tick in which a step raised. Step by step, each step is decided on the session
+        as loaded (or as this tick last saved it) and saved on its own, so a step another tick
+        has already taken fails to save, is re-decided on a fresh load and changes nothing
+        (I1, I9); a broken session is reported in `failures` and the others go on.
         """
         as_of = utc_seconds(as_of)
+        session_ids, pool_ids = list(dict.fromkeys(session_ids)), list(dict.fromkeys(pool_ids))
+        report = TickReport(as_of=as_of)
+        try:
+            self._tick_units(as_of, session_ids, pool_ids, max_steps, report)
+            return report
+        except IntegrityError:
+            report.conflicts += 1  # the unsaved unit is dropped; its steps are redone below
+        except _Fallback as fallback:
+            report.conflicts += fallback.stale
+        report.absorb(self._tick_each(as_of, session_ids, pool_ids, max_steps))
+        return report
+
+    def _tick_units(self, as_of: datetime, session_ids: list[str], pool_ids: list[str],
+                    max_steps: int, report: TickReport) -> None:
+        """The tick in units; each saved unit's steps are added to `report`. Raises
+        IntegrityError (a lost race) or _Fallback (a step raised): the unit then being decided
+        is not saved and not reported."""
+        unit = Unit(self.load, self.load_many)
+        self._prefetch_page(unit, session_ids, pool_ids)
+        queue = self._initial_queue(as_of, session_ids, pool_ids, {}, unit.peek)
+        heapq.heapify(queue)
+        pending, decided, steps = TickReport(as_of=as_of), 0, 0
+        while queue and steps < max_steps:
+            due, kind, key = heapq.heappop(queue)
+            steps += 1
+            if kind == "pool":
+                decided += self._expire_in_unit(unit, key, pending)
+            else:
+                step_due = self._step_in_unit(unit, key, as_of, pending)
+                decided += 1
+                if step_due is not None:
+                    heapq.heappush(queue, (step_due, "session", key))
+            if decided >= TICK_UNIT_STEPS:
+                self._save_unit(unit, pending, report)
+                pending, decided = TickReport(as_of=as_of), 0
+        self._save_unit(unit, pending, report)
+        report.more = bool(queue)
+
+    def _save_unit(self, unit: Unit, pending: TickReport, report: TickReport) -> None:
+        """Save the unit's queued events in one transaction, then report its steps."""
+        if unit.events:
+            self.save(*unit.events)
+            self._remember(unit)
+            unit.saved()
+        report.absorb(pending)
+
+    def _remember(self, unit: Unit) -> None:
+        """Cache the aggregates a unit just saved, as saved (their versions are the stored
+        ones), so the next load reads nothing but what others wrote since. Safe to share:
+        a unit never changes its aggregates in place (it copies on use)."""
+        if self._aggregates is None:
+            return
+        for aggregate_id in {event.originator_id for event in unit.events}:
+            aggregate = unit.current.get(aggregate_id)
+            if aggregate is not None and not aggregate.pending_events:
+                self._aggregates.put(aggregate_id, aggregate)
+
+    def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime,
+                      report: TickReport) -> datetime | None:
+        """Decide one due step of a session inside `unit`; returns when its next step is due
+        (≤ as_of) or None. Raises _Fallback if the step raised."""
+        work = unit.work()
+        session = work.get(Session.create_id(session_id))
+        step = next_step(session, self.policy) if session is not None else None
+        if step is None or step.due > as_of:
+            return None
+        try:
+            with recording_at(utc_seconds(self.clock())):
+                line = apply_step(work, session, step, as_of, self.policy)
+        except Exception as exc:  # noqa: BLE001 - stale or broken: the step-by-step path judges
+            raise _Fallback(session_id, unit) from exc
+        unit.adopt(work)
+        report.record(session_id, step, session, line)
+        following = next_step(session, self.policy)
+        return following.due if following and following.due <= as_of else None
+
+    def _expire_in_unit(self, unit: Unit, pool_id: str, report: TickReport) -> int:
+        """Expire a pool inside `unit`; returns 1 if it did, else 0."""
+        work = unit.work()
+        pool = work.get(UUID(pool_id))
+        if pool is None or pool.expired:
+            return 0
+        try:
+            with recording_at(utc_seconds(self.clock())):
+                pool.expire()
+        except Exception as exc:  # noqa: BLE001 - judged again on the step-by-step path
+            raise _Fallback(pool_id, unit) from exc
+        work.add(pool)
+        unit.adopt(work)
+        report.expire(pool)
+        return 1
+
+    def _tick_each(self, as_of: datetime, session_ids: list[str], pool_ids: list[str],
+                   max_steps: int) -> TickReport:
+        """The tick step by step, each step saved on its own (see `tick`)."""
         report = TickReport(as_of=as_of)
         known: dict[str, Session] = {}  # sessions as loaded or last saved by this tick
-        queue = self._initial_queue(as_of, session_ids, pool_ids, known)
+        queue = self._initial_queue(as_of, session_ids, pool_ids, known, self.load)
         heapq.heapify(queue)
         steps = 0
         while queue and steps < max_steps:
@@ -716,17 +1097,20 @@ class Ledger(Application):
         return report
 
     def _initial_queue(self, as_of: datetime, session_ids: Iterable[str], pool_ids: Iterable[str],
-                       known: dict[str, Session]) -> list[tuple[datetime, str, str]]:
+                       known: dict[str, Session], load: Callable[[UUID], Any],
+                       ) -> list[tuple[datetime, str, str]]:
+        """(due, "session" | "pool", id) of everything due by `as_of`, read with `load`;
+        the due sessions as read go into `known`."""
         queue = []
         for sid in dict.fromkeys(session_ids):
-            session = self.load(Session.create_id(sid))
+            session = load(Session.create_id(sid))
             step = next_step(session, self.policy) if session else None
             if step is not None and step.due <= as_of:
                 queue.append((step.due, "session", sid))
                 known[sid] = session
         skew = timedelta(seconds=self.policy.skew_seconds)
         for pool_id in dict.fromkeys(pool_ids):
-            pool = self.load(UUID(pool_id))
+            pool = load(UUID(pool_id))
             if pool is not None and not pool.expired and pool.effective_end + skew <= as_of:
                 queue.append((pool.effective_end + skew, "pool", pool_id))
         return queue

@@ -7,16 +7,48 @@ Policy; `Work` only loads and collects the aggregates that must be saved togethe
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Callable
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Callable, Iterable
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
 from ledger.appointments import Appointment
 from ledger.domain import Doctor, Patient, Pool, Session, Wallet
+from ledger.presence import Signal
 from ledger.rules import Policy, block_end, presence_group
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes, datetime, date, Decimal, UUID,
+                        frozenset, Signal})  # Signal: a frozen dataclass of scalars
+
+
+def _clone(value):
+    """A deep copy of a value: dicts, lists and tuples rebuilt, immutable scalars shared,
+    anything else (e.g. a frozen dataclass holding a list) through copy.deepcopy."""
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is dict:
+        return {k: _clone(v) for k, v in value.items()}
+    if kind is list:
+        return [_clone(v) for v in value]
+    if kind is tuple:
+        return tuple(_clone(v) for v in value)
+    return deepcopy(value)
+
+
+def copy_aggregate(aggregate: Aggregate) -> Aggregate:
+    """A deep copy of an aggregate without its pending events (a few times cheaper than
+    copy.deepcopy on the ledger's aggregates, which hold dicts and lists of scalars)."""
+    clone = object.__new__(type(aggregate))
+    clone.__dict__ = {k: _clone(v) for k, v in aggregate.__dict__.items()
+                      if k != "_pending_events"}
+    clone.__dict__["_pending_events"] = []
+    return clone
+
 
 @dataclass
 class Work:
@@ -65,6 +97,89 @@ class Work:
 
     def to_save(self) -> list[Aggregate]:
         return [a for a in self.touched.values() if a.pending_events]
+
+
+class Unit:
+    """One unit of work (a batch of events, or a page of a tick): every decision in it is made
+    against one shared set of loaded aggregates, and all of them are saved in ONE transaction.
+
+    Each decision gets its own `Work` (`work()`), whose `get` hands out a private deep copy of
+    the unit's current aggregate, so a decision that raises after mutating leaves nothing
+    behind: only `adopt(work)` makes a decision's aggregates the unit's current state and
+    queues its new events (`events`, in decision order). The unit's own aggregates never hold
+    pending events. `load(id)` reads the store (None when absent); `read_versions` are the
+    versions read from the store, for the optimistic check the save does on every written
+    aggregate (a concurrent writer makes the save raise IntegrityError; nothing is written).
+    """
+
+    def __init__(self, load: Callable[[UUID], Aggregate | None],
+                 load_many: Callable[..., dict[UUID, Aggregate | None]] | None = None,
+                 ) -> None:
+        self.load = load
+        self.load_many = load_many
+        self.current: dict[UUID, Aggregate | None] = {}
+        self.read_versions: dict[UUID, int | None] = {}  # as read from the store
+        self.events: list = []
+
+    def prefetch(self, aggregate_ids: Iterable[UUID]) -> None:
+        """Read the aggregates this unit does not hold yet together (one query with
+        `load_many`); only an optimisation: `peek` loads whatever was not prefetched."""
+        missing = [i for i in dict.fromkeys(aggregate_ids) if i not in self.current]
+        if missing and self.load_many is not None:
+            self._read(self.load_many(missing, shared=True))
+
+    def peek(self, aggregate_id: UUID) -> Aggregate | None:
+        """The unit's current aggregate (not a copy: read it, never mutate it)."""
+        if aggregate_id not in self.current:
+            self.prefetch([aggregate_id])
+        if aggregate_id not in self.current:  # no load_many: load one by one
+            self._read({aggregate_id: self.load(aggregate_id)})
+        return self.current[aggregate_id]
+
+    def _read(self, loaded: dict[UUID, Aggregate | None]) -> None:
+        self.current.update(loaded)
+        self.read_versions.update((i, a.version if a is not None else None)
+                                  for i, a in loaded.items())
+
+    def stale(self) -> bool:
+        """Whether an aggregate this unit read has moved on in the store since (see
+        Work.stale: a guard tripping on such a snapshot is a lost race, not a bug)."""
+        ids = list(self.read_versions)
+        now = self.load_many(ids) if self.load_many else {i: self.load(i) for i in ids}
+        return any((now[i].version if now[i] is not None else None) != self.read_versions[i]
+                   for i in ids)
+
+    def copy(self, aggregate_id: UUID) -> Aggregate | None:
+        """A private copy of the unit's current aggregate, or None."""
+        aggregate = self.peek(aggregate_id)
+        return copy_aggregate(aggregate) if aggregate is not None else None
+
+    def work(self) -> "Work":
+        """A Work for one decision, reading private copies of the unit's aggregates."""
+        return Work(self.copy)
+
+    def saved(self) -> None:
+        """The queued events were saved: the store now holds the unit's current versions."""
+        for event in self.events:
+            self.read_versions[event.originator_id] = event.originator_version
+        self.events.clear()
+
+    def adopt(self, work: "Work") -> list:
+        """Make one successful decision part of the unit; returns the events it adds.
+
+        As a decision saved alone: the touched aggregates' pending events are queued and they
+        become current; aggregates read and not changed become current as they are; one
+        changed but never added to the Work (its events would not have been saved) is dropped
+        and reloaded from the unit's previous state on next use.
+        """
+        added = []
+        for aggregate in work.to_save():
+            added.extend(aggregate.collect_events())
+        for aggregate_id, aggregate in work.cache.items():
+            if aggregate is None or not aggregate.pending_events:
+                self.current[aggregate_id] = aggregate
+        self.events.extend(added)
+        return added
 
 
 # ---------------------------------------------------------------------------------------- holds

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     settlement_grace_seconds: int = Field(600, ge=0, le=86400)
     max_duration_seconds: int = Field(3 * 3600, ge=600, le=86400)
     batch_limit: int = Field(100, ge=1, le=100)
+    aggregate_cache_size: int = Field(20_000, ge=0, le=1_000_000, description=(
+        "aggregates kept in memory per process, brought up to date from the store on every "
+        "load (a version-checked cache; 0: off, every load replays the whole history)"))
     withdrawal_minimums: dict[str, int] = Field(
         default_factory=lambda: {"MWK": 5_000_000, "USD": 7_000},
         description="minimum withdrawal per ISO 4217 currency, in minor units, as JSON "

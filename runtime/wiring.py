@@ -32,7 +32,8 @@ def build_ledger(settings: Settings, clock: Callable[[], datetime],
     is told of every optimistic-concurrency retry (metrics)."""
     env = persistence_env(settings.database_url, settings.store_timeout_seconds)
     return Ledger(env=env, clock=clock, policy=settings.policy(),
-                  withdrawal_minimum_minor=settings.withdrawal_minimums, on_conflict=on_conflict)
+                  withdrawal_minimum_minor=settings.withdrawal_minimums, on_conflict=on_conflict,
+                  cache_size=settings.aggregate_cache_size)
 
 
 def wait_for_store(settings: Settings, attempt: Callable[[], T], what: str = "open the store") -> T:

@@ -6,8 +6,8 @@ connection cannot be had (`failed`); from then on `check()` raises StoreUnavaila
 probing the database (one short connection) at most once per `probe_interval_seconds`, until a
 probe succeeds. StoreUnavailable is not an eventsourcing OperationalError, so the library's
 retry loop does not repeat it. `is_unavailable(exc)` says whether an exception means "the store
-cannot be reached or is too busy now; the same request may succeed later" (API: 503
-`retry_later`; tick: skipped).
+cannot be reached or is too busy now (e.g. a connection pool timed out); the same request may
+succeed later" (API: 503 `retry_later`; tick: skipped).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 import psycopg
-from eventsourcing.persistence import InterfaceError, OperationalError
+from eventsourcing.persistence import ConnectionUnavailableError, InterfaceError, OperationalError
 
 PROBE_INTERVAL_SECONDS = 1.0
 
@@ -123,7 +123,8 @@ def is_unavailable(exc: BaseException) -> bool:
     table" as an OperationalError too), which retrying cannot cure."""
     seen = 0
     while exc is not None and seen < 8:  # bounded walk of the cause chain
-        if isinstance(exc, (StoreUnavailable, psycopg.OperationalError, psycopg.InterfaceError)):
+        if isinstance(exc, (StoreUnavailable, psycopg.OperationalError, psycopg.InterfaceError,
+                            ConnectionUnavailableError)):  # a pool timeout, e.g. SQLite's writer
             return True
         if isinstance(exc, sqlite3.OperationalError):
             return any(text in str(exc).lower() for text in _SQLITE_TRANSIENT)

@@ -34,7 +34,8 @@ def persistence_env(url: str, timeout_seconds: int = 3) -> dict[str, str]:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path,
-            "SQLITE_LOCK_TIMEOUT": "30"}
+            "SQLITE_LOCK_TIMEOUT": "30",
+            "APPLICATION_RECORDER_TOPIC": "storage.streams:SQLiteStreamsRecorder"}
 
 
 def ensure_postgres_schema(url: str, timeout_seconds: int = 3) -> None:

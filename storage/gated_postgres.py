@@ -18,6 +18,7 @@ from eventsourcing.postgres import PostgresDatastore, PostgresFactory
 from psycopg_pool import PoolTimeout
 
 from storage.availability import StoreGate, StoreUnavailable, connect_options, gate_for
+from storage.streams import PostgresStreamsRecorder
 
 STORE_TIMEOUT_SECONDS = "LEDGER_STORE_TIMEOUT_SECONDS"  # environment key read by the factory
 
@@ -47,7 +48,10 @@ class GatedPostgresDatastore(PostgresDatastore):
 
 
 class GatedPostgresFactory(PostgresFactory):
-    """PostgresFactory whose datastore is a GatedPostgresDatastore."""
+    """PostgresFactory whose datastore is a GatedPostgresDatastore, and whose application
+    recorder also reads many aggregates' events at once (storage/streams.py)."""
+
+    application_recorder_class = PostgresStreamsRecorder
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)

@@ -6,7 +6,7 @@ import sqlite3
 
 import psycopg
 import pytest
-from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import ConnectionUnavailableError, IntegrityError, OperationalError
 from psycopg_pool import PoolTimeout
 
 from storage import StoreGate, StoreUnavailable, is_unavailable
@@ -58,6 +58,7 @@ def test_errors_a_retry_can_cure_are_unavailable_and_bugs_are_not():
     assert is_unavailable(chained(OperationalError("x"), PoolTimeout("no connection in 3 s")))
     assert is_unavailable(chained(RuntimeError("tick"), psycopg.OperationalError("refused")))
     assert is_unavailable(sqlite3.OperationalError("database is locked"))
+    assert is_unavailable(ConnectionUnavailableError("Timed out waiting for return of writer"))
     assert not is_unavailable(sqlite3.OperationalError("no such table: receipts"))
     assert not is_unavailable(chained(OperationalError("x"),
                                       sqlite3.OperationalError("no such column: y")))

@@ -194,7 +194,17 @@ def test_tick_on_an_inconsistent_snapshot_retries_instead_of_crashing() -> None:
                 return desk.ledger.repository.get(sid, version=before.version)
         return real_load(aggregate_id)
 
+    real_many = desk.ledger.load_many
+
+    def racing_many(aggregate_ids, shared=False):  # the tick's units read through load_many
+        loaded = real_many(aggregate_ids, shared)
+        if sid in loaded and not served:
+            served.append(sid)
+            loaded[sid] = desk.ledger.repository.get(sid, version=before.version)
+        return loaded
+
     desk.ledger.load = racing_load  # this worker's first reads of the session are stale
+    desk.ledger.load_many = racing_many
     report = desk.ledger.tick(T0 + 11 * MIN, ["s1"])
     assert served and report.conflicts == 1 and report.charged == []
     events = desk.events()

@@ -1,0 +1,81 @@
+"""Reading many aggregates' events with one query: the event store's recorders for PostgreSQL
+and SQLite with `select_streams`, which the ledger uses to load a unit of work's aggregates
+together (ledger/application.py `Ledger.load_many`; docs/design.md, Write path).
+
+Each recorder is the library's own with one read-only method added; writes, the table lock and
+the notification order are untouched. PostgreSQL's is set on the gated factory
+(storage/gated_postgres.py); SQLite's through `APPLICATION_RECORDER_TOPIC`
+(storage/environment.py).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+from uuid import UUID
+
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import retry
+from psycopg.sql import SQL, Identifier
+
+SQLITE_CHUNK = 400  # ids per SQLite statement (two parameters each; SQLite allows 32,766)
+
+
+def _grouped(records: list[StoredEvent]) -> dict[UUID, list[StoredEvent]]:
+    streams: dict[UUID, list[StoredEvent]] = {}
+    for record in records:
+        streams.setdefault(record.originator_id, []).append(record)
+    return streams
+
+
+class PostgresStreamsRecorder(PostgresApplicationRecorder):
+    """PostgresApplicationRecorder + `select_streams`."""
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
+        """{aggregate id: its stored events with version > after[id], in version order} for
+        every id that has some, in one statement (the primary key index serves each id)."""
+        if not after:
+            return {}
+        statement = SQL(
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM unnest(%s::uuid[], %s::bigint[]) AS k(id, after) "
+            "JOIN {schema}.{table} AS e "
+            "ON e.originator_id = k.id AND e.originator_version > k.after "
+            "ORDER BY e.originator_id, e.originator_version"
+        ).format(schema=Identifier(self.datastore.schema),
+                 table=Identifier(self.events_table_name))
+        ids = list(after)
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (ids, [after[i] for i in ids]), prepare=True)
+            return _grouped([StoredEvent(originator_id=row["originator_id"],
+                                         originator_version=row["originator_version"],
+                                         topic=row["topic"], state=bytes(row["state"]))
+                             for row in curs.fetchall()])
+
+
+class SQLiteStreamsRecorder(SQLiteApplicationRecorder):
+    """SQLiteApplicationRecorder + `select_streams`."""
+
+    def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
+        """{aggregate id: its stored events with version > after[id], in version order} for
+        every id that has some; one read transaction, SQLITE_CHUNK ids per statement."""
+        ids = list(after)
+        records: list[StoredEvent] = []
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(ids), SQLITE_CHUNK):
+                chunk = ids[start:start + SQLITE_CHUNK]
+                keys = ",".join("(?,?)" for _ in chunk)
+                params = [p for i in chunk for p in (i.hex, after[i])]
+                c.execute(
+                    f"WITH k(id, after) AS (VALUES {keys}) "  # noqa: S608 - placeholders only
+                    f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                    f"FROM k JOIN {self.events_table_name} AS e "
+                    f"ON e.originator_id = k.id AND e.originator_version > k.after "
+                    f"ORDER BY e.originator_id, e.originator_version", params)
+                records += [StoredEvent(originator_id=self.convert_originator_id(row["originator_id"]),
+                                        originator_version=row["originator_version"],
+                                        topic=row["topic"], state=row["state"])
+                            for row in c.fetchall()]
+        return _grouped(records)
