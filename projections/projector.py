@@ -62,6 +62,15 @@ class ProjectionsBehind(TimeoutError):
         self.target, self.reached = target, reached
 
 
+def stall_of(name: str, notification: Any, exc: Exception) -> dict:
+    """The ProjectionStalled.stall of projection `name` at a stored event (a Notification)."""
+    return {"projection": name, "position": int(getattr(notification, "id", 0)),
+            "event_id": f"{notification.originator_id}@{notification.originator_version}"
+            if notification is not None else None,
+            "topic": getattr(notification, "topic", None),
+            "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def describe_stall(stall: dict) -> str:
     """One line naming the stalled projection, the event's position, id and topic, the error."""
     return (f"projection {stall['projection']} stalled at position {stall['position']} "
@@ -212,9 +221,7 @@ class Projector:
         return applied
 
     def _stall(self, name: str, notification: Any, exc: Exception) -> None:
-        stall = {"projection": name, "position": int(notification.id),
-                 "event_id": f"{notification.originator_id}@{notification.originator_version}",
-                 "topic": notification.topic, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        stall = stall_of(name, notification, exc)
         self._stalls[name] = stall
         self._retry_at[name] = time.monotonic() + STALL_RETRY_SECONDS
         log.error("PROJECTION STALLED: %s; the other projections continue; retried every "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
 from ledger.rules import Policy
-from projections.projector import Projector
+from projections.projector import Projector, ProjectionStalled, describe_stall, stall_of
 from projections.store import Store
 from storage import is_postgres, postgres_conninfo, postgres_parts
 from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
@@ -26,6 +26,7 @@ from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
 PAGE = 1000
 MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
 REPLAY_CHUNK = 50_000
+REPLAY_PAGE = 20_000  # notifications read, decoded and applied per scratch transaction
 TS_COLUMNS = frozenset({"starts_at", "effective_end", "added_at", "removed_at", "next_due_at"})
 BOOL_COLUMNS = frozenset({"expired", "refunded", "active"})
 Progress = Callable[[int, int], None]
@@ -93,12 +94,13 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
     live = Projector(ledger, database_url, policy)
     try:
         _drain(live, live._head(), None)
+        report.differences += [f"live {describe_stall(stall)}" for stall in live.stalls()]
         positions = live._positions()
         report.position = min(positions.values(), default=0)
         with scratch_url(database_url) as url:
             replay = Projector(ledger, url, policy)
             try:
-                report.events = _drain(replay, positions, progress)
+                report.events = bulk_replay(replay, positions, progress)
                 for account in ACCOUNTS:
                     compare(account, live._store, replay._store, report)
             finally:
@@ -109,6 +111,84 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
     finally:
         live.close()
     return report
+
+
+def bulk_replay(projector: Projector, stop: dict[str, int],
+                progress: Progress | None = None) -> int:
+    """Rebuild `projector`'s (empty, scratch) views from position zero up to `stop` (per
+    projection name) in one pass over the log; returns events applied across projections.
+
+    Each page of REPLAY_PAGE notifications (every projection's topics, nothing else) is read
+    once, each event decoded once, and applied to every projection that follows its topic in
+    ONE scratch transaction; counters fold in memory per page (views.Deltas) and are written
+    in bulk (Store.upsert_many: COPY on PostgreSQL). The tracking rows are set at the end. The
+    projection code is the live one, so the comparison checks it. Memory: one page of events
+    plus the projections' bounded caches. Raises ProjectionStalled on an event a projection
+    cannot decode or apply.
+    """
+    projections = projector._projections
+    following: dict[str, list] = {}
+    for projection in projections:
+        for topic in projection.topics:
+            following.setdefault(topic, []).append(projection)
+    target = max(stop.values(), default=0)
+    position, applied = 0, 0
+    for _ in range(target // REPLAY_PAGE + 2):
+        if position >= target:
+            break
+        page = projector.ledger.recorder.select_notifications(
+            start=position, limit=REPLAY_PAGE, stop=target, topics=tuple(following),
+            inclusive_of_start=False)
+        applied += _replay_page(projector, following, stop, page)
+        position = page[-1].id if len(page) >= REPLAY_PAGE else target
+        if progress is not None:
+            progress(position, target)
+    store = projector._store
+    with store.locked(), store.transaction():
+        store.executemany("UPDATE projection_tracking SET notification_id = ? WHERE name = ?",
+                          [(stop.get(p.name, 0), p.name) for p in projections])
+    return applied
+
+
+def _replay_page(projector: Projector, following: dict[str, list], stop: dict[str, int],
+                 page: list) -> int:
+    """Decode `page` once and apply it to each projection (only events up to its stop)."""
+    batches: dict[str, list] = {p.name: [] for p in projector._projections}
+    decode = projector.ledger.mapper.to_domain_event
+    for notification in page:
+        readers = [p for p in following.get(notification.topic, ())
+                   if notification.id <= stop.get(p.name, 0)]
+        if not readers:
+            continue
+        try:
+            event = decode(notification)
+        except Exception as exc:  # noqa: BLE001 - a poison event: name it
+            raise ProjectionStalled(stall_of(readers[0].name, notification, exc)) from exc
+        for projection in readers:
+            batches[projection.name].append((notification, event))
+    store, applied = projector._store, 0
+    with store.locked(), store.transaction():
+        for projection in projector._projections:
+            batch = batches[projection.name]
+            try:
+                projection.apply(store, [event for _, event in batch])
+            except Exception as exc:  # noqa: BLE001 - find and name the poison event
+                projection.reset()
+                raise ProjectionStalled(_first_failing(projector, projection, batch, exc)) \
+                    from exc
+            applied += len(batch)
+    return applied
+
+
+def _first_failing(projector: Projector, projection: Any, batch: list, exc: Exception) -> dict:
+    """A stall for a page `projection` could not apply: the live projection applied these
+    events (a poison stalls it first, and the replay stops at its position), so this is a
+    projection that is not deterministic; the page's range is named."""
+    first, last = (batch[0][0], batch[-1][0]) if batch else (None, None)
+    stall = stall_of(projection.name, first, exc)
+    if last is not None:
+        stall["event_id"] = f"one of the events at positions {first.id}..{last.id}"
+    return stall
 
 
 def _drain(projector: Projector, stop: int | dict[str, int], progress: Progress | None) -> int:

@@ -61,6 +61,31 @@ class Deltas:
         self.rows.clear()
 
 
+class Writes:
+    """Row statements of one batch, kept per table in event order and sent at the end of the
+    batch as one executemany per run of the same statement: the order within a table is kept
+    and the tables are independent (no foreign keys), so the result is the same as executing
+    each at once, with a round trip per run instead of per row."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[tuple[str, tuple]]] = {}
+
+    def add(self, table: str, sql: str, params: tuple) -> None:
+        self.tables.setdefault(table, []).append((sql, params))
+
+    def flush(self, store: Store) -> None:
+        for statements in self.tables.values():
+            run_sql, run = "", []
+            for sql, params in statements:
+                if sql != run_sql and run:
+                    store.executemany(run_sql, run)
+                    run = []
+                run_sql = sql
+                run.append(params)
+            store.executemany(run_sql, run)
+        self.tables.clear()
+
+
 class Projection:
     """A named view fed by the events whose topics it lists."""
 
@@ -103,36 +128,41 @@ class Balances(Projection):
     def apply(self, store: Store, events: list) -> None:
         self.pools = Deltas("balance_pool_buckets", ("pool_id", "bucket"), POOL_FIELDS)
         self.patients = Deltas("balance_patient_buckets", ("patient_id", "bucket"), PATIENT_FIELDS)
+        self.writes = Writes()
         for event in events:
             handler = self.handlers.get(type(event))
             if handler is not None:
                 handler(store, event, str(event.originator_id))
+        self.writes.flush(store)
         self.pools.flush(store)
         self.patients.flush(store)
 
     def _granted(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("INSERT INTO balance_pools (pool_id, payment_reference, owner_id, starts_at, "
-                      "effective_end, expired, refunded) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (pool_id, e.payment_reference, e.owner_id, store.ts(e.starts_at),
-                       store.ts(e.effective_end), False, False))
-        store.execute("INSERT INTO balance_members (pool_id, patient_id, role, active, added_at, "
-                      "removed_at) VALUES (?, ?, ?, ?, ?, NULL)",
-                      (pool_id, e.owner_id, "owner", True, store.ts(e.starts_at)))
+        self.writes.add("balance_pools",
+                        "INSERT INTO balance_pools (pool_id, payment_reference, owner_id, "
+                        "starts_at, effective_end, expired, refunded) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (pool_id, e.payment_reference, e.owner_id, store.ts(e.starts_at),
+                         store.ts(e.effective_end), False, False))
+        self.writes.add("balance_members",
+                        "INSERT INTO balance_members (pool_id, patient_id, role, active, "
+                        "added_at, removed_at) VALUES (?, ?, ?, ?, ?, NULL)",
+                        (pool_id, e.owner_id, "owner", True, store.ts(e.starts_at)))
         for bucket in BUCKETS:
             units = int(e.plan["units"].get(bucket, 0))
             self.pools.add((pool_id, bucket), granted=units, free=units)
 
     def _member_added(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("INSERT INTO balance_members (pool_id, patient_id, role, active, added_at, "
-                      "removed_at) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (pool_id, patient_id) "
-                      "DO UPDATE SET active = excluded.active, added_at = excluded.added_at, "
-                      "removed_at = NULL",
-                      (pool_id, e.patient_id, "member", True, store.ts(e.at)))
+        self.writes.add("balance_members",
+                        "INSERT INTO balance_members (pool_id, patient_id, role, active, "
+                        "added_at, removed_at) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT "
+                        "(pool_id, patient_id) DO UPDATE SET active = excluded.active, "
+                        "added_at = excluded.added_at, removed_at = NULL",
+                        (pool_id, e.patient_id, "member", True, store.ts(e.at)))
 
     def _member_removed(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("UPDATE balance_members SET active = ?, removed_at = ? "
-                      "WHERE pool_id = ? AND patient_id = ?",
-                      (False, store.ts(e.at), pool_id, e.patient_id))
+        self.writes.add("balance_members", "UPDATE balance_members SET active = ?, "
+                        "removed_at = ? WHERE pool_id = ? AND patient_id = ?",
+                        (False, store.ts(e.at), pool_id, e.patient_id))
 
     def _held(self, store: Store, e: Any, pool_id: str) -> None:
         self.pools.add((pool_id, e.bucket), free=-1, held=1)
@@ -160,12 +190,14 @@ class Balances(Projection):
     def _expired(self, store: Store, e: Any, pool_id: str) -> None:
         for bucket, units in e.forfeited.items():
             self.pools.add((pool_id, bucket), forfeited=units, free=-units)
-        store.execute("UPDATE balance_pools SET expired = ? WHERE pool_id = ?", (True, pool_id))
+        self.writes.add("balance_pools", "UPDATE balance_pools SET expired = ? WHERE pool_id = ?",
+                        (True, pool_id))
 
     def _revoked(self, store: Store, e: Any, pool_id: str) -> None:
         for bucket, units in e.revoked.items():
             self.pools.add((pool_id, bucket), revoked=units, free=-units)
-        store.execute("UPDATE balance_pools SET refunded = ? WHERE pool_id = ?", (True, pool_id))
+        self.writes.add("balance_pools", "UPDATE balance_pools SET refunded = ? WHERE pool_id = ?",
+                        (True, pool_id))
 
 
 # --------------------------------------------------------------------------------- wallets
@@ -201,10 +233,12 @@ class Wallets(Projection):
 
     def apply(self, store: Store, events: list) -> None:
         self.wallets = Deltas("wallet_balances", ("doctor_id", "currency"), WALLET_FIELDS)
+        self.writes = Writes()
         for event in events:
             handler = self.handlers.get(type(event))
             if handler is not None:
                 handler(store, event)
+        self.writes.flush(store)
         self.wallets.flush(store)
 
     def _auto_deducted(self, store: Store, e: Any) -> None:
@@ -220,8 +254,8 @@ class Wallets(Projection):
 
     def _opened(self, store: Store, e: Any) -> None:
         wallet_id = str(e.originator_id)
-        store.execute("INSERT INTO wallet_ids (wallet_id, doctor_id, currency) VALUES (?, ?, ?)",
-                      (wallet_id, e.doctor_id, e.currency))
+        self.writes.add("wallet_ids", "INSERT INTO wallet_ids (wallet_id, doctor_id, currency) "
+                        "VALUES (?, ?, ?)", (wallet_id, e.doctor_id, e.currency))
         self.accounts[wallet_id] = (e.doctor_id, e.currency)
         self.wallets.add((e.doctor_id, e.currency))
 
@@ -230,6 +264,7 @@ class Wallets(Projection):
         if key not in self.accounts:
             if len(self.accounts) >= WALLET_CACHE_SIZE:
                 self.accounts.clear()
+            self.writes.flush(store)  # a wallet opened earlier in this batch is then found
             rows = store.query("SELECT doctor_id, currency FROM wallet_ids WHERE wallet_id = ?",
                                (key,))
             if not rows:
@@ -310,21 +345,25 @@ class Live(Projection):
         self.sessions.clear()
 
     def apply(self, store: Store, events: list) -> None:
-        rows: dict[str, tuple | None] = {}  # session_id -> row, or None once settled
+        # session_id -> its state after the batch (the row is computed once, at the end: a
+        # settled session's row is deleted)
+        states: dict[str, Session] = {}
+        writes = Writes()
         for e in events:
             if isinstance(e, Session.Event):
                 session = self.sessions.state_after(e)
-                rows[session.session_id] = self._row(store, session)
+                states[session.session_id] = session
                 if session.settled:
                     self.sessions.forget(e.originator_id)
             elif isinstance(e, Pool.Granted):
-                store.execute("INSERT INTO live_pools (pool_id, effective_end, expired) "
-                              "VALUES (?, ?, ?)",
-                              (str(e.originator_id), store.ts(e.effective_end), False))
+                writes.add("live_pools", "INSERT INTO live_pools (pool_id, effective_end, "
+                           "expired) VALUES (?, ?, ?)",
+                           (str(e.originator_id), store.ts(e.effective_end), False))
             elif isinstance(e, Pool.Expired):
-                store.execute("UPDATE live_pools SET expired = ? WHERE pool_id = ?",
-                              (True, str(e.originator_id)))
-        self._flush(store, rows)
+                writes.add("live_pools", "UPDATE live_pools SET expired = ? WHERE pool_id = ?",
+                           (True, str(e.originator_id)))
+        writes.flush(store)
+        self._flush(store, {sid: self._row(store, s) for sid, s in states.items()})
 
     def _row(self, store: Store, session: Session) -> tuple | None:
         if session.settled:
