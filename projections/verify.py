@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
 from ledger.rules import Policy
@@ -26,7 +26,8 @@ from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
 PAGE = 1000
 MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
 REPLAY_CHUNK = 50_000
-REPLAY_PAGE = 20_000  # notifications read, decoded and applied per scratch transaction
+REPLAY_PAGE = 10_000  # notifications read and decoded at a time
+FLUSH_ROWS = 20_000  # pending rows a projection folds in memory before writing them
 TS_COLUMNS = frozenset({"starts_at", "effective_end", "added_at", "removed_at", "next_due_at"})
 BOOL_COLUMNS = frozenset({"expired", "refunded", "active"})
 Progress = Callable[[int, int], None]
@@ -100,7 +101,10 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
         with scratch_url(database_url) as url:
             replay = Projector(ledger, url, policy)
             try:
-                report.events = bulk_replay(replay, positions, progress)
+                scan = None
+                if live._store.kind == "postgres":
+                    scan = scan_postgres(live._store, ledger.recorder.events_table_name)
+                report.events = bulk_replay(replay, positions, progress, scan)
                 for account in ACCOUNTS:
                     compare(account, live._store, replay._store, report)
             finally:
@@ -114,50 +118,55 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
 
 
 def bulk_replay(projector: Projector, stop: dict[str, int],
-                progress: Progress | None = None) -> int:
+                progress: Progress | None = None, scan: Any = None) -> int:
     """Rebuild `projector`'s (empty, scratch) views from position zero up to `stop` (per
     projection name) in one pass over the log; returns events applied across projections.
 
-    Each page of REPLAY_PAGE notifications (every projection's topics, nothing else) is read
-    once, each event decoded once, and applied to every projection that follows its topic in
-    ONE scratch transaction; counters fold in memory per page (views.Deltas) and are written
-    in bulk (Store.upsert_many: COPY on PostgreSQL). The tracking rows are set at the end. The
-    projection code is the live one, so the comparison checks it. Memory: one page of events
-    plus the projections' bounded caches. Raises ProjectionStalled on an event a projection
-    cannot decode or apply.
+    Each page of REPLAY_PAGE notifications (every projection's topics, nothing else; `scan`
+    reads them, default the recorder) is read once and each event decoded once; every
+    projection folds its events in memory (`Projection.fold`) and writes only when its pending
+    rows pass FLUSH_ROWS, and at the end (`flush`: one upsert per table, COPY on PostgreSQL), so
+    an account touched on many pages is written about once. The projection code is the live
+    one, so the comparison checks it. Memory: one page of events plus at most FLUSH_ROWS
+    pending rows per projection and its bounded caches. Raises ProjectionStalled on an event a
+    projection cannot decode or apply (the live projection would have stalled there first).
     """
     projections = projector._projections
     following: dict[str, list] = {}
     for projection in projections:
         for topic in projection.topics:
             following.setdefault(topic, []).append(projection)
+    scan = scan or projector.ledger.recorder.select_notifications
     target = max(stop.values(), default=0)
     position, applied = 0, 0
-    for _ in range(target // REPLAY_PAGE + 2):
-        if position >= target:
-            break
-        page = projector.ledger.recorder.select_notifications(
-            start=position, limit=REPLAY_PAGE, stop=target, topics=tuple(following),
-            inclusive_of_start=False)
-        applied += _replay_page(projector, following, stop, page)
-        position = page[-1].id if len(page) >= REPLAY_PAGE else target
-        if progress is not None:
-            progress(position, target)
     store = projector._store
     with store.locked(), store.transaction():
+        for _ in range(target // REPLAY_PAGE + 2):
+            if position >= target:
+                break
+            page = scan(start=position, limit=REPLAY_PAGE, stop=target, topics=tuple(following),
+                        inclusive_of_start=False)
+            applied += _fold_page(projector, following, stop, page)
+            position = page[-1].id if len(page) >= REPLAY_PAGE else target
+            if progress is not None:
+                progress(position, target)
+        for projection in projections:
+            _flush(projection, store, [])
         store.executemany("UPDATE projection_tracking SET notification_id = ? WHERE name = ?",
                           [(stop.get(p.name, 0), p.name) for p in projections])
     return applied
 
 
-def _replay_page(projector: Projector, following: dict[str, list], stop: dict[str, int],
-                 page: list) -> int:
-    """Decode `page` once and apply it to each projection (only events up to its stop)."""
+def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str, int],
+               page: list) -> int:
+    """Decode `page` once; fold each projection's events (only those up to its stop)."""
     batches: dict[str, list] = {p.name: [] for p in projector._projections}
     decode = projector.ledger.mapper.to_domain_event
+    everyone = min((stop.get(p.name, 0) for p in projector._projections), default=0)
     for notification in page:
-        readers = [p for p in following.get(notification.topic, ())
-                   if notification.id <= stop.get(p.name, 0)]
+        readers = following.get(notification.topic, ())
+        if notification.id > everyone:  # past some projection's stop: only those before it
+            readers = [p for p in readers if notification.id <= stop.get(p.name, 0)]
         if not readers:
             continue
         try:
@@ -167,17 +176,50 @@ def _replay_page(projector: Projector, following: dict[str, list], stop: dict[st
         for projection in readers:
             batches[projection.name].append((notification, event))
     store, applied = projector._store, 0
-    with store.locked(), store.transaction():
-        for projection in projector._projections:
-            batch = batches[projection.name]
-            try:
-                projection.apply(store, [event for _, event in batch])
-            except Exception as exc:  # noqa: BLE001 - find and name the poison event
-                projection.reset()
-                raise ProjectionStalled(_first_failing(projector, projection, batch, exc)) \
-                    from exc
-            applied += len(batch)
+    for projection in projector._projections:
+        batch = batches[projection.name]
+        try:
+            projection.fold(store, [event for _, event in batch])
+        except Exception as exc:  # noqa: BLE001 - name the page of the failing event
+            raise ProjectionStalled(_first_failing(projector, projection, batch, exc)) from exc
+        if projection.pending() >= FLUSH_ROWS:
+            _flush(projection, store, batch)
+        applied += len(batch)
     return applied
+
+
+def _flush(projection: Any, store: Store, batch: list) -> None:
+    try:
+        projection.flush(store)
+    except Exception as exc:  # noqa: BLE001 - name the page
+        raise ProjectionStalled(_first_failing(None, projection, batch, exc)) from exc
+
+
+def scan_postgres(store: Store, table: str) -> Any:
+    """A `select_notifications` over the events `table` of the store's schema for the
+    replay: tuple rows on the view store's connection (the recorder's own builds a dict per
+    row), same arguments and Notification results."""
+    def select(start: int, limit: int, stop: int, topics: tuple, inclusive_of_start: bool):
+        assert not inclusive_of_start
+        with store.locked():
+            rows = store.query_binary(
+                f"SELECT notification_id, originator_id, originator_version, topic, state "
+                f"FROM {table} WHERE notification_id > ? AND notification_id <= ? "
+                f"AND topic = ANY(?) ORDER BY notification_id LIMIT ?",
+                (start, stop, list(topics), limit))
+        return list(map(StoredRow._make, rows))
+
+    return select
+
+
+class StoredRow(NamedTuple):
+    """A stored event as the replay reads it: what the mapper and the stall report use."""
+
+    id: int
+    originator_id: Any
+    originator_version: int
+    topic: str
+    state: bytes
 
 
 def _first_failing(projector: Projector, projection: Any, batch: list, exc: Exception) -> dict:
