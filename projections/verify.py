@@ -9,6 +9,7 @@ streamed in key order from both stores and merged. Live rows are also checked fo
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
+from eventsourcing.utils import get_topic
+
+from ledger.domain import Session
 from ledger.rules import Policy
 from projections.projector import Projector, ProjectionStalled, describe_stall, stall_of
 from projections.store import Store
@@ -24,6 +28,7 @@ from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
 from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
 
 PAGE = 1000
+SESSION_SETTLED = get_topic(Session.Settled)
 MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
 REPLAY_CHUNK = 50_000
 REPLAY_PAGE = 10_000  # notifications read and decoded at a time
@@ -140,14 +145,21 @@ def bulk_replay(projector: Projector, stop: dict[str, int],
     target = max(stop.values(), default=0)
     position, applied = 0, 0
     store = projector._store
-    with store.locked(), store.transaction():
+    settled = settled_sessions(scan, stop.get("live", 0))
+    topics = tuple(following)
+    with store.locked(), store.transaction(), ThreadPoolExecutor(1, "replay-scan") as reader:
+        # the next page is read (the database's time, and the driver's) while this one folds
+        ahead = reader.submit(scan, start=0, limit=REPLAY_PAGE, stop=target, topics=topics,
+                              inclusive_of_start=False) if target > 0 else None
         for _ in range(target // REPLAY_PAGE + 2):
-            if position >= target:
+            if ahead is None:
                 break
-            page = scan(start=position, limit=REPLAY_PAGE, stop=target, topics=tuple(following),
-                        inclusive_of_start=False)
-            applied += _fold_page(projector, following, stop, page)
+            page = ahead.result()
             position = page[-1].id if len(page) >= REPLAY_PAGE else target
+            ahead = reader.submit(scan, start=position, limit=REPLAY_PAGE, stop=target,
+                                  topics=topics, inclusive_of_start=False) \
+                if position < target else None
+            applied += _fold_page(projector, following, stop, page, settled)
             if progress is not None:
                 progress(position, target)
         for projection in projections:
@@ -157,9 +169,28 @@ def bulk_replay(projector: Projector, stop: dict[str, int],
     return applied
 
 
+def settled_sessions(scan: Any, stop: int) -> set:
+    """originator_id of every session settled at or before notification id `stop`.
+
+    Settlement is final (a settled session takes no further event, ledger/domain.py) and the
+    `live` view holds unsettled sessions only, so their rows end absent whatever came before:
+    the replay's `live` projection skips their events (neither decoded nor folded). Bounded
+    by the number of settled sessions (one UUID each)."""
+    topic, ids, position = SESSION_SETTLED, set(), 0
+    for _ in range(stop // REPLAY_PAGE + 2):
+        page = scan(start=position, limit=REPLAY_PAGE, stop=stop, topics=(topic,),
+                    inclusive_of_start=False)
+        ids.update(n.originator_id for n in page)
+        if len(page) < REPLAY_PAGE:
+            break
+        position = page[-1].id
+    return ids
+
+
 def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str, int],
-               page: list) -> int:
-    """Decode `page` once; fold each projection's events (only those up to its stop)."""
+               page: list, settled: set) -> int:
+    """Decode `page` once; fold each projection's events (only those up to its stop; not
+    the `live` projection's of a session in `settled`)."""
     batches: dict[str, list] = {p.name: [] for p in projector._projections}
     decode = projector.ledger.mapper.to_domain_event
     everyone = min((stop.get(p.name, 0) for p in projector._projections), default=0)
@@ -167,6 +198,8 @@ def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str,
         readers = following.get(notification.topic, ())
         if notification.id > everyone:  # past some projection's stop: only those before it
             readers = [p for p in readers if notification.id <= stop.get(p.name, 0)]
+        if notification.originator_id in settled:
+            readers = [p for p in readers if p.name != "live"]
         if not readers:
             continue
         try:
