@@ -194,12 +194,15 @@ def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str,
     batches: dict[str, list] = {p.name: [] for p in projector._projections}
     decode = projector.ledger.mapper.to_domain_event
     everyone = min((stop.get(p.name, 0) for p in projector._projections), default=0)
+    skipped = 0
     for notification in page:
         readers = following.get(notification.topic, ())
         if notification.id > everyone:  # past some projection's stop: only those before it
             readers = [p for p in readers if notification.id <= stop.get(p.name, 0)]
         if notification.originator_id in settled:
+            folded = len(readers)
             readers = [p for p in readers if p.name != "live"]
+            skipped += folded - len(readers)  # accounted for: their effect is no row
         if not readers:
             continue
         try:
@@ -208,7 +211,7 @@ def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str,
             raise ProjectionStalled(stall_of(readers[0].name, notification, exc)) from exc
         for projection in readers:
             batches[projection.name].append((notification, event))
-    store, applied = projector._store, 0
+    store, applied = projector._store, skipped
     for projection in projector._projections:
         batch = batches[projection.name]
         try:
