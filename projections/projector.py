@@ -42,6 +42,7 @@ PATIENT_POOLS_LIMIT = 1000
 EVENTS_PER_WAKE = 50_000  # the background thread's bound per catch-up call (then it loops)
 STALL_RETRY_SECONDS = 60.0  # a stalled projection is retried this often (a fix needs a deploy)
 WAIT_POLL_SECONDS = 0.05  # readers re-read the tracking rows this often (other processes)
+WAKES_PER_POLL = 100  # a reader is also woken by each committed batch: at most this many a poll
 
 
 class ProjectionStalled(RuntimeError):
@@ -333,12 +334,13 @@ class Projector:
         """
         names = tuple(names) or tuple(p.name for p in self._projections)
         deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / WAIT_POLL_SECONDS) + 2):
+        # bounded by the deadline; the cap only guards against a clock that does not move
+        for _ in range(int(timeout / WAIT_POLL_SECONDS) * WAKES_PER_POLL + 2):
             positions = self._positions()
             reached = min(positions.get(name, 0) for name in names)
             if reached >= position:
                 return reached
-            stalled = [self._stalls[name] for name in names if name in self._stalls]
+            stalled = [s for s in map(self._stalls.get, names) if s is not None]
             if stalled:
                 raise ProjectionStalled(stalled[0])
             left = deadline - time.monotonic()
