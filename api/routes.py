@@ -191,7 +191,8 @@ def fresh(*names: str):
         try:
             reached = projector.wait_for(target, names, settings.read_wait_seconds)
         except ProjectionStalled as exc:
-            raise ProjectionsBehindRead(str(exc), position=exc.stall["position"] - 1,
+            reached = exc.reached if exc.reached is not None else exc.stall["position"] - 1
+            raise ProjectionsBehindRead(str(exc), position=reached,
                                         headers=_retry_after(settings)) from None
         except ProjectionsBehind as exc:
             raise ProjectionsBehindRead(

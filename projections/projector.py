@@ -48,11 +48,13 @@ WAKES_PER_POLL = 100  # a reader is also woken by each committed batch: at most 
 class ProjectionStalled(RuntimeError):
     """A projection stopped at an event it cannot apply. `stall` = {"projection", "position"
     (the event's notification id), "event_id" ("<originator_id>@<originator_version>"),
-    "topic", "error" ("<ExceptionType>: message")}."""
+    "topic", "error" ("<ExceptionType>: message")}; `reached`, from `wait_for`, is the
+    lowest position of the projections waited for."""
 
-    def __init__(self, stall: dict) -> None:
+    def __init__(self, stall: dict, reached: int | None = None) -> None:
         super().__init__(describe_stall(stall))
         self.stall = stall
+        self.reached = reached  # from `wait_for`: the position the projections did reach
 
 
 class ProjectionsBehind(TimeoutError):
@@ -342,7 +344,7 @@ class Projector:
                 return reached
             stalled = [s for s in map(self._stalls.get, names) if s is not None]
             if stalled:
-                raise ProjectionStalled(stalled[0])
+                raise ProjectionStalled(stalled[0], reached)
             left = deadline - time.monotonic()
             if left <= 0:
                 break

@@ -158,7 +158,7 @@ def test_the_service_shows_the_stall_on_readyz_metrics_and_reads(tmp_path, store
         balance = client.get("/v1/patients/p1/balance", headers=BACKEND)
         assert balance.status_code == 503 and balance.json()["code"] == "projections_behind"
         assert balance.headers["Retry-After"] and f"position {position}" in balance.json()["detail"]
-        assert balance.json()["position"] == position - 1
+        assert balance.json()["position"] < position  # how far it got: before the poison
         # a projection the poison does not touch still answers, current
         wallet = client.get("/v1/doctors/d1/wallet", headers=BACKEND)
         assert wallet.status_code == 200, wallet.text
