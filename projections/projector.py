@@ -42,6 +42,7 @@ PATIENT_POOLS_LIMIT = 1000
 EVENTS_PER_WAKE = 50_000  # the background thread's bound per catch-up call (then it loops)
 STALL_RETRY_SECONDS = 60.0  # a stalled projection is retried this often (a fix needs a deploy)
 WAIT_POLL_SECONDS = 0.05  # readers re-read the tracking rows this often (other processes)
+NOTIFY_POLL_FACTOR = 10  # on PostgreSQL (NOTIFY wakes the thread) it polls 10 times less often
 WAKES_PER_POLL = 100  # a reader is also woken by each committed batch: at most this many a poll
 
 
@@ -146,17 +147,91 @@ class Projector:
         for _ in range(rounds):
             if not pending or applied >= max_events:
                 break
-            still = []
+            positions = self._positions()  # one read per round (a stale one loses the CAS)
+            behind = [p for p in pending if positions.get(p.name, 0) < heads.get(p.name, 0)]
             for projection in pending:
+                if projection not in behind:
+                    self._resumed(projection.name)
+            # an event counts once per projection applying it: the bound holds for all
+            shared = min(BATCH_EVENTS, (max_events - applied) // max(1, len(behind)))
+            count = None
+            if len(behind) > 1 and shared > 0 and not any(p.name in self._stalls
+                                                          for p in behind):
+                count = self._together(behind, positions, heads, shared)
+            if count is not None:
+                applied += count[0]
+                pending = [] if count[1] else behind  # a partial page: all at their heads
+                continue
+            still = []  # one projection at a time: a poison event stops only its projection
+            for projection in behind:
                 limit = min(BATCH_EVENTS, max_events - applied)
-                count = self._step(projection, heads.get(projection.name, 0), limit) \
-                    if limit > 0 else 0
+                if limit <= 0:
+                    still.append(projection)
+                    continue
+                count = self._step(projection, heads.get(projection.name, 0), limit,
+                                   positions.get(projection.name, 0))
                 if count is not None:
                     applied += count
                     if projection.name not in self._stalls:
                         still.append(projection)
             pending = still
         return applied
+
+    def _together(self, projections: list[Projection], positions: dict[str, int],
+                  heads: dict[str, int], limit: int) -> tuple[int, bool] | None:
+        """One read (every projection's topics), each event decoded once, and ONE transaction
+        (each projection's advisory lock in name order, its tracking CAS, its changes) for
+        several projections; returns (events applied, whether all reached their heads) — (0,
+        False) on a lost race: re-read next round — or None if applying failed, and the caller
+        then goes one projection at a time."""
+        start = min(positions.get(p.name, 0) for p in projections)
+        stop = max(heads.get(p.name, 0) for p in projections)
+        topics = sorted({topic for p in projections for topic in p.topics})
+        notifications = self.ledger.recorder.select_notifications(
+            start=start, limit=limit, stop=stop, topics=topics, inclusive_of_start=False)
+        full = len(notifications) >= limit
+        plan = []
+        for projection in projections:
+            old, head = positions.get(projection.name, 0), heads.get(projection.name, 0)
+            new = min(notifications[-1].id, head) if full else head
+            if new > old:
+                follows = set(projection.topics)
+                plan.append((projection, old, new, [n for n in notifications
+                                                    if old < n.id <= new and n.topic in follows]))
+        decoded: dict[int, Any] = {}
+        try:
+            batches = [(p, old, new, [decoded[n.id] if n.id in decoded else
+                                      decoded.setdefault(n.id, self.ledger.mapper.
+                                                         to_domain_event(n)) for n in mine])
+                       for p, old, new, mine in plan]
+            with self._store.locked(), self._store.transaction():
+                for projection, *_ in sorted(batches, key=lambda b: b[0].name):
+                    self._store.lock(projection.name)
+                for projection, old, new, _ in batches:
+                    if not self._advance(projection.name, old, new):
+                        raise _LostRace(projection.name)
+                for projection, _, _, events in batches:
+                    projection.apply(self._store, events)
+        except _LostRace:
+            self._reset(p for p, *_ in plan)
+            self.races_lost += 1
+            return 0, False
+        except Exception as exc:  # noqa: BLE001 - a poison event, or the store is down
+            self._reset(p for p, *_ in plan)
+            if is_unavailable(exc):
+                raise
+            return None
+        except BaseException:
+            self._reset(p for p, *_ in plan)
+            raise
+        with self._progress:
+            self._progress.notify_all()
+        return sum(len(events) for *_, events in batches), not full
+
+    @staticmethod
+    def _reset(projections: Iterable[Projection]) -> None:
+        for projection in projections:
+            projection.reset()
 
     def _may_try(self, name: str) -> bool:
         """Not stalled, or stalled and due for its periodic retry."""
@@ -165,9 +240,10 @@ class Projector:
     def _head(self) -> int:
         return int(self.ledger.recorder.max_notification_id() or 0)
 
-    def _step(self, projection: Projection, head: int, limit: int) -> int | None:
-        """Apply one batch of `projection`; returns events applied, or None if caught up."""
-        position = self._positions().get(projection.name, 0)
+    def _step(self, projection: Projection, head: int, limit: int,
+              position: int) -> int | None:
+        """Apply one batch of `projection` from its tracked `position` (as read this round);
+        returns events applied, or None if caught up."""
         if position >= head:
             self._resumed(projection.name)
             return None
@@ -307,8 +383,10 @@ class Projector:
         self._wake.set()
 
     def _run(self) -> None:
+        # with PostgreSQL NOTIFY every write wakes the thread: the poll is only a safety net
+        poll = self._poll_seconds * (NOTIFY_POLL_FACTOR if self._signal is not None else 1)
         while not self._stop.is_set():
-            self._wake.wait(self._poll_seconds)
+            self._wake.wait(poll)
             self._wake.clear()
             if self._stop.is_set():
                 return
