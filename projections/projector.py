@@ -155,8 +155,8 @@ class Projector:
             # an event counts once per projection applying it: the bound holds for all
             shared = min(BATCH_EVENTS, (max_events - applied) // max(1, len(behind)))
             count = None
-            if len(behind) > 1 and shared > 0 and not any(p.name in self._stalls
-                                                          for p in behind):
+            if self._store.kind == "postgres" and len(behind) > 1 and shared > 0 \
+                    and not any(p.name in self._stalls for p in behind):
                 count = self._together(behind, positions, heads, shared)
             if count is not None:
                 applied += count[0]
@@ -181,7 +181,8 @@ class Projector:
                   heads: dict[str, int], limit: int) -> tuple[int, bool] | None:
         """One read (every projection's topics), each event decoded once, and ONE transaction
         (each projection's advisory lock in name order, its tracking CAS, its changes) for
-        several projections; returns (events applied, whether all reached their heads) — (0,
+        several projections. PostgreSQL only: on SQLite the views share the ledger's file and
+        its one write lock, which a shorter transaction per projection holds less long; returns (events applied, whether all reached their heads) — (0,
         False) on a lost race: re-read next round — or None if applying failed, and the caller
         then goes one projection at a time."""
         start = min(positions.get(p.name, 0) for p in projections)

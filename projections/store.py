@@ -205,6 +205,17 @@ class PostgresStore(Store):
                 cur.executemany(self._sql(sql), rows)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """As Store.query; outside a transaction a connection found broken (the server
+        restarted, the network dropped it) is re-opened and the read tried once more."""
+        from psycopg import OperationalError, pq
+
+        conn = self.conn
+        idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
+        try:
+            return conn.execute(self._sql(sql), params).fetchall()
+        except OperationalError:
+            if not (idle and conn.broken):
+                raise
         return self.conn.execute(self._sql(sql), params).fetchall()
 
     def query_binary(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
