@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends
 
 from api.auth import ReadRole, require
 from api.problems import problem_responses
-from api.routes import Ident, LedgerDep, ProjectorDep
+from api.routes import FreshMarketplace, Ident, LedgerDep, ProjectorDep
 from ledger.consultations import PriceList
 from ledger.marketplace import get_consultation
 
@@ -78,14 +78,18 @@ def get_consultation_route(consultation_id: Ident, role: ReadRole, ledger: Ledge
 
 
 @router.get("/v1/patients/{patient_id}/wallet", responses=problem_responses(401, 403, 422, 500, 503))
-def get_patient_wallet(patient_id: Ident, role: ReadRole, projector: ProjectorDep) -> dict:
-    """A patient's money wallets per currency: available, held, captured, refunded, debt (§10)."""
+def get_patient_wallet(patient_id: Ident, role: ReadRole, projector: ProjectorDep,
+                       position: FreshMarketplace) -> dict:
+    """A patient's money wallets per currency: available, held, captured, refunded, debt (§10).
+    Reflects `min_position` (default: the head when the read began), api/routes.py `fresh`."""
     return projector.patient_money_wallet(patient_id)
 
 
-@router.get("/v1/platform/accounts", responses=problem_responses(401, 403, 500, 503))
-def get_platform_accounts(role: AccountsRole, projector: ProjectorDep) -> dict:
-    """The platform account and the tax-payable account per currency (admin, auditor; §10)."""
+@router.get("/v1/platform/accounts", responses=problem_responses(401, 403, 422, 500, 503))
+def get_platform_accounts(role: AccountsRole, projector: ProjectorDep,
+                          position: FreshMarketplace) -> dict:
+    """The platform account and the tax-payable account per currency (admin, auditor; §10).
+    Reflects `min_position` (default: the head when the read began), api/routes.py `fresh`."""
     return projector.platform_accounts()
 
 

@@ -75,7 +75,9 @@ def _projection_check(state) -> dict:
     reason = None
     if health["stalled"] is not None:
         stalled = health["stalled"]
-        reason = f"stalled at position {stalled['position']} ({stalled['topic']}): {stalled['error']}"
+        reason = (f"projection {stalled.get('projection', '?')} stalled at position "
+                  f"{stalled['position']} (event {stalled.get('event_id')}, topic "
+                  f"{stalled['topic']}): {stalled['error']}")
     elif health["lag_events"] > settings.ready_max_lag_events:
         reason = f"lagging {health['lag_events']} events (bound {settings.ready_max_lag_events})"
     elif (health["lag_seconds"] or 0) > settings.ready_max_lag_seconds:

@@ -97,6 +97,12 @@ ProviderNotConfigured = _api_error("ProviderNotConfigured", "provider_not_config
 NotReady = _api_error("NotReady", "not_ready", 503, "The service is not ready",
                       when="`GET /readyz`: the store, the projections or the scheduler is not "
                            "ready; `checks` says which and why")
+ProjectionsBehindRead = _api_error(
+    "ProjectionsBehindRead", "projections_behind", 503, "The read model is not yet current",
+    when="a read of a projection (balance, wallet, money wallet, platform accounts) whose "
+         "projection did not reach `min_position` (default: the head when the read began) "
+         "within `LEDGER_READ_WAIT_SECONDS`, or is stalled at an event it cannot apply: retry "
+         "after `Retry-After`; `position` says how far it is")
 InternalError = _api_error("InternalError", "internal_error", 500, "Internal server error",
                            when="an unexpected error; it is logged, nothing is recorded for it")
 # What the framework itself answers (routing, body parsing), by status.

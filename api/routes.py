@@ -5,9 +5,10 @@ its thread pool). Errors are raised as LedgerError subclasses and rendered by ap
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -19,7 +20,9 @@ from api.problems import (
     ClockNotManual,
     InternalError,
     Problem,
+    ProjectionsBehindRead,
     ServiceUnavailable,
+    ValidationFailed,
     error_problem,
     problem_response,
     problem_responses,
@@ -31,6 +34,7 @@ from api.statements import session_resource
 from ledger.errors import DoctorNotFound, LedgerError, UnknownPatient
 from ledger.input_rules import ID_MAX_LENGTH, ID_PATTERN, id_problem, occurred_at_window, within
 from ledger.rules import utc_seconds
+from projections import ProjectionsBehind, ProjectionStalled
 from storage import is_unavailable
 
 log = logging.getLogger("api")
@@ -116,19 +120,98 @@ ClockDep = Annotated[Any, Depends(get_clock)]
 TickDep = Annotated[Any, Depends(get_tick)]
 
 
-def catch_up(request: Request) -> None:
-    """Bring the read models up to date after accepted writes (read-your-writes).
+POSITION_HEADER = "Ledger-Position"
+_positions: ContextVar[list[int | None] | None] = ContextVar("written_positions", default=None)
 
-    The write is already durable; a failure here is logged and the projections catch up at the
-    next write or tick.
+
+def noted_positions() -> list[int | None]:
+    """A fresh list, filled by `note_position` during this request's writes."""
+    positions: list[int | None] = []
+    _positions.set(positions)
+    return positions
+
+
+def note_position(accepted) -> None:
+    """Remember `accepted.position` (None for a replay, or a ledger that does not say)."""
+    positions = _positions.get()
+    if positions is not None:
+        positions.append(getattr(accepted, "position", None))
+
+
+def catch_up(request: Request) -> None:
+    """Tell this worker's background projector that events were written; returns at once.
+
+    The projections are applied outside the request (projections/projector.py `start`); a
+    reader that must see this write passes the response's `Ledger-Position` as `min_position`
+    (docs/design.md, "Projections outside the request").
     """
     projector = getattr(request.app.state, "projector", None)
-    if projector is None:
-        return
-    try:
-        projector.catch_up()  # the Projector serialises concurrent catch-ups itself
-    except Exception:  # noqa: BLE001 - never fail an accepted write
-        log.exception("projection catch-up failed after an accepted write")
+    wake = getattr(projector, "wake", None)
+    if wake is not None:
+        wake()
+
+
+def written_position(ledger, positions: list[int | None]) -> int:
+    """The notification id a reader must wait for to see these writes: the highest
+    `Accepted.position` when the ledger reports them, else the head now (which is at least
+    every committed write's position, replays included)."""
+    known = [p for p in positions if p is not None]
+    if known and len(known) == len(positions):
+        return max(known)
+    return int(ledger.recorder.max_notification_id() or 0)
+
+
+MinPosition = Annotated[int | None, Query(
+    ge=0, le=2**63 - 1,
+    description="notification id the read must reflect (e.g. a write's `Ledger-Position`); "
+                "default: the log's head when the read begins. The read waits for it (at most "
+                "`LEDGER_READ_WAIT_SECONDS`, 2 s), else 503 `projections_behind`. `0`: answer "
+                "at once from the projection as it is (it may lag)")]
+
+
+def fresh(*names: str):
+    """A dependency for reads of the projections `names`: wait until they reach the client's
+    `min_position` (default: the head now); set `Ledger-Position` to the position the answer
+    reflects. Raises 422 `validation_error` for a position beyond the head and 503
+    `projections_behind` (with Retry-After) if it is not reached in time or is stalled."""
+
+    def wait_for_position(request: Request, response: Response,
+                          min_position: MinPosition = None) -> int:
+        projector, ledger = get_projector(request), get_ledger(request)
+        settings = request.app.state.settings
+        if request.query_params.get("as_of") is not None:
+            return 0  # an as-of read comes from the audit history, not the projections
+        head = int(ledger.recorder.max_notification_id() or 0)
+        if min_position is not None and min_position > head:
+            raise ValidationFailed(
+                f"min_position {min_position} is beyond the log's head {head}",
+                errors=[{"loc": ["query", "min_position"], "type": "less_than_equal",
+                         "msg": f"Input should be less than or equal to {head}"}])
+        target = head if min_position is None else min_position
+        try:
+            reached = projector.wait_for(target, names, settings.read_wait_seconds)
+        except ProjectionStalled as exc:
+            reached = exc.reached if exc.reached is not None else exc.stall["position"] - 1
+            raise ProjectionsBehindRead(str(exc), position=reached,
+                                        headers=_retry_after(settings)) from None
+        except ProjectionsBehind as exc:
+            raise ProjectionsBehindRead(
+                f"the {'/'.join(names)} projection is at position {exc.reached}, not yet "
+                f"{exc.target}, after {settings.read_wait_seconds} s",
+                position=exc.reached, headers=_retry_after(settings)) from None
+        response.headers[POSITION_HEADER] = str(reached)
+        return reached
+
+    return Depends(wait_for_position)
+
+
+def _retry_after(settings) -> dict[str, str]:
+    return {"Retry-After": str(settings.retry_after_seconds)}
+
+
+FreshBalances = Annotated[int, fresh("balances")]
+FreshWallets = Annotated[int, fresh("wallets")]
+FreshMarketplace = Annotated[int, fresh("marketplace")]
 
 
 # ------------------------------------------------------------------------------- health
@@ -155,6 +238,7 @@ def _ingest(ledger, event) -> tuple[int, dict, bool]:
         raise
     event_answered(event.type, event.event_id, session_id,
                    "replayed" if accepted.replayed else "accepted")
+    note_position(accepted)
     return (200 if accepted.replayed else 201), accepted.result, accepted.replayed
 
 
@@ -191,12 +275,18 @@ def post_events(
 ) -> JSONResponse:
     """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
     if isinstance(body, EventBatch):
-        return _post_batch(request, ledger, body, role)
+        positions = noted_positions()
+        response = _post_batch(request, ledger, body, role)
+        if response.status_code == 200:
+            response.headers[POSITION_HEADER] = str(written_position(ledger, positions))
+        return response
     _authorize(body, role)
+    positions = noted_positions()
     status, result, replayed = _ingest(ledger, body)
     if not replayed:
         catch_up(request)
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    headers[POSITION_HEADER] = str(written_position(ledger, positions or [None]))
     return JSONResponse(result, status_code=status, headers=headers)
 
 
@@ -297,9 +387,11 @@ def get_appointment(appointment_id: Ident, role: ReadRole, ledger: LedgerDep) ->
             responses=problem_responses(401, 403, 404, 422, 500, 503))
 def get_patient_balance(request: Request, patient_id: Ident, role: ReadRole,
                         projector: ProjectorDep, clock: ClockDep, ledger: LedgerDep,
-                        as_of: AsOfQuery = None) -> dict:
+                        position: FreshBalances, as_of: AsOfQuery = None) -> dict:
     """Units per bucket usable now and per pool (projection); 404 `unknown_patient` for a
-    patient who holds no pool. With `as_of`: as the ledger showed it then (docs/audit.md)."""
+    patient who holds no pool. With `as_of`: as the ledger showed it then (docs/audit.md).
+    Reflects every event up to `min_position` (default: the head when the read began);
+    `Ledger-Position` says up to where."""
     if as_of is not None:
         return patient_balance_as_of(request, patient_id, as_of)
     balance = projector.patient_balance(patient_id, clock())
@@ -312,10 +404,11 @@ def get_patient_balance(request: Request, patient_id: Ident, role: ReadRole,
             responses=problem_responses(401, 403, 404, 422, 500, 503))
 def get_doctor_wallet(request: Request, doctor_id: Ident, role: ReadRole,
                       projector: ProjectorDep, ledger: LedgerDep,
-                      as_of: AsOfQuery = None) -> dict:
+                      position: FreshWallets, as_of: AsOfQuery = None) -> dict:
     """Pending, available, held and withdrawn pay per currency (projection); 404
     `unknown_doctor` for a doctor never registered. With `as_of`: as the ledger showed it then
-    (docs/audit.md)."""
+    (docs/audit.md). Reflects every event up to `min_position` (default: the head when the
+    read began); `Ledger-Position` says up to where."""
     if as_of is not None:
         return doctor_wallet_as_of(request, doctor_id, as_of)
     wallet = projector.doctor_wallet(doctor_id)

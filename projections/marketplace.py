@@ -45,24 +45,31 @@ class MarketplaceView(Projection):
             MoneyWallet.ConsultationRefunded: self._consultation_refunded,
             Consultation.Closed: self._closed, Consultation.Refunded: self._refunded,
         }
+        self.reset()
 
     def reset(self) -> None:
         self.consultations.clear()
-
-    def apply(self, store: Store, events: list) -> None:
         self.wallets = Deltas("money_wallets", ("patient_id", "currency"), MONEY_WALLET_FIELDS)
         self.platform = Deltas("platform_accounts", ("currency",), PLATFORM_FIELDS)
-        rows: dict[str, tuple | None] = {}
+        self.states: dict[str, Consultation] = {}  # consultation_id -> its last state
+
+    def fold(self, store: Store, events: list) -> None:
         for e in events:
             handler = self.handlers.get(type(e))
             if handler is not None:
                 handler(e)
             if isinstance(e, Consultation.Event):
                 c = self.consultations.state_after(e)
-                rows[c.consultation_id] = self._row(store, c)
+                self.states[c.consultation_id] = c
+
+    def flush(self, store: Store) -> None:
         self.wallets.flush(store)
         self.platform.flush(store)
-        self._flush(store, rows)
+        self._flush(store, {cid: self._row(store, c) for cid, c in self.states.items()})
+        self.states = {}
+
+    def pending(self) -> int:
+        return len(self.wallets.rows) + len(self.platform.rows) + len(self.states)
 
     # ---- money wallets (I11)
 
@@ -123,13 +130,13 @@ class MarketplaceView(Projection):
 
     @staticmethod
     def _flush(store: Store, rows: dict[str, tuple | None]) -> None:
-        store.executemany("DELETE FROM live_consultations WHERE consultation_id = ?",
-                          [(cid,) for cid, row in rows.items() if row is None])
-        store.executemany(
-            "INSERT INTO live_consultations (consultation_id, patient_id, practitioner_id, "
-            "status, next_due_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consultation_id) DO UPDATE "
-            "SET status = excluded.status, next_due_at = excluded.next_due_at",
-            [row for row in rows.values() if row is not None])
+        store.delete_keys("live_consultations", "consultation_id",
+                          [cid for cid, row in rows.items() if row is None])
+        store.upsert("live_consultations", ("consultation_id",),
+                     ("consultation_id", "patient_id", "practitioner_id", "status",
+                      "next_due_at"),
+                     "status = excluded.status, next_due_at = excluded.next_due_at",
+                     [row for row in rows.values() if row is not None])
 
 
 # ------------------------------------------------------------------------------------ reads

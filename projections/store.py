@@ -21,6 +21,7 @@ from storage import connect_options, is_postgres, postgres_conninfo, postgres_pa
 
 BUSY_TIMEOUT_SECONDS = 30
 STORE_TIMEOUT_SECONDS = 3  # bound on (re)connecting to PostgreSQL: an outage answers fast
+COPY_MIN_ROWS = 1000  # PostgreSQL upserts of at least this many rows go through COPY
 
 
 def utc(moment: datetime) -> datetime:
@@ -70,6 +71,20 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
+
+    def upsert(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
+               rows: list[Sequence[Any]]) -> None:
+        """Insert `rows` (tuples in `cols` order, unique per `keys`); a row whose key exists
+        runs `sets` (SQL, e.g. "n = t.n + excluded.n") instead. Inside the caller's
+        transaction."""
+        if rows:
+            self.executemany(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}", rows)
+
+    def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
+        """Delete the rows whose `key` column is one of `values`."""
+        self.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(v,) for v in values])
 
     def transaction(self):
         """Context manager: one write transaction, rolled back on any exception."""
@@ -190,7 +205,45 @@ class PostgresStore(Store):
                 cur.executemany(self._sql(sql), rows)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """As Store.query; outside a transaction a connection found broken (the server
+        restarted, the network dropped it) is re-opened and the read tried once more."""
+        from psycopg import OperationalError, pq
+
+        conn = self.conn
+        idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
+        try:
+            return conn.execute(self._sql(sql), params).fetchall()
+        except OperationalError:
+            if not (idle and conn.broken):
+                raise
         return self.conn.execute(self._sql(sql), params).fetchall()
+
+    def query_binary(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """As `query`, the results in PostgreSQL's binary format (bytea without hex)."""
+        with self.conn.cursor(binary=True) as cur:
+            return cur.execute(self._sql(sql), params).fetchall()
+
+    def upsert(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
+               rows: list[Sequence[Any]]) -> None:
+        """As Store.upsert; from COPY_MIN_ROWS rows on, COPY into a temporary staging table
+        then one INSERT … SELECT … ON CONFLICT (a round trip per row costs more)."""
+        if len(rows) < COPY_MIN_ROWS:
+            super().upsert(table, keys, cols, sets, rows)
+            return
+        stage, columns = f"stage_{table}", ", ".join(cols)
+        with self.conn.cursor() as cur:
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) "
+                        "ON COMMIT DELETE ROWS")
+            with cur.copy(f"COPY {stage} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
+                        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}")
+            cur.execute(f"TRUNCATE {stage}")
+
+    def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
+        if values:
+            self.conn.execute(f"DELETE FROM {table} WHERE {key} = ANY(%s)", (list(values),))
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -9,23 +9,30 @@ streamed in key order from both stores and merged. Live rows are also checked fo
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
+from eventsourcing.utils import get_topic
+
+from ledger.domain import Session
 from ledger.rules import Policy
-from projections.projector import Projector
+from projections.projector import Projector, ProjectionStalled, describe_stall, stall_of
 from projections.store import Store
 from storage import is_postgres, postgres_conninfo, postgres_parts
 from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
 from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
 
 PAGE = 1000
+SESSION_SETTLED = get_topic(Session.Settled)
 MAX_PAGES = 10_000_000  # bound on pages per table (10^10 accounts)
 REPLAY_CHUNK = 50_000
+REPLAY_PAGE = 10_000  # notifications read and decoded at a time
+FLUSH_ROWS = 20_000  # pending rows a projection folds in memory before writing them
 TS_COLUMNS = frozenset({"starts_at", "effective_end", "added_at", "removed_at", "next_due_at"})
 BOOL_COLUMNS = frozenset({"expired", "refunded", "active"})
 Progress = Callable[[int, int], None]
@@ -93,12 +100,16 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
     live = Projector(ledger, database_url, policy)
     try:
         _drain(live, live._head(), None)
+        report.differences += [f"live {describe_stall(stall)}" for stall in live.stalls()]
         positions = live._positions()
         report.position = min(positions.values(), default=0)
         with scratch_url(database_url) as url:
             replay = Projector(ledger, url, policy)
             try:
-                report.events = _drain(replay, positions, progress)
+                scan = None
+                if live._store.kind == "postgres":
+                    scan = scan_postgres(live._store, ledger.recorder.events_table_name)
+                report.events = bulk_replay(replay, positions, progress, scan)
                 for account in ACCOUNTS:
                     compare(account, live._store, replay._store, report)
             finally:
@@ -109,6 +120,153 @@ def replay_verify(ledger: Any, database_url: str, policy: Policy,
     finally:
         live.close()
     return report
+
+
+def bulk_replay(projector: Projector, stop: dict[str, int],
+                progress: Progress | None = None, scan: Any = None) -> int:
+    """Rebuild `projector`'s (empty, scratch) views from position zero up to `stop` (per
+    projection name) in one pass over the log; returns events applied across projections.
+
+    Each page of REPLAY_PAGE notifications (every projection's topics, nothing else; `scan`
+    reads them, default the recorder) is read once and each event decoded once; every
+    projection folds its events in memory (`Projection.fold`) and writes only when its pending
+    rows pass FLUSH_ROWS, and at the end (`flush`: one upsert per table, COPY on PostgreSQL), so
+    an account touched on many pages is written about once. The projection code is the live
+    one, so the comparison checks it. Memory: one page of events plus at most FLUSH_ROWS
+    pending rows per projection and its bounded caches. Raises ProjectionStalled on an event a
+    projection cannot decode or apply (the live projection would have stalled there first).
+    """
+    projections = projector._projections
+    following: dict[str, list] = {}
+    for projection in projections:
+        for topic in projection.topics:
+            following.setdefault(topic, []).append(projection)
+    scan = scan or projector.ledger.recorder.select_notifications
+    target = max(stop.values(), default=0)
+    position, applied = 0, 0
+    store = projector._store
+    settled = settled_sessions(scan, stop.get("live", 0))
+    topics = tuple(following)
+    with store.locked(), store.transaction(), ThreadPoolExecutor(1, "replay-scan") as reader:
+        # the next page is read (the database's time, and the driver's) while this one folds
+        ahead = reader.submit(scan, start=0, limit=REPLAY_PAGE, stop=target, topics=topics,
+                              inclusive_of_start=False) if target > 0 else None
+        for _ in range(target // REPLAY_PAGE + 2):
+            if ahead is None:
+                break
+            page = ahead.result()
+            position = page[-1].id if len(page) >= REPLAY_PAGE else target
+            ahead = reader.submit(scan, start=position, limit=REPLAY_PAGE, stop=target,
+                                  topics=topics, inclusive_of_start=False) \
+                if position < target else None
+            applied += _fold_page(projector, following, stop, page, settled)
+            if progress is not None:
+                progress(position, target)
+        for projection in projections:
+            _flush(projection, store, [])
+        store.executemany("UPDATE projection_tracking SET notification_id = ? WHERE name = ?",
+                          [(stop.get(p.name, 0), p.name) for p in projections])
+    return applied
+
+
+def settled_sessions(scan: Any, stop: int) -> set:
+    """originator_id of every session settled at or before notification id `stop`.
+
+    Settlement is final (a settled session takes no further event, ledger/domain.py) and the
+    `live` view holds unsettled sessions only, so their rows end absent whatever came before:
+    the replay's `live` projection skips their events (neither decoded nor folded). Bounded
+    by the number of settled sessions (one UUID each)."""
+    topic, ids, position = SESSION_SETTLED, set(), 0
+    for _ in range(stop // REPLAY_PAGE + 2):
+        page = scan(start=position, limit=REPLAY_PAGE, stop=stop, topics=(topic,),
+                    inclusive_of_start=False)
+        ids.update(n.originator_id for n in page)
+        if len(page) < REPLAY_PAGE:
+            break
+        position = page[-1].id
+    return ids
+
+
+def _fold_page(projector: Projector, following: dict[str, list], stop: dict[str, int],
+               page: list, settled: set) -> int:
+    """Decode `page` once; fold each projection's events (only those up to its stop; not
+    the `live` projection's of a session in `settled`)."""
+    batches: dict[str, list] = {p.name: [] for p in projector._projections}
+    decode = projector.ledger.mapper.to_domain_event
+    everyone = min((stop.get(p.name, 0) for p in projector._projections), default=0)
+    skipped = 0
+    for notification in page:
+        readers = following.get(notification.topic, ())
+        if notification.id > everyone:  # past some projection's stop: only those before it
+            readers = [p for p in readers if notification.id <= stop.get(p.name, 0)]
+        if notification.originator_id in settled:
+            folded = len(readers)
+            readers = [p for p in readers if p.name != "live"]
+            skipped += folded - len(readers)  # accounted for: their effect is no row
+        if not readers:
+            continue
+        try:
+            event = decode(notification)
+        except Exception as exc:  # noqa: BLE001 - a poison event: name it
+            raise ProjectionStalled(stall_of(readers[0].name, notification, exc)) from exc
+        for projection in readers:
+            batches[projection.name].append((notification, event))
+    store, applied = projector._store, skipped
+    for projection in projector._projections:
+        batch = batches[projection.name]
+        try:
+            projection.fold(store, [event for _, event in batch])
+        except Exception as exc:  # noqa: BLE001 - name the page of the failing event
+            raise ProjectionStalled(_first_failing(projector, projection, batch, exc)) from exc
+        if projection.pending() >= FLUSH_ROWS:
+            _flush(projection, store, batch)
+        applied += len(batch)
+    return applied
+
+
+def _flush(projection: Any, store: Store, batch: list) -> None:
+    try:
+        projection.flush(store)
+    except Exception as exc:  # noqa: BLE001 - name the page
+        raise ProjectionStalled(_first_failing(None, projection, batch, exc)) from exc
+
+
+def scan_postgres(store: Store, table: str) -> Any:
+    """A `select_notifications` over the events `table` of the store's schema for the
+    replay: tuple rows on the view store's connection (the recorder's own builds a dict per
+    row), same arguments and Notification results."""
+    def select(start: int, limit: int, stop: int, topics: tuple, inclusive_of_start: bool):
+        assert not inclusive_of_start
+        with store.locked():
+            rows = store.query_binary(
+                f"SELECT notification_id, originator_id, originator_version, topic, state "
+                f"FROM {table} WHERE notification_id > ? AND notification_id <= ? "
+                f"AND topic = ANY(?) ORDER BY notification_id LIMIT ?",
+                (start, stop, list(topics), limit))
+        return list(map(StoredRow._make, rows))
+
+    return select
+
+
+class StoredRow(NamedTuple):
+    """A stored event as the replay reads it: what the mapper and the stall report use."""
+
+    id: int
+    originator_id: Any
+    originator_version: int
+    topic: str
+    state: bytes
+
+
+def _first_failing(projector: Projector, projection: Any, batch: list, exc: Exception) -> dict:
+    """A stall for a page `projection` could not apply: the live projection applied these
+    events (a poison stalls it first, and the replay stops at its position), so this is a
+    projection that is not deterministic; the page's range is named."""
+    first, last = (batch[0][0], batch[-1][0]) if batch else (None, None)
+    stall = stall_of(projection.name, first, exc)
+    if last is not None:
+        stall["event_id"] = f"one of the events at positions {first.id}..{last.id}"
+    return stall
 
 
 def _drain(projector: Projector, stop: int | dict[str, int], progress: Progress | None) -> int:

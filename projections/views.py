@@ -52,13 +52,38 @@ class Deltas:
             row[self.index[name]] += int(amount)
 
     def flush(self, store: Store) -> None:
-        cols = self.keys + self.fields
         sets = ", ".join(f"{f} = {self.table}.{f} + excluded.{f}" for f in self.fields)
-        sql = (f"INSERT INTO {self.table} ({', '.join(cols)}) "
-               f"VALUES ({', '.join('?' * len(cols))}) "
-               f"ON CONFLICT ({', '.join(self.keys)}) DO UPDATE SET {sets}")
-        store.executemany(sql, [key + tuple(vals) for key, vals in self.rows.items()])
+        store.upsert(self.table, self.keys, self.keys + self.fields, sets,
+                     [key + tuple(vals) for key, vals in self.rows.items()])
         self.rows.clear()
+
+
+class Writes:
+    """Row statements of one batch, kept per table in event order and sent at the end of the
+    batch as one executemany per run of the same statement: the order within a table is kept
+    and the tables are independent (no foreign keys), so the result is the same as executing
+    each at once, with a round trip per run instead of per row."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[tuple[str, tuple]]] = {}
+
+    def add(self, table: str, sql: str, params: tuple) -> None:
+        self.tables.setdefault(table, []).append((sql, params))
+
+    def __len__(self) -> int:
+        return sum(len(statements) for statements in self.tables.values())
+
+    def flush(self, store: Store) -> None:
+        for statements in self.tables.values():
+            run_sql, run = "", []
+            for sql, params in statements:
+                if sql != run_sql and run:
+                    store.executemany(run_sql, run)
+                    run = []
+                run_sql = sql
+                run.append(params)
+            store.executemany(run_sql, run)
+        self.tables.clear()
 
 
 class Projection:
@@ -73,7 +98,21 @@ class Projection:
 
     def apply(self, store: Store, events: list) -> None:
         """Apply `events` (in ledger order) inside the caller's transaction."""
+        self.fold(store, events)
+        self.flush(store)
+
+    def fold(self, store: Store, events: list) -> None:
+        """Fold `events` (in ledger order) into the pending changes (in memory; reads from
+        `store` only what earlier flushes wrote)."""
         raise NotImplementedError
+
+    def flush(self, store: Store) -> None:
+        """Write the pending changes inside the caller's transaction, and forget them."""
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Rows the pending changes will write (a bound for callers folding many batches)."""
+        return 0
 
     def reset(self) -> None:
         """Forget in-memory state after a rolled-back batch."""
@@ -99,40 +138,53 @@ class Balances(Projection):
                          Pool.Charged: self._charged, Pool.Released: self._released,
                          Pool.Reversed: self._reversed, Pool.Expired: self._expired,
                          Pool.Revoked: self._revoked}
+        self.reset()
 
-    def apply(self, store: Store, events: list) -> None:
+    def reset(self) -> None:
         self.pools = Deltas("balance_pool_buckets", ("pool_id", "bucket"), POOL_FIELDS)
         self.patients = Deltas("balance_patient_buckets", ("patient_id", "bucket"), PATIENT_FIELDS)
+        self.writes = Writes()
+
+    def fold(self, store: Store, events: list) -> None:
         for event in events:
             handler = self.handlers.get(type(event))
             if handler is not None:
                 handler(store, event, str(event.originator_id))
+
+    def flush(self, store: Store) -> None:
+        self.writes.flush(store)
         self.pools.flush(store)
         self.patients.flush(store)
 
+    def pending(self) -> int:
+        return len(self.writes) + len(self.pools.rows) + len(self.patients.rows)
+
     def _granted(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("INSERT INTO balance_pools (pool_id, payment_reference, owner_id, starts_at, "
-                      "effective_end, expired, refunded) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (pool_id, e.payment_reference, e.owner_id, store.ts(e.starts_at),
-                       store.ts(e.effective_end), False, False))
-        store.execute("INSERT INTO balance_members (pool_id, patient_id, role, active, added_at, "
-                      "removed_at) VALUES (?, ?, ?, ?, ?, NULL)",
-                      (pool_id, e.owner_id, "owner", True, store.ts(e.starts_at)))
+        self.writes.add("balance_pools",
+                        "INSERT INTO balance_pools (pool_id, payment_reference, owner_id, "
+                        "starts_at, effective_end, expired, refunded) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (pool_id, e.payment_reference, e.owner_id, store.ts(e.starts_at),
+                         store.ts(e.effective_end), False, False))
+        self.writes.add("balance_members",
+                        "INSERT INTO balance_members (pool_id, patient_id, role, active, "
+                        "added_at, removed_at) VALUES (?, ?, ?, ?, ?, NULL)",
+                        (pool_id, e.owner_id, "owner", True, store.ts(e.starts_at)))
         for bucket in BUCKETS:
             units = int(e.plan["units"].get(bucket, 0))
             self.pools.add((pool_id, bucket), granted=units, free=units)
 
     def _member_added(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("INSERT INTO balance_members (pool_id, patient_id, role, active, added_at, "
-                      "removed_at) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (pool_id, patient_id) "
-                      "DO UPDATE SET active = excluded.active, added_at = excluded.added_at, "
-                      "removed_at = NULL",
-                      (pool_id, e.patient_id, "member", True, store.ts(e.at)))
+        self.writes.add("balance_members",
+                        "INSERT INTO balance_members (pool_id, patient_id, role, active, "
+                        "added_at, removed_at) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT "
+                        "(pool_id, patient_id) DO UPDATE SET active = excluded.active, "
+                        "added_at = excluded.added_at, removed_at = NULL",
+                        (pool_id, e.patient_id, "member", True, store.ts(e.at)))
 
     def _member_removed(self, store: Store, e: Any, pool_id: str) -> None:
-        store.execute("UPDATE balance_members SET active = ?, removed_at = ? "
-                      "WHERE pool_id = ? AND patient_id = ?",
-                      (False, store.ts(e.at), pool_id, e.patient_id))
+        self.writes.add("balance_members", "UPDATE balance_members SET active = ?, "
+                        "removed_at = ? WHERE pool_id = ? AND patient_id = ?",
+                        (False, store.ts(e.at), pool_id, e.patient_id))
 
     def _held(self, store: Store, e: Any, pool_id: str) -> None:
         self.pools.add((pool_id, e.bucket), free=-1, held=1)
@@ -160,12 +212,14 @@ class Balances(Projection):
     def _expired(self, store: Store, e: Any, pool_id: str) -> None:
         for bucket, units in e.forfeited.items():
             self.pools.add((pool_id, bucket), forfeited=units, free=-units)
-        store.execute("UPDATE balance_pools SET expired = ? WHERE pool_id = ?", (True, pool_id))
+        self.writes.add("balance_pools", "UPDATE balance_pools SET expired = ? WHERE pool_id = ?",
+                        (True, pool_id))
 
     def _revoked(self, store: Store, e: Any, pool_id: str) -> None:
         for bucket, units in e.revoked.items():
             self.pools.add((pool_id, bucket), revoked=units, free=-units)
-        store.execute("UPDATE balance_pools SET refunded = ? WHERE pool_id = ?", (True, pool_id))
+        self.writes.add("balance_pools", "UPDATE balance_pools SET refunded = ? WHERE pool_id = ?",
+                        (True, pool_id))
 
 
 # --------------------------------------------------------------------------------- wallets
@@ -198,14 +252,24 @@ class Wallets(Projection):
                          Consultation.Closed: self._share_captured,
                          Consultation.Refunded: self._share_refunded,
                          Wallet.EarningCredited: self._earning_credited}
+        self.reset()
 
-    def apply(self, store: Store, events: list) -> None:
+    def reset(self) -> None:
         self.wallets = Deltas("wallet_balances", ("doctor_id", "currency"), WALLET_FIELDS)
+        self.writes = Writes()
+
+    def fold(self, store: Store, events: list) -> None:
         for event in events:
             handler = self.handlers.get(type(event))
             if handler is not None:
                 handler(store, event)
+
+    def flush(self, store: Store) -> None:
+        self.writes.flush(store)
         self.wallets.flush(store)
+
+    def pending(self) -> int:
+        return len(self.writes) + len(self.wallets.rows)
 
     def _auto_deducted(self, store: Store, e: Any) -> None:
         self.wallets.add((e.doctor_id, e.currency), credited=e.pay_minor, pending=e.pay_minor)
@@ -220,8 +284,8 @@ class Wallets(Projection):
 
     def _opened(self, store: Store, e: Any) -> None:
         wallet_id = str(e.originator_id)
-        store.execute("INSERT INTO wallet_ids (wallet_id, doctor_id, currency) VALUES (?, ?, ?)",
-                      (wallet_id, e.doctor_id, e.currency))
+        self.writes.add("wallet_ids", "INSERT INTO wallet_ids (wallet_id, doctor_id, currency) "
+                        "VALUES (?, ?, ?)", (wallet_id, e.doctor_id, e.currency))
         self.accounts[wallet_id] = (e.doctor_id, e.currency)
         self.wallets.add((e.doctor_id, e.currency))
 
@@ -230,6 +294,7 @@ class Wallets(Projection):
         if key not in self.accounts:
             if len(self.accounts) >= WALLET_CACHE_SIZE:
                 self.accounts.clear()
+            self.writes.flush(store)  # a wallet opened earlier in this batch is then found
             rows = store.query("SELECT doctor_id, currency FROM wallet_ids WHERE wallet_id = ?",
                                (key,))
             if not rows:
@@ -305,26 +370,38 @@ class Live(Projection):
     def __init__(self, ledger: Any, policy: Policy) -> None:
         super().__init__(ledger, policy)
         self.sessions = SessionCache(ledger)
+        # session_id -> its state after the pending events, None once settled (row deleted)
+        self.states: dict[str, Session | None] = {}
+        self.writes = Writes()
 
     def reset(self) -> None:
         self.sessions.clear()
+        self.states, self.writes = {}, Writes()
 
-    def apply(self, store: Store, events: list) -> None:
-        rows: dict[str, tuple | None] = {}  # session_id -> row, or None once settled
+    def fold(self, store: Store, events: list) -> None:
         for e in events:
             if isinstance(e, Session.Event):
                 session = self.sessions.state_after(e)
-                rows[session.session_id] = self._row(store, session)
+                self.states[session.session_id] = None if session.settled else session
                 if session.settled:
                     self.sessions.forget(e.originator_id)
             elif isinstance(e, Pool.Granted):
-                store.execute("INSERT INTO live_pools (pool_id, effective_end, expired) "
-                              "VALUES (?, ?, ?)",
-                              (str(e.originator_id), store.ts(e.effective_end), False))
+                self.writes.add("live_pools", "INSERT INTO live_pools (pool_id, effective_end, "
+                                "expired) VALUES (?, ?, ?)",
+                                (str(e.originator_id), store.ts(e.effective_end), False))
             elif isinstance(e, Pool.Expired):
-                store.execute("UPDATE live_pools SET expired = ? WHERE pool_id = ?",
-                              (True, str(e.originator_id)))
-        self._flush(store, rows)
+                self.writes.add("live_pools", "UPDATE live_pools SET expired = ? "
+                                "WHERE pool_id = ?", (True, str(e.originator_id)))
+
+    def flush(self, store: Store) -> None:
+        """Each pending session's row is computed once, from its last state (a settled
+        session's row is deleted)."""
+        self.writes.flush(store)
+        self._flush(store, {sid: s and self._row(store, s) for sid, s in self.states.items()})
+        self.states = {}
+
+    def pending(self) -> int:
+        return len(self.writes) + len(self.states)
 
     def _row(self, store: Store, session: Session) -> tuple | None:
         if session.settled:
@@ -334,13 +411,12 @@ class Live(Projection):
 
     @staticmethod
     def _flush(store: Store, rows: dict[str, tuple | None]) -> None:
-        store.executemany("DELETE FROM live_sessions WHERE session_id = ?",
-                          [(sid,) for sid, row in rows.items() if row is None])
-        store.executemany(
-            "INSERT INTO live_sessions (session_id, patient_id, doctor_id, kind, state, "
-            "next_due_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
-            "state = excluded.state, next_due_at = excluded.next_due_at",
-            [row for row in rows.values() if row is not None])
+        store.delete_keys("live_sessions", "session_id",
+                          [sid for sid, row in rows.items() if row is None])
+        store.upsert("live_sessions", ("session_id",),
+                     ("session_id", "patient_id", "doctor_id", "kind", "state", "next_due_at"),
+                     "state = excluded.state, next_due_at = excluded.next_due_at",
+                     [row for row in rows.values() if row is not None])
 
 
 def build_projections(ledger: Any, policy: Policy) -> list[Projection]:

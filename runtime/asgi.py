@@ -2,7 +2,8 @@
 
 The factory configures JSON logging (observability/logs.py). The lifespan builds, per process,
 the clock, the Ledger application (waiting for the database with bounded, logged retries: see
-`wait_for_store`), the Projector, the webhook Notifier (started if
+`wait_for_store`), the Projector (its background thread started: projections are
+applied outside requests, docs/design.md), the webhook Notifier (started if
 `settings.webhook_delivery_enabled`), the tick and (if `settings.tick_enabled`) the in-process
 tick scheduler, keeps them in `app.state`, and closes them in reverse order on shutdown.
 """
@@ -59,10 +60,9 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
             state.audit, state.audit_follower = open_audit(settings, state.ledger)
             state.tick = lambda as_of: observed_tick(state.ledger, state.projector, as_of,
                                                      metrics, source="api")
-            try:
-                state.projector.catch_up()
-            except Exception:  # noqa: BLE001 - reads may lag; the next write or tick retries
-                log.exception("initial projection catch-up failed")
+            start = getattr(state.projector, "start", None)
+            if start is not None:  # projections are applied outside requests from now on
+                start(settings.projection_poll_seconds)
             state.notifier = wait_for_store(settings, lambda: open_notifier(
                 settings, state.ledger,
                 observe=lambda outcome, kind: metrics.webhooks.labels(outcome, kind).inc()),

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
                                            description="an idle kept-alive connection is closed after this")
     max_connections: int = Field(512, ge=1, le=100_000,
                                  description="open connections per worker process; more are answered 503 and closed")
+    projection_poll_seconds: float = Field(0.5, ge=0.01, le=60, description=(
+        "the background projector catches up after each write in its process, on a PostgreSQL "
+        "NOTIFY from any process, and at least this often"))
+    read_wait_seconds: float = Field(2.0, ge=0, le=30, description=(
+        "a read of a projection waits at most this long for it to reach `min_position` (by "
+        "default the head when the read began), then answers 503 projections_behind"))
     ready_max_lag_events: int = Field(10_000, ge=0,
                                       description="/readyz fails while a projection lags more events than this")
     ready_max_lag_seconds: float = Field(60, ge=0,

@@ -7,6 +7,7 @@ FakeClock and tick_enabled=False; ticks are driven through POST /v1/ticks.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta, timezone
 
@@ -372,6 +373,11 @@ def test_failed_catch_up_does_not_fail_the_accepted_write(api, caplog):
     api.client.app.state.projector.catch_up = broken
     response = api.post(api.event("doctor.registered", doctor_id="d1", country="MW"))
     assert response.status_code == 201
+    # the projections are applied in the background (woken by the write): its failure is logged
+    for _ in range(200):
+        if "catch-up failed" in caplog.text:
+            break
+        time.sleep(0.05)
     assert "catch-up failed" in caplog.text
     assert api.position() > 0
 
