@@ -172,37 +172,44 @@ MinPosition = Annotated[int | None, Query(
 def fresh(*names: str):
     """A dependency for reads of the projections `names`: wait until they reach the client's
     `min_position` (default: the head now); set `Ledger-Position` to the position the answer
-    reflects. Raises 422 `validation_error` for a position beyond the head and 503
-    `projections_behind` (with Retry-After) if it is not reached in time or is stalled."""
+    reflects. Errors: those of `wait_until_fresh`."""
 
     def wait_for_position(request: Request, response: Response,
                           min_position: MinPosition = None) -> int:
-        projector, ledger = get_projector(request), get_ledger(request)
-        settings = request.app.state.settings
         if request.query_params.get("as_of") is not None:
             return 0  # an as-of read comes from the audit history, not the projections
-        head = int(ledger.recorder.max_notification_id() or 0)
-        if min_position is not None and min_position > head:
-            raise ValidationFailed(
-                f"min_position {min_position} is beyond the log's head {head}",
-                errors=[{"loc": ["query", "min_position"], "type": "less_than_equal",
-                         "msg": f"Input should be less than or equal to {head}"}])
-        target = head if min_position is None else min_position
-        try:
-            reached = projector.wait_for(target, names, settings.read_wait_seconds)
-        except ProjectionStalled as exc:
-            reached = exc.reached if exc.reached is not None else exc.stall["position"] - 1
-            raise ProjectionsBehindRead(str(exc), position=reached,
-                                        headers=_retry_after(settings)) from None
-        except ProjectionsBehind as exc:
-            raise ProjectionsBehindRead(
-                f"the {'/'.join(names)} projection is at position {exc.reached}, not yet "
-                f"{exc.target}, after {settings.read_wait_seconds} s",
-                position=exc.reached, headers=_retry_after(settings)) from None
+        reached = wait_until_fresh(request, names, min_position)
         response.headers[POSITION_HEADER] = str(reached)
         return reached
 
     return Depends(wait_for_position)
+
+
+def wait_until_fresh(request: Request, names: tuple[str, ...], min_position: int | None) -> int:
+    """Wait until the projections `names` reach `min_position` (None: the log's head now);
+    returns the position they reflect. Raises 422 `validation_error` for a position beyond the
+    head and 503 `projections_behind` (with Retry-After) if it is not reached within
+    `LEDGER_READ_WAIT_SECONDS` or a projection is stalled."""
+    projector, ledger = get_projector(request), get_ledger(request)
+    settings = request.app.state.settings
+    head = int(ledger.recorder.max_notification_id() or 0)
+    if min_position is not None and min_position > head:
+        raise ValidationFailed(
+            f"min_position {min_position} is beyond the log's head {head}",
+            errors=[{"loc": ["query", "min_position"], "type": "less_than_equal",
+                     "msg": f"Input should be less than or equal to {head}"}])
+    target = head if min_position is None else min_position
+    try:
+        return projector.wait_for(target, names, settings.read_wait_seconds)
+    except ProjectionStalled as exc:
+        reached = exc.reached if exc.reached is not None else exc.stall["position"] - 1
+        raise ProjectionsBehindRead(str(exc), position=reached,
+                                    headers=_retry_after(settings)) from None
+    except ProjectionsBehind as exc:
+        raise ProjectionsBehindRead(
+            f"the {'/'.join(names)} projection is at position {exc.reached}, not yet "
+            f"{exc.target}, after {settings.read_wait_seconds} s",
+            position=exc.reached, headers=_retry_after(settings)) from None
 
 
 def _retry_after(settings) -> dict[str, str]:
@@ -319,7 +326,7 @@ def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONR
         valid.append((index, event))
     outcomes = ingest_in_order(ledger, [event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes):
-        outcome.pop("position", None)  # kept off the wire for now (read-your-writes: issue 10)
+        outcome.pop("position", None)  # the response's Ledger-Position header carries it
         results[index] = outcome
     if any(r["status"] == 201 for r in outcomes):
         catch_up(request)
@@ -349,6 +356,7 @@ def ingest_in_order(ledger, events: list) -> list[dict]:
         else:
             event_answered(event.type, event.event_id, session_id,
                            "replayed" if outcome.replayed else "accepted")
+            note_position(outcome)
             out.append({"event_id": event.event_id, "status": 200 if outcome.replayed else 201,
                         "result": outcome.result, "position": outcome.position})
     return out

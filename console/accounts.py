@@ -18,7 +18,7 @@ from fastapi import Request
 from markupsafe import Markup
 
 from api.audit_routes import get_doctor_statement, get_patient_statement
-from api.routes import get_doctor_wallet, get_patient_balance
+from api.routes import get_doctor_wallet, get_patient_balance, wait_until_fresh
 from console.charts import stacked_bars, steps_over_time
 from console.format import major_number, parse_instant
 from ledger.domain import Wallet
@@ -52,8 +52,10 @@ def period(request: Request, as_of: datetime | None, start: datetime | None,
 def patient_page(request: Request, role: str, patient_id: str, when: Period) -> dict:
     """{"balance", "statement", "pools", "plots"}: raises the API's LedgerErrors."""
     state = request.app.state
-    balance = get_patient_balance(request, patient_id, role, state.projector, state.clock,
-                                  state.ledger, when.as_of)
+    position = 0 if when.as_of else wait_until_fresh(request, ("balances",), None)
+    balance = get_patient_balance(request, patient_id, role, projector=state.projector,
+                                  clock=state.clock, ledger=state.ledger, position=position,
+                                  as_of=when.as_of)
     statement = get_patient_statement(request, patient_id, role, when.start, when.end, "json")
     return {"balance": balance, "statement": statement,
             "plots": {"pools": pools_plot(balance), "balance": balance_plot(statement)}}
@@ -106,8 +108,9 @@ def balance_plot(statement: dict) -> Markup:
 def doctor_page(request: Request, role: str, doctor_id: str, when: Period) -> dict:
     """{"wallet", "statement", "withdrawals", "plots"}: raises the API's LedgerErrors."""
     state = request.app.state
-    wallet = get_doctor_wallet(request, doctor_id, role, state.projector, state.ledger,
-                               when.as_of)
+    position = 0 if when.as_of else wait_until_fresh(request, ("wallets",), None)
+    wallet = get_doctor_wallet(request, doctor_id, role, projector=state.projector,
+                               ledger=state.ledger, position=position, as_of=when.as_of)
     statement = get_doctor_statement(request, doctor_id, role, when.start, when.end, None,
                                      "json")
     return {"wallet": wallet, "statement": statement,
