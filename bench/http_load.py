@@ -43,10 +43,29 @@ WINDOW = 20  # patients whose sessions are interleaved in one client's stream
 # --------------------------------------------------------------------------- the service
 
 
+@dataclass
+class Served:
+    """A running service: its base URL and process id."""
+
+    base_url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the service process has used so far (/proc)."""
+        return process_cpu_seconds(self.pid)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its threads, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def service(database_url: str, log_path: Path, extra_env: dict[str, str] | None = None
-            ) -> Iterator[str]:
-    """`ledger serve` (one worker, tick off) on `database_url`; yields its base URL; stopped
+            ) -> Iterator[Served]:
+    """`ledger serve` (one worker, tick off) on `database_url`; yields it once healthy; stopped
     with SIGINT (then SIGKILL after 15 s) afterwards."""
     port = _free_port()
     env = {**os.environ, "LEDGER_DATABASE_URL": database_url, "LEDGER_TICK_ENABLED": "false",
@@ -60,7 +79,7 @@ def service(database_url: str, log_path: Path, extra_env: dict[str, str] | None 
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, base_url, log_path)
-        yield base_url
+        yield Served(base_url, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

@@ -90,8 +90,8 @@ class MemoryLedger(Ledger):
 
 @dataclass
 class StoreInfo:
-    """A generated store: its URL, events table, stored events, patients, settled and due sessions, the
-    instant its due blocks are due by, and the seconds it took to generate."""
+    """A generated store: its URL, events table, stored events, patients, settled and due
+    sessions, the instant its due blocks are due by, and the seconds it took to generate."""
 
     url: str
     table: str

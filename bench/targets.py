@@ -1,7 +1,8 @@
 """`make bench`, the targets of issue 10: each path's figure beside raw PostgreSQL measured in
 the same run, their ratio, and the machine's load average. docs/benchmarks.md explains each row.
 
-Usage: python -m bench.targets [--quick] [--stores postgres,sqlite] [--paths http,tick,replay]
+Usage: python -m bench.targets [--quick] [--stores postgres,sqlite]
+       [--paths http,tick,history,replay] [--sqlite-paths http,tick]
        [--seconds 20] [--raw-seconds 10] [--due 10000] [--settled 10] [--events 1000000]
        [--postgres-url URL]
 
@@ -11,8 +12,8 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
   (p50/p99 latency). Raw: INSERTs of event-shaped rows with as many clients, in 100-row and
   1-row transactions (bench/raw_postgres.py).
 - tick: `run_tick` in process on a generated store (bench/stores.py) with `--due` text sessions
-  whose block 1 is due: blocks charged per second; then on a store whose patients also have
-  `--settled` settled sessions each in their history, and the slowdown. Raw: 1-row
+  whose block 1 is due: blocks charged per second. history: the same on a store whose patients
+  also have `--settled` settled sessions each in their history, and the slowdown. Raw: 1-row
   transactions from 1 thread.
 - replay: `ledger replay --verify` as its own process on a generated store of about
   `--events` events: events/s (start-up included) and its peak RSS (VmHWM). Raw: a full scan
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench import raw_postgres
-from bench.http_load import closed_loop, open_loop, percentile, service
+from bench.http_load import Served, closed_loop, open_loop, percentile, service
 from bench.stores import StoreInfo, generate, patients_for
 from storage import is_postgres, postgres_parts
 
@@ -78,6 +79,8 @@ class Bench:
         self.rows: list[Row] = []
         self.schemas: list[str] = []
         self.raw_cache: dict[tuple[int, int], float] = {}
+        self.tick_rates: dict[str, tuple[float, float]] = {}  # store -> without history:
+        # (blocks/s, CPU ms per block)
 
     def add(self, row: Row) -> Row:
         row.load = os.getloadavg()[0]
@@ -115,47 +118,57 @@ class Bench:
         seconds = self.args.seconds
         for clients in (1, 4, 16):
             say(f"[{store}] HTTP batches of 100, {clients} client(s), {seconds:g} s")
-            with self.fresh_store(store) as url, self.serving(url) as base:
-                rate, tally = closed_loop(base, clients, 100, seconds)
+            with self.fresh_store(store) as url, self.serving(url) as served:
+                (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, clients, 100,
+                                               seconds)
             self.add(Row(store, f"HTTP batches of 100, {clients:2d} client(s)", rate, "events/s",
-                         self.raw_insert(clients, 100), _refusals(tally)))
+                         self.raw_insert(clients, 100), _cpu_note(cpu, tally) + _refusals(tally)))
         say(f"[{store}] HTTP single events, 16 clients, {seconds:g} s; then paced at half")
-        with self.fresh_store(store) as url, self.serving(url) as base:
-            rate, tally = closed_loop(base, 16, 1, seconds)
+        with self.fresh_store(store) as url, self.serving(url) as served:
+            (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, 16, 1, seconds)
             self.add(Row(store, "HTTP single events, 16 clients", rate, "events/s",
-                         self.raw_insert(16, 1), _refusals(tally)))
-            paced, tally = open_loop(base, 16, rate / 2, seconds)
+                         self.raw_insert(16, 1), _cpu_note(cpu, tally) + _refusals(tally)))
+            paced, tally = open_loop(served.base_url, 16, rate / 2, seconds)
         p50, p99 = percentile(tally.latencies, 0.5), percentile(tally.latencies, 0.99)
         self.add(Row(store, "  at half that rate: p99 latency", p99 * 1000, "ms", None,
                      f"p50 {p50 * 1000:.1f} ms; paced {rate / 2:,.0f}/s, achieved {paced:,.0f}/s"
-                     f"{_refusals(tally, '; ')}"))
+                     f"{_refusals(tally)}"))
 
     @contextmanager
-    def serving(self, url: str) -> Iterator[str]:
-        with service(url, self.workdir / "service.log") as base:
-            yield base
+    def serving(self, url: str) -> Iterator[Served]:
+        with service(url, self.workdir / "service.log") as served:
+            yield served
 
     # --------------------------------------------------------------------------- tick
 
     def tick(self, store: str) -> None:
-        due, settled = self.args.due, self.args.settled
-        raw = self.raw_insert(1, 1)
+        due = self.args.due
         say(f"[{store}] tick: generating {due:,} due text sessions")
         with self.fresh_store(store) as url:
-            fresh = self.tick_on(url, generate(url, due, 0, True, say))
-        self.add(Row(store, f"tick, {due:,} due text sessions", fresh, "blocks/s", raw))
+            rate, cpu = self.tick_on(url, generate(url, due, 0, True, say))
+        self.tick_rates[store] = rate, cpu
+        self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s",
+                     self.raw_insert(1, 1), f"CPU {cpu:.1f} ms/block"))
+
+    def history(self, store: str) -> None:
+        due, settled = self.args.due, self.args.settled
         say(f"[{store}] tick: generating {due:,} due text sessions with {due * settled:,} "
             "settled ones in history")
         with self.fresh_store(store) as url:
             info = generate(url, due, settled, True, say)
-            grown = self.tick_on(url, info)
+            rate, cpu = self.tick_on(url, info)
+        change = ""
+        if store in self.tick_rates:
+            fresh_rate, fresh_cpu = self.tick_rates[store]
+            change = (f"{rate / fresh_rate - 1:+.0%} vs without history "
+                      f"(CPU {cpu / fresh_cpu - 1:+.0%}); ")
         self.add(Row(store, f"  with {due * settled:,} settled sessions ({settled}/patient)",
-                     grown, "blocks/s", raw, f"{grown / fresh - 1:+.0%} vs without history; "
-                     f"{info.events:,} events in the store"))
+                     rate, "blocks/s", self.raw_insert(1, 1),
+                     f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store"))
 
-    def tick_on(self, url: str, info: StoreInfo) -> float:
-        """Blocks charged per second by one `run_tick` at the store's `as_of` (projections
-        caught up first, not timed)."""
+    def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float]:
+        """(blocks charged per second, CPU ms of this process per block) by one `run_tick`
+        at the store's `as_of` (projections caught up first, not timed)."""
         from projections import Projector
         from runtime.settings import Settings
         from runtime.wiring import build_ledger
@@ -170,9 +183,9 @@ class Bench:
         try:
             catch_up(projector)
             say(f"  ticking {info.due:,} due sessions")
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             report = run_tick(ledger, projector, info.as_of)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             projector.close()
             ledger.close()
@@ -180,7 +193,7 @@ class Bench:
         if blocks != info.due or report.failed or report.more:
             raise RuntimeError(f"the tick charged {blocks} of {info.due} due blocks "
                                f"(failed {report.failed[:3]}, more {report.more})")
-        return blocks / elapsed
+        return blocks / elapsed, cpu / blocks * 1000
 
     # ------------------------------------------------------------------------- replay
 
@@ -200,9 +213,10 @@ class Bench:
                 raw_postgres.vacuum(self.args.postgres_url, schema, info.table)
                 _, raw = raw_postgres.scan_rate(self.args.postgres_url, schema, info.table)
             say("  ledger replay --verify (own process)")
-            seconds, rss_mb = replay_verify_process(url)
+            seconds, cpu, rss_mb = replay_verify_process(url)
         self.add(Row(store, f"replay --verify, {info.events:,} events", info.events / seconds,
-                     "events/s", raw, f"peak RSS {rss_mb:.0f} MB; {seconds:.1f} s incl. start-up"))
+                     "events/s", raw, f"peak RSS {rss_mb:.0f} MB; {seconds:.1f} s incl. start-up; "
+                     f"CPU {cpu:.1f} s"))
 
 
 def catch_up(projector) -> int:
@@ -229,26 +243,46 @@ def live_catch_up(url: str) -> None:
         ledger.close()
 
 
-def replay_verify_process(url: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `ledger replay --verify` as its own process; it must pass."""
+def replay_verify_process(url: str) -> tuple[float, float, float]:
+    """(seconds, CPU seconds, peak RSS in MB) of `ledger replay --verify` as its own process;
+    it must pass."""
     # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec.
     code = ("import sys\nfrom runtime.cli import main\n"
             "sys.argv = ['ledger', 'replay', '--verify']\n"
             "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print(hwm.split()[1], file=sys.stderr)\n")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "LEDGER_DATABASE_URL": url}, check=False)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _children_cpu() - cpu
     if " 0 differ" not in done.stdout:
         raise RuntimeError("replay --verify did not pass on the generated store:\n"
                            + done.stdout[-2000:] + done.stderr[-2000:])
-    return elapsed, int(done.stderr.strip().splitlines()[-1]) / 1024
+    return elapsed, cpu, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
-def _refusals(tally, sep: str = "") -> str:
-    return f"{sep}NOT ACCEPTED: {tally.other}" if tally.other else ""
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _with_cpu(served: Served, measure: Callable, *args) -> tuple[object, float]:
+    """(what `measure(*args)` returns, the service's CPU seconds meanwhile)."""
+    before = served.cpu_seconds()
+    result = measure(*args)
+    return result, served.cpu_seconds() - before
+
+
+def _cpu_note(cpu_seconds: float, tally) -> str:
+    """The service's CPU per accepted event: steadier than the rate on a loaded machine."""
+    return f"service CPU {cpu_seconds / max(1, tally.accepted) * 1000:.2f} ms/event"
+
+
+def _refusals(tally) -> str:
+    return f"; NOT ACCEPTED: {tally.other}" if tally.other else ""
 
 
 def drop_schema(base_url: str, schema: str) -> None:
@@ -279,9 +313,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smallest sizes and 2-s runs: a smoke run (also BENCH_QUICK=1)")
     parser.add_argument("--stores", default="postgres,sqlite")
-    parser.add_argument("--paths", default="http,tick,replay")
+    parser.add_argument("--paths", default="http,tick,history,replay")
     parser.add_argument("--sqlite-paths", default="http,tick",
-                        help="the paths also run on SQLite (the replay row is PostgreSQL's)")
+                        help="of those, the paths also run on SQLite (default: not the large "
+                             "stores, to keep `make bench` near 20 minutes)")
     parser.add_argument("--seconds", type=float, default=20.0, help="per HTTP row")
     parser.add_argument("--raw-seconds", type=float, default=10.0, help="per raw insert figure")
     parser.add_argument("--due", type=int, default=10_000, help="due text sessions of the tick")
