@@ -30,8 +30,9 @@ demo: $(STAMP)  ## a simulated day against the running service, compared with gr
 	$(BIN)/ledger simulate
 
 BENCH_ARGS ?=
-BENCH_AUDIT ?= 1
-bench: $(STAMP)  ## issue 10's targets beside raw PostgreSQL, then the older rows (docs/benchmarks.md); BENCH_QUICK=1: a smoke run; BENCH_AUDIT=0: skip the audit part
+export BENCH_QUICK
+BENCH_AUDIT ?= 0
+bench: $(STAMP)  ## issue 10's targets beside raw PostgreSQL, then the older rows (docs/benchmarks.md); BENCH_QUICK=1: a smoke run; BENCH_AUDIT=1: also the audit part (docs/audit.md)
 	$(BIN)/python -m bench.targets $(BENCH_ARGS)
 	$(BIN)/python -m bench.run
 ifeq ($(BENCH_AUDIT),1)

@@ -5,7 +5,8 @@ Ingesting a million events through HTTP at today's pace would take hours, so the
 decided by the ledger's own code (`Ledger.ingest` and `Ledger.tick`, every rule and guard as in
 the service) against aggregates kept in memory, and written in large chunks: COPY on
 PostgreSQL, one executemany per chunk on SQLite, into the application recorder's own events
-table, in the order they were decided. The result is a store the service, the tick and
+table, in the order they were decided; then the snapshots `Application.save` would take for
+them, if the Ledger enables eventsourcing's snapshotting. The result is a store the service, the tick and
 `ledger replay --verify` accept as genuine (bench/targets.py checks replay --verify on it).
 
 Timeline (all patients in step, so recorded times never go backwards):
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 from uuid import UUID
+
+from eventsourcing.application import ProcessingEvent
 
 from ledger.application import Ledger
 from ledger.domain import Receipt, Session
@@ -55,7 +58,8 @@ class Clock:
 
 class MemoryLedger(Ledger):
     """The Ledger deciding against aggregates held in memory; `save` collects the new domain
-    events instead of writing them (`take()` hands them over, in decision order).
+    events (in decision order, with the aggregates they came from) instead of writing them, and
+    `take()` hands them over as one eventsourcing ProcessingEvent.
 
     Only for generating a store from valid input: a refused event would leave its partial
     changes on the in-memory aggregates, so the generator lets every refusal propagate.
@@ -68,14 +72,14 @@ class MemoryLedger(Ledger):
     def __init__(self, env: dict, clock: Clock, policy: Policy) -> None:
         super().__init__(env=env, clock=clock, policy=policy)
         self.live: dict[UUID, Any] = {}
-        self.pending: list[Any] = []
+        self.chunk = ProcessingEvent()
 
     def load(self, aggregate_id: UUID) -> Any:
         return self.live.get(aggregate_id)
 
     def save(self, *aggregates: Any, **kwargs: Any) -> list:
+        self.chunk.collect_events(*aggregates)
         for aggregate in aggregates:
-            self.pending.extend(aggregate.collect_events())
             if isinstance(aggregate, Receipt) or (isinstance(aggregate, Session)
                                                   and aggregate.settled):
                 self.live.pop(aggregate.id, None)
@@ -83,9 +87,18 @@ class MemoryLedger(Ledger):
                 self.live[aggregate.id] = aggregate
         return []
 
-    def take(self) -> list[Any]:
-        events, self.pending = self.pending, []
-        return events
+    @property
+    def pending(self) -> int:
+        return len(self.chunk.events)
+
+    def take(self) -> ProcessingEvent:
+        chunk, self.chunk = self.chunk, ProcessingEvent()
+        return chunk
+
+    def snapshot(self, written: ProcessingEvent) -> None:
+        """Take the snapshots `Application.save` would have taken for these events (none
+        unless the Ledger enables eventsourcing's snapshotting); after they are written."""
+        self._take_snapshots(written)
 
 
 @dataclass
@@ -143,7 +156,7 @@ class _Counter:
         self.ledger, self.count = ledger, 0
 
     def maybe_flush(self) -> None:
-        self.count += len(self.ledger.take())
+        self.count += len(self.ledger.take().events)
 
 
 def _generate(ledger: MemoryLedger, clock: Clock, writer: Any, patients: int, rounds: int,
@@ -228,15 +241,17 @@ class ChunkWriter:
         self.table = ledger.recorder.events_table_name
 
     def maybe_flush(self) -> None:
-        if len(self.ledger.pending) >= FLUSH_EVENTS:
+        if self.ledger.pending >= FLUSH_EVENTS:
             self.flush()
 
     def flush(self) -> None:
-        stored = [self.ledger.mapper.to_stored_event(e) for e in self.ledger.take()]
+        chunk = self.ledger.take()
+        stored = [self.ledger.mapper.to_stored_event(e) for e in chunk.events]
         if stored:
             write_rows(self.url, self.table, [(s.originator_id, s.originator_version, s.topic,
                                                 s.state) for s in stored])
             self.written += len(stored)
+            self.ledger.snapshot(chunk)
 
 
 def write_rows(url: str, table: str, rows: Iterable[tuple]) -> None:

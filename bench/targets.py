@@ -18,7 +18,7 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
 - replay: `ledger replay --verify` as its own process on a generated store of about
   `--events` events: events/s (start-up included) and its peak RSS (VmHWM). Raw: a full scan
   of the same events table.
-Generated stores are PostgreSQL schemas / SQLite files of this run, dropped at its end.
+Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row.
 """
 
 from __future__ import annotations
@@ -48,9 +48,13 @@ def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+STARTED = time.monotonic()
+
+
 def say(line: str) -> None:
-    """Progress, on stderr (the table goes to stdout)."""
-    print(line, file=sys.stderr, flush=True)
+    """Progress, on stderr (the table goes to stdout), with the minutes:seconds since start."""
+    minutes, seconds = divmod(int(time.monotonic() - STARTED), 60)
+    print(f"{minutes:3d}:{seconds:02d} {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -77,8 +81,6 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args, self.workdir = args, workdir
         self.rows: list[Row] = []
-        self.schemas: list[str] = []
-        self.raw_cache: dict[tuple[int, int], float] = {}
         self.tick_rates: dict[str, tuple[float, float]] = {}  # store -> without history:
         # (blocks/s, CPU ms per block)
 
@@ -91,26 +93,28 @@ class Bench:
 
     @contextmanager
     def fresh_store(self, store: str) -> Iterator[str]:
-        """A new empty store's URL: a PostgreSQL schema or a SQLite file of this run."""
+        """A new empty store's URL: a PostgreSQL schema or a SQLite file of this run; dropped
+        afterwards."""
         if store == "postgres":
             schema = "bench_t_" + uuid.uuid4().hex[:8]
-            self.schemas.append(schema)
-            yield f"{self.args.postgres_url}?schema={schema}"
-            drop_schema(self.args.postgres_url, schema)
+            try:
+                yield f"{self.args.postgres_url}?schema={schema}"
+            finally:
+                drop_schema(self.args.postgres_url, schema)
         else:
             path = self.workdir / f"{uuid.uuid4().hex[:8]}.db"
-            yield f"sqlite:///{path}"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            try:
+                yield f"sqlite:///{path}"
+            finally:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
 
     def raw_insert(self, clients: int, rows_per_transaction: int) -> float:
-        """Raw PostgreSQL rows/s for this shape, measured once per run."""
-        key = (clients, rows_per_transaction)
-        if key not in self.raw_cache:
-            say(f"  raw PostgreSQL: {clients} client(s), {rows_per_transaction}-row transactions")
-            self.raw_cache[key] = raw_postgres.insert_rate(
-                self.args.postgres_url, clients, rows_per_transaction, self.args.raw_seconds)
-        return self.raw_cache[key]
+        """Raw PostgreSQL rows/s for this shape, measured now (next to the row it goes with,
+        so both see the same load)."""
+        say(f"  raw PostgreSQL: {clients} client(s), {rows_per_transaction}-row transactions")
+        return raw_postgres.insert_rate(self.args.postgres_url, clients, rows_per_transaction,
+                                        self.args.raw_seconds)
 
     # --------------------------------------------------------------------------- http
 
@@ -318,7 +322,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="of those, the paths also run on SQLite (default: not the large "
                              "stores, to keep `make bench` near 20 minutes)")
     parser.add_argument("--seconds", type=float, default=20.0, help="per HTTP row")
-    parser.add_argument("--raw-seconds", type=float, default=10.0, help="per raw insert figure")
+    parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw insert figure")
     parser.add_argument("--due", type=int, default=10_000, help="due text sessions of the tick")
     parser.add_argument("--settled", type=int, default=10,
                         help="settled sessions per patient in the history stores")
@@ -332,23 +336,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PATHS = ("http", "tick", "history", "replay")
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
+    """Run the selected rows; print the table (also what was measured before a failure)."""
     args = parse(argv)
-    started = time.perf_counter()
-    start_load = loadavg()
+    paths = [p for p in args.paths.split(",") if p]
+    if unknown := set(paths) - set(PATHS):
+        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {PATHS}")
+    started, start_load = time.perf_counter(), loadavg()
     say(f"bench.targets: load average at start {start_load}")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         bench = Bench(args, Path(tmp))
-        paths = [p for p in args.paths.split(",") if p]
-        for store in [s for s in args.stores.split(",") if s]:
-            for path in paths:
-                if store == "sqlite" and path not in args.sqlite_paths.split(","):
-                    continue
-                run: Callable[[str], None] = getattr(bench, path)
-                run(store)
-    print(f"\nbench.targets: load average at start {start_load}, at end {loadavg()}; "
-          f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores")
-    print(render(bench.rows))
+        try:
+            for store in [s for s in args.stores.split(",") if s]:
+                for path in paths:
+                    if store == "postgres" or path in args.sqlite_paths.split(","):
+                        getattr(bench, path)(store)
+        finally:
+            print(f"\nbench.targets: load average at start {start_load}, at end {loadavg()}; "
+                  f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores")
+            print(render(bench.rows))
     return bench.rows
 
 
