@@ -16,8 +16,8 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
   also have `--settled` settled sessions each in their history, and the slowdown. Raw: 1-row
   transactions from 1 thread.
 - replay: `ledger replay --verify` as its own process on a generated store of about
-  `--events` events: events/s (start-up included) and its peak RSS (VmHWM). Raw: a full scan
-  of the same events table.
+  `--events` events: events/s (start-up included) and its peak RSS (VmHWM), beside the peak
+  RSS on a store a tenth the size (flat memory). Raw: a full scan of the same events table.
 Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row.
 """
 
@@ -202,25 +202,35 @@ class Bench:
     # ------------------------------------------------------------------------- replay
 
     def replay(self, store: str) -> None:
-        settled = self.args.settled
-        patients = patients_for(self.args.events, settled)
-        say(f"[{store}] replay: generating ~{self.args.events:,} events "
-            f"({patients:,} patients × {settled} settled sessions)")
+        settled, events = self.args.settled, self.args.events
+        say(f"[{store}] replay: peak RSS on a store a tenth the size first")
+        _, _, _, small_rss_mb, small = self.replay_store(store, events // 10, settled, raw=False)
+        (seconds, cpu, raw, rss_mb, info) = self.replay_store(store, events, settled, raw=True)
+        self.add(Row(store, f"replay --verify, {info.events:,} events", info.events / seconds,
+                     "events/s", raw, f"peak RSS {rss_mb:.0f} MB (on {small.events:,} events: "
+                     f"{small_rss_mb:.0f} MB); {seconds:.1f} s incl. start-up; CPU {cpu:.1f} s"))
+
+    def replay_store(self, store: str, events: int, settled: int, raw: bool
+                     ) -> tuple[float, float, float | None, float, StoreInfo]:
+        """(seconds, CPU seconds, raw scan rows/s or None, peak RSS MB, the store) of
+        `ledger replay --verify` on a fresh store of about `events` events."""
+        patients = patients_for(events, settled)
+        say(f"  generating ~{events:,} events ({patients:,} patients × {settled} settled "
+            "sessions)")
         with self.fresh_store(store) as url:
             info = generate(url, patients, settled, False, say)
             say(f"  generated {info.events:,} events in {info.seconds:.0f} s; catching up "
                 "the live projections")
             live_catch_up(url)
-            raw = None
+            scan = None
             if is_postgres(url):
                 schema = postgres_parts(url)["schema"]
                 raw_postgres.vacuum(self.args.postgres_url, schema, info.table)
-                _, raw = raw_postgres.scan_rate(self.args.postgres_url, schema, info.table)
+                if raw:
+                    _, scan = raw_postgres.scan_rate(self.args.postgres_url, schema, info.table)
             say("  ledger replay --verify (own process)")
             seconds, cpu, rss_mb = replay_verify_process(url)
-        self.add(Row(store, f"replay --verify, {info.events:,} events", info.events / seconds,
-                     "events/s", raw, f"peak RSS {rss_mb:.0f} MB; {seconds:.1f} s incl. start-up; "
-                     f"CPU {cpu:.1f} s"))
+        return seconds, cpu, scan, rss_mb, info
 
 
 def catch_up(projector) -> int:
