@@ -62,7 +62,9 @@ class MemoryLedger(Ledger):
     `take()` hands them over as one eventsourcing ProcessingEvent.
 
     Only for generating a store from valid input: a refused event would leave its partial
-    changes on the in-memory aggregates, so the generator lets every refusal propagate.
+    changes on the in-memory aggregates, so the generator lets every refusal propagate. It
+    relies on the Ledger loading every aggregate through `load` and writing through `save`; a
+    write path that reads the repository directly would find the store empty and refuse.
     Receipts and settled sessions are written but not kept (no later event reads them: every
     event id is fresh, and nothing follows a settlement).
     """
