@@ -29,9 +29,15 @@ test-fast: $(STAMP)  ## domain tests only
 demo: $(STAMP)  ## a simulated day against the running service, compared with ground truth
 	$(BIN)/ledger simulate
 
-bench: $(STAMP)  ## throughput benchmarks (timing lives here, never in pass/fail tests)
+BENCH_ARGS ?=
+export BENCH_QUICK
+BENCH_AUDIT ?= 0
+bench: $(STAMP)  ## issue 10's targets beside raw PostgreSQL, then the older rows (docs/benchmarks.md); BENCH_QUICK=1: a smoke run; BENCH_AUDIT=1: also the audit part (docs/audit.md)
+	$(BIN)/python -m bench.targets $(BENCH_ARGS)
 	$(BIN)/python -m bench.run
+ifeq ($(BENCH_AUDIT),1)
 	$(BIN)/python -m bench.audit
+endif
 
 CRASH_KILLS ?= 20
 CRASH_PG ?= postgresql://postgres@127.0.0.1:5432/test

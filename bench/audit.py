@@ -4,6 +4,7 @@ of chaining, folding the history, `ledger audit verify`, as-of reads and stateme
 
 Timing lives here, never in pass/fail tests. Usage:
     python -m bench.audit [--sessions 150] [--copies 80] [--rounds 6] [--postgres-url URL]
+    (BENCH_QUICK=1: 20 sessions, 2 copies, 2 rounds: a smoke run)
 
 - Write path: the bench's call workload (bench/run.py `_events`) ingested into a fresh store
   without and with the audit follower running in the same process (as in the service; polls
@@ -336,9 +337,10 @@ def postgres_urls(base: str, made: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sessions", type=int, default=150)
-    parser.add_argument("--copies", type=int, default=80)
-    parser.add_argument("--rounds", type=int, default=6)
+    quick = os.environ.get("BENCH_QUICK") == "1"  # a smoke run: the smallest sizes
+    parser.add_argument("--sessions", type=int, default=20 if quick else 150)
+    parser.add_argument("--copies", type=int, default=2 if quick else 80)
+    parser.add_argument("--rounds", type=int, default=2 if quick else 6)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     print(f"audit bench: load average at start {loadavg()}")

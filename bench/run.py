@@ -1,12 +1,13 @@
 """`make bench`: ingestion, tick and projection throughput on SQLite and PostgreSQL.
 
 Timing lives here, never in pass/fail tests. Prints one row per (store, stage) with events/s.
-Usage: python -m bench.run [--sessions N] [--postgres-url URL]
+Usage: python -m bench.run [--sessions N] [--postgres-url URL]; BENCH_QUICK=1: 30 sessions.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import uuid
@@ -78,7 +79,8 @@ def bench_store(label: str, url: str, n_sessions: int) -> list[tuple[str, str, i
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sessions", type=int, default=300)
+    quick = os.environ.get("BENCH_QUICK") == "1"
+    parser.add_argument("--sessions", type=int, default=30 if quick else 300)
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     rows = []

@@ -1,0 +1,375 @@
+"""`make bench`, the targets of issue 10: each path's figure beside raw PostgreSQL measured in
+the same run, their ratio, and the machine's load average. docs/benchmarks.md explains each row.
+
+Usage: python -m bench.targets [--quick] [--stores postgres,sqlite]
+       [--paths http,tick,history,replay] [--sqlite-paths http,tick]
+       [--seconds 20] [--raw-seconds 10] [--due 10000] [--settled 10] [--events 1000000]
+       [--postgres-url URL]
+
+Rows (per store; raw PostgreSQL always on the PostgreSQL server):
+- http: the real service loaded over HTTP (bench/http_load.py) — batches of 100 with 1, 4
+  and 16 clients; single events with 16 clients; single events paced at half that rate
+  (p50/p99 latency). Raw: INSERTs of event-shaped rows with as many clients, in 100-row and
+  1-row transactions (bench/raw_postgres.py).
+- tick: `run_tick` in process on a generated store (bench/stores.py) with `--due` text sessions
+  whose block 1 is due: blocks charged per second. history: the same on a store whose patients
+  also have `--settled` settled sessions each in their history, and the slowdown. Raw: 1-row
+  transactions from 1 thread.
+- replay: `ledger replay --verify` as its own process on a generated store of about
+  `--events` events: events/s (start-up included) and its peak RSS (VmHWM), beside the peak
+  RSS on a store a tenth the size (flat memory). Raw: a full scan of the same events table.
+Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from bench import raw_postgres
+from bench.http_load import Served, closed_loop, open_loop, percentile, service
+from bench.stores import StoreInfo, generate, patients_for
+from storage import is_postgres, postgres_parts
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15-minute load averages, as "a/b/c"."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+STARTED = time.monotonic()
+
+
+def say(line: str) -> None:
+    """Progress, on stderr (the table goes to stdout), with the minutes:seconds since start."""
+    minutes, seconds = divmod(int(time.monotonic() - STARTED), 60)
+    print(f"{minutes:3d}:{seconds:02d} {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    """One line of the table: the project's figure and unit, the raw PostgreSQL figure of the
+    same run (None: no raw counterpart), a note, and the 1-minute load average when measured."""
+
+    store: str
+    path: str
+    value: float
+    unit: str
+    raw: float | None = None
+    note: str = ""
+    load: float = 0.0
+
+    @property
+    def ratio(self) -> str:
+        return f"{self.value / self.raw:.1%}" if self.raw else "–"
+
+
+class Bench:
+    """Runs the rows the options select, collecting them; owns the run's stores."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args, self.workdir = args, workdir
+        self.rows: list[Row] = []
+        self.tick_rates: dict[str, tuple[float, float]] = {}  # store -> without history:
+        # (blocks/s, CPU ms per block)
+
+    def add(self, row: Row) -> Row:
+        row.load = os.getloadavg()[0]
+        self.rows.append(row)
+        say(f"  → {row.store} {row.path}: {row.value:,.1f} {row.unit} (raw {row.raw or 0:,.0f}, "
+            f"ratio {row.ratio}) {row.note}")
+        return row
+
+    @contextmanager
+    def fresh_store(self, store: str) -> Iterator[str]:
+        """A new empty store's URL: a PostgreSQL schema or a SQLite file of this run; dropped
+        afterwards."""
+        if store == "postgres":
+            schema = "bench_t_" + uuid.uuid4().hex[:8]
+            try:
+                yield f"{self.args.postgres_url}?schema={schema}"
+            finally:
+                drop_schema(self.args.postgres_url, schema)
+        else:
+            path = self.workdir / f"{uuid.uuid4().hex[:8]}.db"
+            try:
+                yield f"sqlite:///{path}"
+            finally:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def raw_insert(self, clients: int, rows_per_transaction: int) -> float:
+        """Raw PostgreSQL rows/s for this shape, measured now (next to the row it goes with,
+        so both see the same load)."""
+        say(f"  raw PostgreSQL: {clients} client(s), {rows_per_transaction}-row transactions")
+        return raw_postgres.insert_rate(self.args.postgres_url, clients, rows_per_transaction,
+                                        self.args.raw_seconds)
+
+    # --------------------------------------------------------------------------- http
+
+    def http(self, store: str) -> None:
+        seconds = self.args.seconds
+        for clients in (1, 4, 16):
+            say(f"[{store}] HTTP batches of 100, {clients} client(s), {seconds:g} s")
+            with self.fresh_store(store) as url, self.serving(url) as served:
+                (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, clients, 100,
+                                               seconds)
+            self.add(Row(store, f"HTTP batches of 100, {clients:2d} client(s)", rate, "events/s",
+                         self.raw_insert(clients, 100), _cpu_note(cpu, tally) + _refusals(tally)))
+        say(f"[{store}] HTTP single events, 16 clients, {seconds:g} s; then paced at half")
+        with self.fresh_store(store) as url, self.serving(url) as served:
+            (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, 16, 1, seconds)
+            self.add(Row(store, "HTTP single events, 16 clients", rate, "events/s",
+                         self.raw_insert(16, 1), _cpu_note(cpu, tally) + _refusals(tally)))
+            paced, tally = open_loop(served.base_url, 16, rate / 2, seconds)
+        p50, p99 = percentile(tally.latencies, 0.5), percentile(tally.latencies, 0.99)
+        self.add(Row(store, "  at half that rate: p99 latency", p99 * 1000, "ms", None,
+                     f"p50 {p50 * 1000:.1f} ms; paced {rate / 2:,.0f}/s, achieved {paced:,.0f}/s"
+                     f"{_refusals(tally)}"))
+
+    @contextmanager
+    def serving(self, url: str) -> Iterator[Served]:
+        with service(url, self.workdir / "service.log") as served:
+            yield served
+
+    # --------------------------------------------------------------------------- tick
+
+    def tick(self, store: str) -> None:
+        due = self.args.due
+        say(f"[{store}] tick: generating {due:,} due text sessions")
+        with self.fresh_store(store) as url:
+            rate, cpu = self.tick_on(url, generate(url, due, 0, True, say))
+        self.tick_rates[store] = rate, cpu
+        self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s",
+                     self.raw_insert(1, 1), f"CPU {cpu:.1f} ms/block"))
+
+    def history(self, store: str) -> None:
+        due, settled = self.args.due, self.args.settled
+        say(f"[{store}] tick: generating {due:,} due text sessions with {due * settled:,} "
+            "settled ones in history")
+        with self.fresh_store(store) as url:
+            info = generate(url, due, settled, True, say)
+            rate, cpu = self.tick_on(url, info)
+        change = ""
+        if store in self.tick_rates:
+            fresh_rate, fresh_cpu = self.tick_rates[store]
+            change = (f"{rate / fresh_rate - 1:+.0%} vs without history "
+                      f"(CPU {cpu / fresh_cpu - 1:+.0%}); ")
+        self.add(Row(store, f"  with {due * settled:,} settled sessions ({settled}/patient)",
+                     rate, "blocks/s", self.raw_insert(1, 1),
+                     f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store"))
+
+    def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float]:
+        """(blocks charged per second, CPU ms of this process per block) by one `run_tick`
+        at the store's `as_of` (projections caught up first, not timed)."""
+        from projections import Projector
+        from runtime.settings import Settings
+        from runtime.wiring import build_ledger
+        from scheduler.tick import run_tick
+        from bench.stores import Clock
+
+        say(f"  generated {info.events:,} events in {info.seconds:.0f} s; catching up projections")
+        settings, clock = Settings(database_url=url), Clock()
+        clock.at(info.as_of)
+        ledger = build_ledger(settings, clock)
+        projector = Projector(ledger, url, settings.policy())
+        try:
+            catch_up(projector)
+            say(f"  ticking {info.due:,} due sessions")
+            started, cpu = time.perf_counter(), time.process_time()
+            report = run_tick(ledger, projector, info.as_of)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        finally:
+            projector.close()
+            ledger.close()
+        blocks = sum(1 for step in report.steps if step["action"] == "charge")
+        if blocks != info.due or report.failed or report.more:
+            raise RuntimeError(f"the tick charged {blocks} of {info.due} due blocks "
+                               f"(failed {report.failed[:3]}, more {report.more})")
+        return blocks / elapsed, cpu / blocks * 1000
+
+    # ------------------------------------------------------------------------- replay
+
+    def replay(self, store: str) -> None:
+        settled, events = self.args.settled, self.args.events
+        say(f"[{store}] replay: peak RSS on a store a tenth the size first")
+        _, _, _, small_rss_mb, small = self.replay_store(store, events // 10, settled, raw=False)
+        (seconds, cpu, raw, rss_mb, info) = self.replay_store(store, events, settled, raw=True)
+        self.add(Row(store, f"replay --verify, {info.events:,} events", info.events / seconds,
+                     "events/s", raw, f"peak RSS {rss_mb:.0f} MB (on {small.events:,} events: "
+                     f"{small_rss_mb:.0f} MB); {seconds:.1f} s incl. start-up; CPU {cpu:.1f} s"))
+
+    def replay_store(self, store: str, events: int, settled: int, raw: bool
+                     ) -> tuple[float, float, float | None, float, StoreInfo]:
+        """(seconds, CPU seconds, raw scan rows/s or None, peak RSS MB, the store) of
+        `ledger replay --verify` on a fresh store of about `events` events."""
+        patients = patients_for(events, settled)
+        say(f"  generating ~{events:,} events ({patients:,} patients × {settled} settled "
+            "sessions)")
+        with self.fresh_store(store) as url:
+            info = generate(url, patients, settled, False, say)
+            say(f"  generated {info.events:,} events in {info.seconds:.0f} s; catching up "
+                "the live projections")
+            live_catch_up(url)
+            scan = None
+            if is_postgres(url):
+                schema = postgres_parts(url)["schema"]
+                raw_postgres.vacuum(self.args.postgres_url, schema, info.table)
+                if raw:
+                    _, scan = raw_postgres.scan_rate(self.args.postgres_url, schema, info.table)
+            say("  ledger replay --verify (own process)")
+            seconds, cpu, rss_mb = replay_verify_process(url)
+        return seconds, cpu, scan, rss_mb, info
+
+
+def catch_up(projector) -> int:
+    """Bring `projector` fully up to date; returns the events applied."""
+    applied = 0
+    while (step := projector.catch_up(max_events=1_000_000)) > 0:
+        applied += step
+    return applied
+
+
+def live_catch_up(url: str) -> None:
+    from projections import Projector
+    from runtime.settings import Settings
+    from runtime.wiring import build_ledger
+    from bench.stores import Clock
+
+    settings = Settings(database_url=url)
+    ledger = build_ledger(settings, Clock())
+    projector = Projector(ledger, url, settings.policy())
+    try:
+        catch_up(projector)
+    finally:
+        projector.close()
+        ledger.close()
+
+
+def replay_verify_process(url: str) -> tuple[float, float, float]:
+    """(seconds, CPU seconds, peak RSS in MB) of `ledger replay --verify` as its own process;
+    it must pass."""
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec.
+    code = ("import sys\nfrom runtime.cli import main\n"
+            "sys.argv = ['ledger', 'replay', '--verify']\n"
+            "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(hwm.split()[1], file=sys.stderr)\n")
+    started, cpu = time.perf_counter(), _children_cpu()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LEDGER_DATABASE_URL": url}, check=False)
+    elapsed, cpu = time.perf_counter() - started, _children_cpu() - cpu
+    if " 0 differ" not in done.stdout:
+        raise RuntimeError("replay --verify did not pass on the generated store:\n"
+                           + done.stdout[-2000:] + done.stderr[-2000:])
+    return elapsed, cpu, int(done.stderr.strip().splitlines()[-1]) / 1024
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _with_cpu(served: Served, measure: Callable, *args) -> tuple[object, float]:
+    """(what `measure(*args)` returns, the service's CPU seconds meanwhile)."""
+    before = served.cpu_seconds()
+    result = measure(*args)
+    return result, served.cpu_seconds() - before
+
+
+def _cpu_note(cpu_seconds: float, tally) -> str:
+    """The service's CPU per accepted event: steadier than the rate on a loaded machine."""
+    return f"service CPU {cpu_seconds / max(1, tally.accepted) * 1000:.2f} ms/event"
+
+
+def _refusals(tally) -> str:
+    return f"; NOT ACCEPTED: {tally.other}" if tally.other else ""
+
+
+def drop_schema(base_url: str, schema: str) -> None:
+    import psycopg
+
+    from storage import postgres_conninfo
+    with psycopg.connect(postgres_conninfo(base_url), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_replay" CASCADE')
+
+
+def render(rows: list[Row]) -> str:
+    """The table (markdown, so docs/benchmarks.md can hold it as printed)."""
+    lines = ["| store | path | figure | raw PostgreSQL | ratio | load 1m | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        raw = f"{r.raw:,.0f} rows/s" if r.raw else "–"
+        lines.append(f"| {r.store} | {r.path.strip()} | {r.value:,.1f} {r.unit} | {raw} | "
+                     f"{r.ratio} | {r.load:.2f} | {r.note} |")
+    return "\n".join(lines)
+
+
+QUICK = {"seconds": 2.0, "raw_seconds": 1.0, "due": 200, "settled": 2, "events": 5_000}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smallest sizes and 2-s runs: a smoke run (also BENCH_QUICK=1)")
+    parser.add_argument("--stores", default="postgres,sqlite")
+    parser.add_argument("--paths", default="http,tick,history,replay")
+    parser.add_argument("--sqlite-paths", default="http,tick",
+                        help="of those, the paths also run on SQLite (default: not the large "
+                             "stores, to keep `make bench` near 20 minutes)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per HTTP row")
+    parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw insert figure")
+    parser.add_argument("--due", type=int, default=10_000, help="due text sessions of the tick")
+    parser.add_argument("--settled", type=int, default=10,
+                        help="settled sessions per patient in the history stores")
+    parser.add_argument("--events", type=int, default=1_000_000, help="events of the replay store")
+    parser.add_argument("--postgres-url", default=PG_URL)
+    args = parser.parse_args(argv)
+    if args.quick or os.environ.get("BENCH_QUICK") == "1":
+        for name, value in QUICK.items():
+            if parser.get_default(name) == getattr(args, name):
+                setattr(args, name, value)
+    return args
+
+
+PATHS = ("http", "tick", "history", "replay")
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Run the selected rows; print the table (also what was measured before a failure)."""
+    args = parse(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if unknown := set(paths) - set(PATHS):
+        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {PATHS}")
+    started, start_load = time.perf_counter(), loadavg()
+    say(f"bench.targets: load average at start {start_load}")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            for store in [s for s in args.stores.split(",") if s]:
+                for path in paths:
+                    if store == "postgres" or path in args.sqlite_paths.split(","):
+                        getattr(bench, path)(store)
+        finally:
+            print(f"\nbench.targets: load average at start {start_load}, at end {loadavg()}; "
+                  f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores")
+            print(render(bench.rows))
+    return bench.rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""`make bench`'s issue-10 harness (bench/targets.py) runs end to end in its smallest size.
+
+No timing is asserted (timing lives in `make bench` only): every row prints a number, the
+table has its raw-PostgreSQL and ratio columns, and every path of the targets table is there on
+both stores. The harness itself checks that each generated store is genuine: the tick charges
+every due block and `ledger replay --verify` passes on the replay store.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+# bench/ is not an installed package (pyproject's packages): run from the checkout, as `make
+# bench` does.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import targets  # noqa: E402
+
+NUMBER = re.compile(r"^\d[\d,]*(\.\d+)? (events/s|blocks/s|ms)$")
+RATIO = re.compile(r"^(\d+\.\d%|–)$")
+
+
+def test_every_row_prints_a_number_beside_raw_postgres(pg_url, capsys):
+    base_url = pg_url.split("?")[0]
+    rows = targets.main(["--quick", "--seconds", "0.5", "--raw-seconds", "0.3", "--due", "12",
+                         "--settled", "1", "--events", "400",
+                         "--sqlite-paths", "http,tick,history,replay", "--postgres-url", base_url])
+    table = capsys.readouterr().out.split("\n| store |", 1)[1].splitlines()
+    header = [cell.strip() for cell in table[0].split("|")]
+    assert header[:7] == ["path", "figure", "raw PostgreSQL", "ratio", "load 1m", "note", ""]
+    body = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table[2:] if line]
+    assert len(body) == len(rows)
+    for store, path, figure, raw, ratio, load, _ in body:
+        assert NUMBER.match(figure), (path, figure)
+        assert RATIO.match(ratio), (path, ratio)
+        assert raw == "–" or raw.endswith(" rows/s"), (path, raw)
+        float(load)
+    printed = {(store, path) for store, path, *_ in body}
+    for store in ("postgres", "sqlite"):
+        for path in ("HTTP batches of 100,  1 client(s)", "HTTP batches of 100,  4 client(s)",
+                     "HTTP batches of 100, 16 client(s)", "HTTP single events, 16 clients",
+                     "at half that rate: p99 latency", "tick, 12 due text sessions",
+                     "with 12 settled sessions (1/patient)"):
+            assert (store, path.strip()) in printed, (store, path)
+    for store in ("postgres", "sqlite"):
+        assert any(path.startswith("replay --verify") for where, path in printed
+                   if where == store), store
+    with_raw = [row for row in rows if row.raw]
+    assert with_raw and all(row.raw > 0 and "%" in row.ratio for row in with_raw)
