@@ -63,8 +63,9 @@ class MemoryLedger(Ledger):
 
     Only for generating a store from valid input: a refused event would leave its partial
     changes on the in-memory aggregates, so the generator lets every refusal propagate. It
-    relies on the Ledger loading every aggregate through `load` and writing through `save`; a
-    write path that reads the repository directly would find the store empty and refuse.
+    relies on the Ledger loading every aggregate through `load`/`load_many`, writing through
+    `save` and handing a unit's saved aggregates to `_remember`; a write path that reads the
+    repository directly would find the store empty and refuse.
     Receipts and settled sessions are written but not kept (no later event reads them: every
     event id is fresh, and nothing follows a settlement).
     """
@@ -79,15 +80,30 @@ class MemoryLedger(Ledger):
     def load(self, aggregate_id: UUID) -> Any:
         return self.live.get(aggregate_id)
 
-    def save(self, *aggregates: Any, **kwargs: Any) -> list:
-        self.chunk.collect_events(*aggregates)
-        for aggregate in aggregates:
-            if isinstance(aggregate, Receipt) or (isinstance(aggregate, Session)
-                                                  and aggregate.settled):
-                self.live.pop(aggregate.id, None)
-            else:
-                self.live[aggregate.id] = aggregate
+    def load_many(self, aggregate_ids: Any, shared: bool = False) -> dict[UUID, Any]:
+        return {aggregate_id: self.live.get(aggregate_id) for aggregate_id in aggregate_ids}
+
+    def save(self, *objs: Any, **kwargs: Any) -> list:
+        """Collect the events of these aggregates or domain events (a unit of work saves its
+        events; `_remember` then hands over the aggregates they came from)."""
+        self.chunk.collect_events(*objs)
+        for obj in objs:
+            if hasattr(obj, "pending_events"):  # an aggregate (the event-by-event path)
+                self._keep(obj)
         return []
+
+    def _remember(self, unit: Any) -> None:
+        for aggregate_id in {event.originator_id for event in unit.events}:
+            aggregate = unit.current.get(aggregate_id)
+            if aggregate is not None:
+                self._keep(aggregate)
+
+    def _keep(self, aggregate: Any) -> None:
+        if isinstance(aggregate, Receipt) or (isinstance(aggregate, Session)
+                                              and aggregate.settled):
+            self.live.pop(aggregate.id, None)
+        else:
+            self.live[aggregate.id] = aggregate
 
     @property
     def pending(self) -> int:
