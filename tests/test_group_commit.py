@@ -122,15 +122,17 @@ def test_queued_events_form_one_unit_and_each_caller_gets_its_own_outcome(store_
 def test_a_unit_that_raises_leaves_each_caller_to_ingest_its_own_event_alone() -> None:
     clock = FakeClock(T0 + timedelta(minutes=1))
     ledger = make_ledger(None, clock)
+    for item in ITEMS[:2]:
+        ledger.ingest(*item)
     held = HeldLedger(ledger, batch_fails=True)
     group = GroupCommit(held, fatal=lambda exc: True, max_items=32)
-    items = ITEMS[:4]
-    outcomes = post_queued(group, held, items)
-    assert held.units[:2] == [1, 3]  # the unit of three raised ...
-    assert held.units[2:] == [1, 1, 1]  # ... so each waiter ingested its own event alone
-    assert [type(o).__name__ for o in outcomes] == ["Accepted", "Accepted", "Accepted",
-                                                   "SessionConflict"]
-    assert [o.result["event_id"] for o in outcomes[:3]] == ["e1", "e2", "e3"]
+    # e3 leads alone; e4 (the patient's second text session) and a re-post of e3 form a unit
+    # that raises; their callers then ingest alone, in either order, with the same outcomes.
+    outcomes = post_queued(group, held, [ITEMS[2], ITEMS[3], ITEMS[2]])
+    assert held.units[:2] == [1, 2]  # the unit of two raised ...
+    assert held.units[2:] == [1, 1]  # ... so each waiter ingested its own event alone
+    assert [type(o).__name__ for o in outcomes] == ["Accepted", "SessionConflict", "Accepted"]
+    assert outcomes[2].replayed and outcomes[2].result == outcomes[0].result
     assert ledger.get_receipt("e4") is None
 
 
