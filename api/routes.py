@@ -233,12 +233,13 @@ def healthz() -> dict:
 # ------------------------------------------------------------------------------- events
 
 
-def _ingest(ledger, event) -> tuple[int, dict, bool]:
-    """(status, result, replayed) of one validated event; raises LedgerError on refusal.
-    Each answer is reported to the request's log line and metrics (api/observe.py)."""
+def _ingest(ingest, event) -> tuple[int, dict, bool]:
+    """(status, result, replayed) of one validated event through `ingest` (Ledger.ingest's
+    contract); raises LedgerError on refusal. Each answer is reported to the request's log line
+    and metrics (api/observe.py)."""
     session_id = getattr(event.payload, "session_id", None)
     try:
-        accepted = ledger.ingest(event.event_id, event.type, event.occurred_at,
+        accepted = ingest(event.event_id, event.type, event.occurred_at,
                                  event.payload.model_dump(mode="json"))
     except LedgerError as exc:
         event_answered(event.type, event.event_id, session_id, "refused", exc.code)
@@ -289,12 +290,19 @@ def post_events(
         return response
     _authorize(body, role)
     positions = noted_positions()
-    status, result, replayed = _ingest(ledger, body)
+    status, result, replayed = _ingest(_single_ingest(request, ledger), body)
     if not replayed:
         catch_up(request)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     headers[POSITION_HEADER] = str(written_position(ledger, positions or [None]))
     return JSONResponse(result, status_code=status, headers=headers)
+
+
+def _single_ingest(request: Request, ledger):
+    """Ingest for a single event: through the group commit when the service has one (concurrent
+    single events decided and saved as one unit, ledger/group_commit.py), else Ledger.ingest."""
+    group = getattr(request.app.state, "group_commit", None)
+    return group.ingest if group is not None else ledger.ingest
 
 
 def _post_batch(request: Request, ledger, batch: EventBatch, role: str) -> JSONResponse:

@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from api.app import build_app
 from console import install as install_console
 from observability import configure_logging
+from ledger.group_commit import GroupCommit
 from runtime.clock import ManualClock, SystemClock
 from runtime.settings import Settings
 from runtime.wiring import open_audit, open_ledger, open_notifier, wait_for_store
-from storage import redacted_url
+from storage import is_unavailable, redacted_url
 from scheduler.jobs import observed_tick, start_scheduler
 
 log = structlog.get_logger("ledger.service")
@@ -51,13 +52,15 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
         state = app.state
         state.clock = clock if clock is not None else build_clock(settings)
         state.ledger = state.projector = state.scheduler = state.tick = state.notifier = None
-        state.audit = state.audit_follower = None
+        state.audit = state.audit_follower = state.group_commit = None
         metrics = state.metrics
         try:
             state.ledger, state.projector = wait_for_store(settings, lambda: open_ledger(
                 settings, state.clock, projector_factory,
                 on_conflict=lambda operation: metrics.conflicts.labels(operation).inc()))
             state.audit, state.audit_follower = open_audit(settings, state.ledger)
+            state.group_commit = GroupCommit(state.ledger, is_unavailable,
+                                             settings.group_commit_max)
             state.tick = lambda as_of: observed_tick(state.ledger, state.projector, as_of,
                                                      metrics, source="api")
             start = getattr(state.projector, "start", None)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     aggregate_cache_size: int = Field(20_000, ge=0, le=1_000_000, description=(
         "aggregates kept in memory per process, brought up to date from the store on every "
         "load (a version-checked cache; 0: off, every load replays the whole history)"))
+    group_commit_max: int = Field(32, ge=1, le=100, description=(
+        "single events posted concurrently are decided and saved together, at most this many "
+        "per unit of work (ledger/group_commit.py; 1: each its own unit)"))
     withdrawal_minimums: dict[str, int] = Field(
         default_factory=lambda: {"MWK": 5_000_000, "USD": 7_000},
         description="minimum withdrawal per ISO 4217 currency, in minor units, as JSON "
