@@ -31,9 +31,13 @@ def _clone(value):
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
-    if kind is dict:
+    if kind is dict:  # the common flat case (e.g. a pool's `charged`) copied at C speed
+        if _IMMUTABLE.issuperset(map(type, value.values())):
+            return value.copy()
         return {k: _clone(v) for k, v in value.items()}
     if kind is list:
+        if _IMMUTABLE.issuperset(map(type, value)):
+            return value.copy()
         return [_clone(v) for v in value]
     if kind is tuple:
         return tuple(_clone(v) for v in value)
@@ -52,12 +56,23 @@ def copy_aggregate(aggregate: Aggregate) -> Aggregate:
 
 @dataclass
 class Work:
-    """Aggregates loaded for one decision; `touched` are saved together in one transaction."""
+    """Aggregates loaded for one decision; `touched` are saved together in one transaction.
+
+    `peek` (a Unit's): reads the unit's current aggregate without copying it, for `look`."""
 
     load: Callable[[UUID], Aggregate | None]
     cache: dict[UUID, Aggregate | None] = field(default_factory=dict)
     touched: dict[UUID, Aggregate] = field(default_factory=dict)
     read_versions: dict[UUID, int | None] = field(default_factory=dict)
+    peek: Callable[[UUID], Aggregate | None] | None = None
+
+    def look(self, aggregate_id: UUID) -> Aggregate | None:
+        """The aggregate to READ only (never change it): this decision's copy if it has one,
+        else the unit's own without a copy (copy-on-write: only what a decision changes is
+        copied, e.g. the one pool chosen out of a patient's many); `get` without a unit."""
+        if self.peek is None or aggregate_id in self.cache:
+            return self.get(aggregate_id)
+        return self.peek(aggregate_id)
 
     def get(self, aggregate_id: UUID) -> Aggregate | None:
         if aggregate_id not in self.cache:
@@ -156,7 +171,7 @@ class Unit:
 
     def work(self) -> "Work":
         """A Work for one decision, reading private copies of the unit's aggregates."""
-        return Work(self.copy)
+        return Work(self.copy, peek=self.peek)
 
     def saved(self) -> None:
         """The queued events were saved: the store now holds the unit's current versions."""
@@ -187,12 +202,13 @@ class Unit:
 
 def choose_pool(work: Work, patient_id: str, bucket: str, instant: datetime) -> Pool | None:
     """The usable pool that expires first for a hold at `instant`, or None (§4)."""
-    patient = work.get(Patient.create_id(patient_id))
+    patient = work.look(Patient.create_id(patient_id))
     if patient is None:
         return None
-    pools = [work.get(UUID(pool_id)) for pool_id in patient.pool_ids]
+    pools = [work.look(UUID(pool_id)) for pool_id in patient.pool_ids]
     usable = [p for p in pools if p is not None and p.usable_for(patient_id, bucket, instant)]
-    return min(usable, key=Pool.draw_order, default=None)
+    chosen = min(usable, key=Pool.draw_order, default=None)
+    return work.get(chosen.id) if chosen is not None else None  # the one to change: a copy
 
 
 def try_hold(work: Work, session: Session, block: int) -> bool:

@@ -14,6 +14,7 @@ from ledger.marketplace import ConsultationTick, tick_consultations
 
 PAGE = 1000  # due sessions fetched per round
 MAX_ROUNDS = 50  # bound on rounds per tick; a longer backlog continues at the next tick
+MAX_EVENTS = 50_000  # events one projector catch_up call applies at most
 
 
 def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
@@ -21,27 +22,56 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
 
     `projector` provides catch_up(), due_sessions(as_of, limit), due_pools(as_of, limit) and
     due_consultations(as_of, limit) (priced consultations, ledger/marketplace.py).
+
+    Each pass catches the views up ONCE, reads every due id at once (at most PAGE per round
+    left) and decides them PAGE at a time: catching up between pages would only project
+    the previous page's writes, so it is done once after the pass, which is also what the
+    next pass reads (work a pass made due, e.g. a settlement after an end). At most
+    MAX_ROUNDS pages in all; a longer backlog continues at the next tick (`more`).
     """
-    total = TickReport(as_of=as_of)
-    for _ in range(MAX_ROUNDS):
-        projector.catch_up()
-        sessions = projector.due_sessions(as_of, limit=PAGE)
-        pools = projector.due_pools(as_of, limit=PAGE)
-        consultations = projector.due_consultations(as_of, limit=PAGE)
+    total, rounds = TickReport(as_of=as_of), 0
+    _catch_up(projector)
+    while rounds < MAX_ROUNDS:
+        limit = PAGE * (MAX_ROUNDS - rounds)
+        sessions = projector.due_sessions(as_of, limit=limit)
+        pools = projector.due_pools(as_of, limit=limit)
+        consultations = projector.due_consultations(as_of, limit=limit)
         if not sessions and not pools and not consultations:
             break
-        report = ledger.tick(as_of, sessions, pools) if sessions or pools \
-            else TickReport(as_of=as_of)
-        _merge_consultations(report, tick_consultations(ledger, as_of, consultations))
-        _merge(total, report)
-        progressed = (report.charged or report.ended or report.settled or report.expired
-                      or report.consultations)
-        if not progressed and not report.more:
+        progressed, rounds = _pass(ledger, as_of, sessions, pools, consultations, total, rounds)
+        _catch_up(projector)
+        if not progressed:
             break  # due rows whose work another tick already did; the view catches up next
-    projector.catch_up()
     total.more = bool(projector.due_sessions(as_of, limit=1) or projector.due_pools(as_of, limit=1)
                       or projector.due_consultations(as_of, limit=1))
     return total
+
+
+def _pass(ledger: Ledger, as_of: datetime, sessions: list[str], pools: list[str],
+          consultations: list[str], total: TickReport, rounds: int) -> tuple[bool, int]:
+    """Decide the due ids read once, PAGE of each kind per round, while rounds remain;
+    returns (whether any round changed something, rounds used so far)."""
+    progressed = False
+    for start in range(0, max(len(sessions), len(pools), len(consultations)), PAGE):
+        if rounds >= MAX_ROUNDS:
+            break
+        rounds += 1
+        page_sessions, page_pools = sessions[start:start + PAGE], pools[start:start + PAGE]
+        report = ledger.tick(as_of, page_sessions, page_pools) if page_sessions or page_pools \
+            else TickReport(as_of=as_of)
+        _merge_consultations(report, tick_consultations(ledger, as_of,
+                                                        consultations[start:start + PAGE]))
+        _merge(total, report)
+        progressed = progressed or bool(report.charged or report.ended or report.settled
+                                        or report.expired or report.consultations)
+    return progressed, rounds
+
+
+def _catch_up(projector) -> None:
+    """Bring the views up to the head: one catch_up call per MAX_EVENTS events (bounded)."""
+    for _ in range(MAX_ROUNDS):
+        if projector.catch_up(max_events=MAX_EVENTS) < MAX_EVENTS:
+            return
 
 
 def _merge_consultations(report: TickReport, consultations: ConsultationTick) -> None:

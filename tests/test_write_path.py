@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from conftest import T0, FakeClock, make_ledger, postgres_required
 from ledger import errors
 from ledger.application import Accepted, Ledger
-from ledger.billing import Unit, copy_aggregate
+from ledger.billing import Unit, choose_pool, copy_aggregate
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from storage import postgres_conninfo
 from test_concurrency_pg import at_once
@@ -317,6 +317,28 @@ def test_the_cache_sees_what_another_process_wrote(tmp_path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_a_decision_copies_only_the_pool_it_changes() -> None:
+    """Copy-on-write (Work.look): the pools a hold only reads stay the unit's own objects,
+    unchanged; the chosen one is changed on a copy, which the unit adopts."""
+    clock = FakeClock(T0 + timedelta(minutes=1))
+    ledger = make_ledger(None, clock)
+    ledger.ingest_batch([("e0", "doctor.registered", T0, {"doctor_id": "d1", "country": "MW"}),
+                         grant("e1", "pay1", "p1"), grant("e2", "pay2", "p1", units=3)])
+    unit = Unit(ledger.load, ledger.load_many)
+    first, second = unit.peek(Pool.create_id("pay1")), unit.peek(Pool.create_id("pay2"))
+    work = unit.work()
+    chosen = choose_pool(work, "p1", "text", T0 + timedelta(minutes=1))
+    assert chosen is not None and chosen is not first and chosen is not second
+    chosen.hold(session_id="s1", block=1, bucket="text", patient_id="p1", at=T0)
+    work.add(chosen)
+    assert (first.free["text"], second.free["text"]) == (2, 3)  # untouched before adopt
+    unit.adopt(work)
+    others = [p for p in (first, second) if p.id != chosen.id]
+    assert unit.peek(chosen.id) is chosen and unit.peek(others[0].id) is others[0]
+    assert sum(unit.peek(p.id).free["text"] for p in (first, second)) == 4
+    assert len(unit.events) == 1 and unit.events[0].originator_id == chosen.id
 
 
 def test_copy_aggregate_is_deep() -> None:
