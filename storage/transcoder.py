@@ -13,55 +13,79 @@ innermost first, exactly as the `object_hook` would (see `_revive`).
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Callable
+from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import JSONTranscoder
+from eventsourcing.persistence import (DatetimeAsISO, DecimalAsStr, JSONTranscoder, Transcoding,
+                                      UUIDAsHex)
 
 TYPE_KEY, DATA_KEY = "_type_", "_data_"
-TYPE_MARK = b'"_type_"'  # present in the bytes whenever a custom type was encoded
-# orjson reads an integer beyond 64 bits as a float, silently; the standard library keeps it
-# exact. Any run of 19+ digits (also inside strings: harmless) takes the standard decoder.
-LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# eventsourcing's own transcodings, decoded by the C constructor their `decode` wraps (the same
+# value; the wrappers only add an isinstance assertion).
+STOCK_DECODERS: dict[type, Callable[[Any], Any]] = {
+    UUIDAsHex: UUID, DecimalAsStr: Decimal, DatetimeAsISO: datetime.fromisoformat}
+
+
+class _Inexact(Exception):
+    """orjson produced a float: it reads an integer beyond 64 bits as a float, silently, where
+    the standard library keeps it exact, so a document holding any float is decoded again by
+    the inherited decoder (the ledger stores no floats: money is integer minor units)."""
 
 
 class FastJSONTranscoder(JSONTranscoder):
     """eventsourcing's JSON transcoder with an orjson decoder; the same bytes in both directions.
 
     `encode(obj) -> bytes` is inherited unchanged. `decode(data: bytes) -> Any` returns what
-    `JSONTranscoder.decode` returns for the same bytes. Input orjson refuses but the standard
-    library accepts (NaN/Infinity literals, lone surrogates) falls back to the inherited decoder,
-    and so does any run of 19 or more digits (orjson would read an integer beyond 64 bits as a
-    float), so nothing the old transcoder could read becomes unreadable. Raises
-    `TranscodingNotRegisteredError` for an unknown `_type_`, like the inherited decoder.
+    `JSONTranscoder.decode` returns for the same bytes. Documents orjson refuses but the
+    standard library accepts (NaN/Infinity literals, lone surrogates), and documents holding a
+    float (orjson would read an integer beyond 64 bits as one), are decoded by the inherited
+    decoder, so nothing the old transcoder could read becomes unreadable or reads differently.
+    Raises `TranscodingNotRegisteredError` for an unknown `_type_`, like the inherited decoder.
     """
+
+    def register(self, transcoding: Transcoding) -> None:
+        """Registers `transcoding` as the inherited method does, and keeps its decoder by name
+        for the walk (`STOCK_DECODERS` for eventsourcing's own, else its bound `decode`)."""
+        super().register(transcoding)
+        decoder = STOCK_DECODERS.get(type(transcoding), transcoding.decode)
+        self.__dict__.setdefault("_decoders", {})[transcoding.name] = decoder
 
     def decode(self, data: bytes) -> Any:
         """The object `data` encodes, custom types revived (uuid, Decimal, datetime, …)."""
-        if LONG_DIGITS.search(data):
-            return super().decode(data)
         try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
+            return self._revive(orjson.loads(data))
+        except (orjson.JSONDecodeError, _Inexact):
             return super().decode(data)
-        if TYPE_MARK not in data:
-            return parsed  # nothing to revive: skip the walk
-        return self._revive(parsed)
 
     def _revive(self, value: Any) -> Any:
-        """`value` with every `{"_type_", "_data_"}` object replaced by its decoded type,
-        innermost first (as json's object_hook applies); lists and dicts are rebuilt in place."""
+        """`value` with every `{"_type_": name, "_data_": data}` object replaced by its
+        decoded type, innermost first (as json's object_hook applies); containers are updated
+        in place. Raises _Inexact on a float."""
         kind = type(value)
         if kind is dict:
-            for key, item in value.items():
-                if type(item) is dict or type(item) is list:
-                    value[key] = self._revive(item)
             if len(value) == 2 and TYPE_KEY in value and DATA_KEY in value:
-                return self._decode_obj(value)
-            return value
-        if kind is list:
+                return self._typed(value)
+            for key, item in value.items():
+                kind = type(item)
+                if kind is dict or kind is list or kind is float:
+                    value[key] = self._revive(item)
+        elif kind is list:
             for index, item in enumerate(value):
-                if type(item) is dict or type(item) is list:
+                kind = type(item)
+                if kind is dict or kind is list or kind is float:
                     value[index] = self._revive(item)
+        elif kind is float:
+            raise _Inexact
         return value
+
+    def _typed(self, marker: dict) -> Any:
+        """The value of one `{"_type_": name, "_data_": data}` object, its data revived first."""
+        data = self._revive(marker[DATA_KEY])
+        try:
+            decoder = self._decoders[marker[TYPE_KEY]]
+        except (KeyError, TypeError):  # unknown or unhashable name: the inherited error
+            return self._decode_obj({TYPE_KEY: marker[TYPE_KEY], DATA_KEY: data})
+        return decoder(data)
