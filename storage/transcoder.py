@@ -56,7 +56,18 @@ class FastJSONTranscoder(JSONTranscoder):
     def decode(self, data: bytes) -> Any:
         """The object `data` encodes, custom types revived (uuid, Decimal, datetime, …)."""
         try:
-            return self._revive(orjson.loads(data))
+            value = orjson.loads(data)
+            if type(value) is not dict or (len(value) == 2 and TYPE_KEY in value
+                                           and DATA_KEY in value):
+                return self._revive(value)
+            # An event's state: its top level walked here, the common case without a call.
+            for key, item in value.items():
+                kind = type(item)
+                if kind is dict and len(item) == 2 and TYPE_KEY in item and DATA_KEY in item:
+                    value[key] = self._typed(item)
+                elif kind is dict or kind is list or kind is float:
+                    value[key] = self._revive(item)
+            return value
         except (orjson.JSONDecodeError, _Inexact):
             return super().decode(data)
 
@@ -83,7 +94,9 @@ class FastJSONTranscoder(JSONTranscoder):
 
     def _typed(self, marker: dict) -> Any:
         """The value of one `{"_type_": name, "_data_": data}` object, its data revived first."""
-        data = self._revive(marker[DATA_KEY])
+        data = marker[DATA_KEY]
+        if type(data) is not str:
+            data = self._revive(data)
         try:
             decoder = self._decoders[marker[TYPE_KEY]]
         except (KeyError, TypeError):  # unknown or unhashable name: the inherited error
