@@ -234,7 +234,10 @@ def _flush(projection: Any, store: Store, batch: list) -> None:
 def scan_postgres(store: Store, table: str) -> Any:
     """A `select_notifications` over the events `table` of the store's schema for the
     replay: tuple rows on the view store's connection (the recorder's own builds a dict per
-    row), same arguments and Notification results."""
+    row), same arguments and Notification results. Gathers the table's planner statistics
+    first if it has none (`ensure_statistics`)."""
+    ensure_statistics(store, table)
+
     def select(start: int, limit: int, stop: int, topics: tuple, inclusive_of_start: bool):
         assert not inclusive_of_start
         with store.locked():
@@ -246,6 +249,20 @@ def scan_postgres(store: Store, table: str) -> Any:
         return list(map(StoredRow._make, rows))
 
     return select
+
+
+def ensure_statistics(store: Store, table: str) -> None:
+    """ANALYZE the events `table` (on the store's search path) if PostgreSQL has never gathered
+    its statistics (`pg_class.reltuples` = -1: a store bulk-loaded while autovacuum is off or
+    has not come round yet). Without them the planner guesses the page query's id range at
+    0.5 % of the table and, for every page, reads all the rest of the table and sorts it
+    (quadratic in the table's size). ANALYZE reads a bounded sample (300 ×
+    default_statistics_target rows) and changes no data; for a role that does not own the
+    table PostgreSQL skips it with a warning."""
+    with store.locked():
+        rows = store.query("SELECT reltuples FROM pg_class WHERE oid = to_regclass(?)", (table,))
+        if rows and rows[0][0] is not None and rows[0][0] < 0:
+            store.execute(f"ANALYZE {table}")
 
 
 class StoredRow(NamedTuple):

@@ -12,6 +12,10 @@ from storage.gated_postgres import STORE_TIMEOUT_SECONDS
 from storage.urls import is_postgres, postgres_conninfo, postgres_parts, sqlite_path
 
 
+# The stored format stays eventsourcing's JSON; only decoding is faster (storage/transcoder.py).
+TRANSCODER = {"TRANSCODER_TOPIC": "storage.transcoder:FastJSONTranscoder"}
+
+
 def persistence_env(url: str, timeout_seconds: int = 3) -> dict[str, str]:
     """eventsourcing environment for a database URL; creates the SQLite folder or PG schema.
 
@@ -22,7 +26,7 @@ def persistence_env(url: str, timeout_seconds: int = 3) -> dict[str, str]:
     if is_postgres(url):
         p = postgres_parts(url)
         ensure_postgres_schema(url, timeout_seconds)
-        return {"PERSISTENCE_MODULE": "storage.gated_postgres:GatedPostgresFactory",
+        return {**TRANSCODER, "PERSISTENCE_MODULE": "storage.gated_postgres:GatedPostgresFactory",
                 STORE_TIMEOUT_SECONDS: str(timeout_seconds),
                 "POSTGRES_CONNECT_TIMEOUT": str(timeout_seconds),
                 "POSTGRES_DBNAME": p["dbname"],
@@ -33,7 +37,7 @@ def persistence_env(url: str, timeout_seconds: int = 3) -> dict[str, str]:
     path = sqlite_path(url)
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path,
+    return {**TRANSCODER, "PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path,
             "SQLITE_LOCK_TIMEOUT": "30",
             "APPLICATION_RECORDER_TOPIC": "storage.streams:SQLiteStreamsRecorder"}
 

@@ -75,3 +75,25 @@ def test_the_bulk_replay_finds_a_corrupted_live_row(world, tiny):
     assert not report.ok
     assert any(" live free=" in d and "replay free=" in d for d in report.differences)
     assert any(d.startswith("I6 pool") for d in report.differences)
+
+
+def test_the_replay_gathers_missing_planner_statistics_once(pg_url):
+    """A table PostgreSQL never analysed (reltuples = -1) is analysed before the page scan (the
+    planner otherwise reads the rest of the table for every page); an analysed one is left."""
+    store = store_module.PostgresStore(pg_url)
+    try:
+        store.execute("CREATE TABLE events_here (notification_id bigint PRIMARY KEY)")
+        store.execute("INSERT INTO events_here SELECT generate_series(1, 50)")
+
+        def reltuples() -> float:
+            return store.query("SELECT reltuples FROM pg_class "
+                               "WHERE oid = to_regclass('events_here')")[0][0]
+
+        assert reltuples() < 0
+        verify_module.ensure_statistics(store, "events_here")
+        assert reltuples() == 50
+        store.execute("INSERT INTO events_here SELECT generate_series(51, 60)")
+        verify_module.ensure_statistics(store, "events_here")
+        assert reltuples() == 50  # statistics present: not gathered again
+    finally:
+        store.close()
