@@ -206,42 +206,38 @@ def _period(request: Request, as_of: str | None, start: str | None,
 def patient(request: Request, patient_id: str, as_of: str | None = None,
             start: Annotated[str | None, Query(alias="from")] = None,
             end: Annotated[str | None, Query(alias="to")] = None) -> Response:
-    role = role_or_redirect(request)
-    if isinstance(role, Response):
-        return role
-    bad = _checked_id(request, role, patient_id, "patient")
-    if bad:
-        return bad
-    try:
-        when = _period(request, as_of, start, end)
-        model = accounts.patient_page(request, role, patient_id, when)
-    except _BadInput as exc:
-        return problem_page(request, role, 422, "Not a date and time", str(exc),
-                            "validation_error")
-    except LedgerError as exc:
-        return error_page(request, role, exc)
-    return page(request, "patient.html", role=role, patient_id=patient_id, when=when, **model)
+    return _account_page(request, "patient", patient_id, (as_of, start, end),
+                         accounts.patient_page)
 
 
 @router.get("/doctors/{doctor_id}")
 def doctor(request: Request, doctor_id: str, as_of: str | None = None,
            start: Annotated[str | None, Query(alias="from")] = None,
            end: Annotated[str | None, Query(alias="to")] = None) -> Response:
+    return _account_page(request, "doctor", doctor_id, (as_of, start, end),
+                         accounts.doctor_page)
+
+
+def _account_page(request: Request, kind: str, account_id: str,
+                  instants: tuple[str | None, str | None, str | None], build) -> Response:
+    """A patient's or doctor's page (`kind`): `build(request, role, id, period)` gives its
+    model; a malformed instant answers 422, the API's refusals their own page."""
     role = role_or_redirect(request)
     if isinstance(role, Response):
         return role
-    bad = _checked_id(request, role, doctor_id, "doctor")
+    bad = _checked_id(request, role, account_id, kind)
     if bad:
         return bad
     try:
-        when = _period(request, as_of, start, end)
-        model = accounts.doctor_page(request, role, doctor_id, when)
+        when = _period(request, *instants)
+        model = build(request, role, account_id, when)
     except _BadInput as exc:
         return problem_page(request, role, 422, "Not a date and time", str(exc),
                             "validation_error")
     except LedgerError as exc:
         return error_page(request, role, exc)
-    return page(request, "doctor.html", role=role, doctor_id=doctor_id, when=when, **model)
+    return page(request, f"{kind}.html", role=role, when=when, **{f"{kind}_id": account_id},
+                **model)
 
 
 @router.get("/events/{event_id}")
