@@ -223,6 +223,7 @@ def test_replay_verify_names_a_money_wallet_or_platform_account_that_breaks_i11_
     book(api)
     app = api.client.app.state
     store = app.projector._store
+    app.projector.catch_up()  # the background projector is done: nothing overwrites the damage
     with store.locked(), store.transaction():
         store.execute("UPDATE money_wallets SET available = available + 1")
     report = replay_verify(app.ledger, app.settings.database_url, Policy())
