@@ -172,22 +172,24 @@ def search(request: Request, q: Annotated[str, Query(max_length=400)] = "",
 # ---------------------------------------------------------------------------- the pages
 
 
-def _checked_id(request: Request, role: str, value: str, what: str) -> Response | None:
+def _reader_of(request: Request, value: str, what: str) -> str | Response:
+    """The signed-in role, or the Response to answer instead: the sign-in redirect, or a 404
+    page when `value` is not a valid id of a `what` (ledger/input_rules.py)."""
+    role = role_or_redirect(request)
+    if isinstance(role, Response):
+        return role
     problem = id_problem(value)
     if problem:
         return problem_page(request, role, 404, f"No such {what}", f"{value!r}: {problem}",
                             "not_found")
-    return None
+    return role
 
 
 @router.get("/sessions/{session_id}")
 def session(request: Request, session_id: str) -> Response:
-    role = role_or_redirect(request)
+    role = _reader_of(request, session_id, "session")
     if isinstance(role, Response):
         return role
-    bad = _checked_id(request, role, session_id, "session")
-    if bad:
-        return bad
     try:
         model = session_page(request.app.state.ledger, session_id)
     except LedgerError as exc:
@@ -222,12 +224,9 @@ def _account_page(request: Request, kind: str, account_id: str,
                   instants: tuple[str | None, str | None, str | None], build) -> Response:
     """A patient's or doctor's page (`kind`): `build(request, role, id, period)` gives its
     model; a malformed instant answers 422, the API's refusals their own page."""
-    role = role_or_redirect(request)
+    role = _reader_of(request, account_id, kind)
     if isinstance(role, Response):
         return role
-    bad = _checked_id(request, role, account_id, kind)
-    if bad:
-        return bad
     try:
         when = _period(request, *instants)
         model = build(request, role, account_id, when)
@@ -242,12 +241,9 @@ def _account_page(request: Request, kind: str, account_id: str,
 
 @router.get("/events/{event_id}")
 def backend_event(request: Request, event_id: str) -> Response:
-    role = role_or_redirect(request)
+    role = _reader_of(request, event_id, "event")
     if isinstance(role, Response):
         return role
-    bad = _checked_id(request, role, event_id, "event")
-    if bad:
-        return bad
     model = lookup.event_page(request.app.state.ledger, event_id)
     if model is None:
         return problem_page(request, role, 404, "No such event",
