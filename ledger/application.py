@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Sequence
 from uuid import UUID
 
-from eventsourcing.application import Application, LRUCache
+from eventsourcing.application import Application, LRUCache, ProcessingEvent
+from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError
 
 from ledger import errors
@@ -324,6 +325,24 @@ class Ledger(Application):
     @property
     def event_types(self) -> tuple[str, ...]:
         return tuple(self._handlers)
+
+    def save(self, *objs: Any, **kwargs: Any) -> list:
+        """`Application.save` (one transaction; returns the recordings, each with its
+        notification id) with cheaper collection: a domain event is recognised by its concrete
+        base class, where the library asks two runtime-checkable Protocols per object, which was
+        6.5 % of a tick's CPU (docs/design.md, Write path). Aggregates are collected as the
+        library does, so snapshots and its cache see them."""
+        processing_event = ProcessingEvent()
+        for obj in objs:
+            if isinstance(obj, CanMutateAggregate):
+                processing_event.events.append(obj)
+            elif obj is not None:
+                processing_event.collect_events(obj)
+        processing_event.saved_kwargs.update(kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        return recordings
 
     # ------------------------------------------------------------------------------ loading
 
