@@ -674,7 +674,7 @@ class Receipt(LedgerAggregate):
 
     @staticmethod
     def create_id(event_id: str) -> UUID:
-        return uuid5(NS, "event:" + event_id)
+        return ledger_id("event:" + event_id)
 
     @event("Recorded")
     def __init__(self, event_id: str, body_hash: str, event_type: str, result: dict) -> None:
