@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import retry
@@ -58,6 +58,39 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
                       [e.originator_version for e in stored_events],
                       [e.topic for e in stored_events],
                       [e.state for e in stored_events]), prepare=True)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
+                             topics: Sequence[str] = (), *, inclusive_of_start: bool = True
+                             ) -> list[Notification]:
+        """The library's `select_notifications` (same arguments and result: the events with
+        start ≤ (or <) notification id ≤ stop, of `topics` if given, in notification order,
+        at most `limit`) read as plain tuples: psycopg's dict rows were 6 % of the service's
+        CPU under batches, where three followers (projector, audit, webhook deriver) read
+        every event."""
+        conditions, params = [], []
+        if start is not None:
+            conditions.append("notification_id >= %s" if inclusive_of_start
+                              else "notification_id > %s")
+            params.append(start)
+        if stop is not None:
+            conditions.append("notification_id <= %s")
+            params.append(stop)
+        if topics:
+            conditions.append("topic = ANY(%s)")
+            params.append(list(topics))
+        where = SQL(" WHERE " + " AND ".join(conditions)) if conditions else SQL("")
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table}{where} ORDER BY notification_id LIMIT %s"
+        ).format(schema=Identifier(self.datastore.schema),
+                 table=Identifier(self.events_table_name), where=where)
+        with (self.datastore.get_connection() as conn,
+              conn.cursor(row_factory=tuple_row) as curs):
+            curs.execute(statement, (*params, limit), prepare=True)
+            return [Notification(id=notification_id, originator_id=originator_id,
+                                 originator_version=version, topic=topic, state=bytes(state))
+                    for notification_id, originator_id, version, topic, state in curs.fetchall()]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
