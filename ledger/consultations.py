@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from eventsourcing.domain import event
 
@@ -41,10 +41,12 @@ MIN_DURATION_MINUTES = 10  # a consultation lasts at least the no-show window
 MAX_DURATION_MINUTES = 480
 
 
-def _ns() -> UUID:
-    from ledger.domain import NS  # one namespace for every aggregate id of the ledger
+def _id(name: str) -> UUID:
+    """The ledger's memoised uuid5 of `name` (ledger/domain.py `ledger_id`): one namespace for
+    every aggregate id of the ledger."""
+    from ledger.domain import ledger_id  # deferred: ledger.domain imports this module's users
 
-    return NS
+    return ledger_id(name)
 
 
 # -------------------------------------------------------------------------------- wallets
@@ -62,7 +64,7 @@ class MoneyWallet(LedgerAggregate):
 
     @staticmethod
     def create_id(patient_id: str, currency: str) -> UUID:
-        return uuid5(_ns(), f"money-wallet:{patient_id}:{currency}")
+        return _id(f"money-wallet:{patient_id}:{currency}")
 
     @event("Opened")
     def __init__(self, patient_id: str, currency: str) -> None:
@@ -209,7 +211,7 @@ class TopUp(LedgerAggregate):
 
     @staticmethod
     def create_id(payment_reference: str) -> UUID:
-        return uuid5(_ns(), "top-up:" + payment_reference)
+        return _id("top-up:" + payment_reference)
 
     @event("Recorded")
     def __init__(self, payment_reference: str, patient_id: str, currency: str, amount_minor: int,
@@ -292,7 +294,7 @@ class PriceList(LedgerAggregate):
 
     @staticmethod
     def create_id(practitioner_id: str) -> UUID:
-        return uuid5(_ns(), "price-list:" + practitioner_id)
+        return _id("price-list:" + practitioner_id)
 
     @event("Opened")
     def __init__(self, practitioner_id: str) -> None:
@@ -351,7 +353,7 @@ class Consultation(LedgerAggregate):
 
     @staticmethod
     def create_id(consultation_id: str) -> UUID:
-        return uuid5(_ns(), "consultation:" + consultation_id)
+        return _id("consultation:" + consultation_id)
 
     @event("Booked")
     def __init__(self, consultation_id: str, patient_id: str, practitioner_id: str,

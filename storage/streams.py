@@ -10,13 +10,14 @@ the notification order are untouched. PostgreSQL's is set on the gated factory
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import retry
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 SQLITE_CHUNK = 400  # ids per SQLite statement (two parameters each; SQLite allows 32,766)
@@ -30,7 +31,66 @@ def _grouped(records: list[StoredEvent]) -> dict[UUID, list[StoredEvent]]:
 
 
 class PostgresStreamsRecorder(PostgresApplicationRecorder):
-    """PostgresApplicationRecorder + `select_streams`."""
+    """PostgresApplicationRecorder + `select_streams`, and the library's insert with the rows
+    sent as four arrays (one per column) instead of one array of a composite type: psycopg
+    dumps a composite array element by element in Python (about 30 µs CPU a row, 10 % of a
+    tick). Same statement shape otherwise: table lock, NOTIFY, one INSERT …
+    SELECT FROM unnest(…) RETURNING notification_id, in the rows' order. The arrays go in
+    psycopg's binary format (`%b`): its text format quotes every element with a regex (15 µs a
+    row against 3 µs)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.insert_columns_statement = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%b::{id_type}[], %b::bigint[], %b::text[], %b::bytea[]) "
+            "RETURNING notification_id"
+        ).format(schema=Identifier(self.datastore.schema),
+                 table=Identifier(self.events_table_name),
+                 id_type=Identifier(self.datastore.originator_id_type))
+
+    def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent],
+                              **kwargs: Any) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(self.insert_columns_statement,
+                     ([e.originator_id for e in stored_events],
+                      [e.originator_version for e in stored_events],
+                      [e.topic for e in stored_events],
+                      [e.state for e in stored_events]), prepare=True)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
+                             topics: Sequence[str] = (), *, inclusive_of_start: bool = True
+                             ) -> list[Notification]:
+        """The library's `select_notifications` (same arguments and result: the events with
+        start ≤ (or <) notification id ≤ stop, of `topics` if given, in notification order,
+        at most `limit`) read as plain tuples: psycopg's dict rows were 6 % of the service's
+        CPU under batches, where three followers (projector, audit, webhook deriver) read
+        every event."""
+        conditions, params = [], []
+        if start is not None:
+            conditions.append("notification_id >= %s" if inclusive_of_start
+                              else "notification_id > %s")
+            params.append(start)
+        if stop is not None:
+            conditions.append("notification_id <= %s")
+            params.append(stop)
+        if topics:
+            conditions.append("topic = ANY(%s)")
+            params.append(list(topics))
+        where = SQL(" WHERE " + " AND ".join(conditions)) if conditions else SQL("")
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table}{where} ORDER BY notification_id LIMIT %s"
+        ).format(schema=Identifier(self.datastore.schema),
+                 table=Identifier(self.events_table_name), where=where)
+        with (self.datastore.get_connection() as conn,
+              conn.cursor(row_factory=tuple_row) as curs):
+            curs.execute(statement, (*params, limit), prepare=True)
+            return [Notification(id=notification_id, originator_id=originator_id,
+                                 originator_version=version, topic=topic, state=bytes(state))
+                    for notification_id, originator_id, version, topic, state in curs.fetchall()]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
@@ -40,19 +100,21 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
             return {}
         statement = SQL(
             "SELECT e.originator_id, e.originator_version, e.topic, e.state "
-            "FROM unnest(%s::uuid[], %s::bigint[]) AS k(id, after) "
+            "FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after) "
             "JOIN {schema}.{table} AS e "
             "ON e.originator_id = k.id AND e.originator_version > k.after "
             "ORDER BY e.originator_id, e.originator_version"
         ).format(schema=Identifier(self.datastore.schema),
                  table=Identifier(self.events_table_name))
         ids = list(after)
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        # Plain tuples: psycopg's dict rows cost 5 % of a tick's CPU here.
+        with (self.datastore.get_connection() as conn,
+              conn.cursor(row_factory=tuple_row) as curs):
             curs.execute(statement, (ids, [after[i] for i in ids]), prepare=True)
-            return _grouped([StoredEvent(originator_id=row["originator_id"],
-                                         originator_version=row["originator_version"],
-                                         topic=row["topic"], state=bytes(row["state"]))
-                             for row in curs.fetchall()])
+            return _grouped([StoredEvent(originator_id=originator_id,
+                                         originator_version=version, topic=topic,
+                                         state=bytes(state))
+                             for originator_id, version, topic, state in curs.fetchall()])
 
 
 class SQLiteStreamsRecorder(SQLiteApplicationRecorder):
