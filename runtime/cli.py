@@ -84,9 +84,9 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
     except StoreUnreachableAtStartup as exc:
         log.error("not starting", reason=str(exc))
         raise typer.Exit(3) from None
-    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        _prepare_multiprocess_metrics()
     in_child = settings.followers_in_child()
+    if workers > 1 or in_child or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _prepare_multiprocess_metrics()  # the followers' child counts webhook deliveries
     log.info("serving", url=f"http://{host or settings.host}:{port or settings.port}",
              store=redacted_url(settings.database_url), workers=workers,
              tick_seconds=settings.tick_seconds if settings.tick_enabled else None,

@@ -44,13 +44,19 @@ def run_followers(settings: Settings, stop: threading.Event) -> None:
     from runtime.clock import SystemClock
     from runtime.wiring import open_audit, open_ledger, open_notifier, wait_for_store
 
+    from observability import Metrics
+
+    # counted in the workers' /metrics through the multiprocess directory `ledger serve` sets
+    webhooks = Metrics().webhooks
     ledger, projector = wait_for_store(settings, lambda: open_ledger(settings, SystemClock()))
     opened: list[Callable[[], None]] = [ledger.close, projector.close]
     try:
         projector.start(settings.projection_poll_seconds)
         if settings.webhook_delivery_enabled:
-            notifier = wait_for_store(settings, lambda: open_notifier(settings, ledger),
-                                      what="open the webhook tables")
+            notifier = wait_for_store(settings, lambda: open_notifier(
+                settings, ledger,
+                observe=lambda outcome, kind: webhooks.labels(outcome, kind).inc()),
+                what="open the webhook tables")
             opened.append(notifier.close)
             notifier.start()
         audit, follower = open_audit(settings, ledger)
