@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from api.auth import ReadRole, require
+from api.deps import state_dependency
 from api.problems import ApiError, ServiceUnavailable, ValidationFailed, problem_responses
 from api.schemas import timestamp
 from ledger.errors import DoctorNotFound, UnknownPatient, error_type
@@ -53,7 +54,7 @@ def get_audit(request: Request) -> Any:
     return audit
 
 
-AuditDep = Annotated[Any, Depends(get_audit)]
+AuditDep = Annotated[Any, state_dependency(get_audit)]
 
 
 def _not_after_now(request: Request, moment: datetime, name: str) -> None:

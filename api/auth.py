@@ -78,7 +78,7 @@ def require(roles: Iterable[str]) -> Callable[..., str]:
     """A dependency that returns the caller's role, or raises 401/403."""
     allowed = frozenset(roles)
 
-    def dependency(
+    async def dependency(  # async: no blocking, so no hop to the thread pool
         request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         api_key: Annotated[str | None, Depends(_api_key)],

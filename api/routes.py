@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.audit_routes import AsOfQuery, doctor_wallet_as_of, patient_balance_as_of
 from api.auth import AdminRole, ReadRole, WriteRole
+from api.deps import state_dependency
 from api.event_permissions import authorize_event
 from api.problems import (
     AsOfOutOfRange,
@@ -114,10 +115,10 @@ def get_tick(request: Request):
     return _state(request, "tick")
 
 
-LedgerDep = Annotated[Any, Depends(get_ledger)]
-ProjectorDep = Annotated[Any, Depends(get_projector)]
-ClockDep = Annotated[Any, Depends(get_clock)]
-TickDep = Annotated[Any, Depends(get_tick)]
+LedgerDep = Annotated[Any, state_dependency(get_ledger)]
+ProjectorDep = Annotated[Any, state_dependency(get_projector)]
+ClockDep = Annotated[Any, state_dependency(get_clock)]
+TickDep = Annotated[Any, state_dependency(get_tick)]
 
 
 POSITION_HEADER = "Ledger-Position"

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.auth import AdminRole
+from api.deps import state_dependency
 from api.problems import ServiceUnavailable, problem_responses
 from api.schemas import text
 from ledger.input_rules import ID_MAX_LENGTH, ID_PATTERN
@@ -118,7 +119,7 @@ def get_notifier(request: Request) -> Any:
     return notifier
 
 
-NotifierDep = Annotated[Any, Depends(get_notifier)]
+NotifierDep = Annotated[Any, state_dependency(get_notifier)]
 RESPONSES = problem_responses(400, 401, 403, 404, 422, 500, 503)
 
 

@@ -54,6 +54,29 @@ class Served:
         """User + system CPU seconds the service process has used so far (/proc)."""
         return process_cpu_seconds(self.pid)
 
+    def children_cpu_seconds(self) -> float:
+        """The same for its live child processes (the followers' process, runtime/followers.py;
+        uvicorn's workers when there are several)."""
+        total = 0.0
+        for child in child_pids(self.pid):
+            try:
+                total += process_cpu_seconds(child)
+            except FileNotFoundError:  # it ended meanwhile
+                pass
+        return total
+
+
+def child_pids(pid: int) -> list[int]:
+    """Process ids of the live children of `pid` (/proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found += [int(child) for child in listing.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
+
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` and its threads, from /proc/<pid>/stat."""

@@ -283,16 +283,23 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _with_cpu(served: Served, measure: Callable, *args) -> tuple[object, float]:
-    """(what `measure(*args)` returns, the service's CPU seconds meanwhile)."""
-    before = served.cpu_seconds()
+def _with_cpu(served: Served, measure: Callable, *args) -> tuple[object, tuple[float, float]]:
+    """(what `measure(*args)` returns, (the service process's CPU seconds meanwhile, its
+    child processes' — the followers')."""
+    before = served.cpu_seconds(), served.children_cpu_seconds()
     result = measure(*args)
-    return result, served.cpu_seconds() - before
+    return result, (served.cpu_seconds() - before[0],
+                    max(0.0, served.children_cpu_seconds() - before[1]))
 
 
-def _cpu_note(cpu_seconds: float, tally) -> str:
-    """The service's CPU per accepted event: steadier than the rate on a loaded machine."""
-    return f"service CPU {cpu_seconds / max(1, tally.accepted) * 1000:.2f} ms/event"
+def _cpu_note(cpu_seconds: tuple[float, float], tally) -> str:
+    """The service's CPU per accepted event: steadier than the rate on a loaded machine; the
+    followers' process apart (it is not on the request path)."""
+    events = max(1, tally.accepted)
+    note = f"service CPU {cpu_seconds[0] / events * 1000:.2f} ms/event"
+    if cpu_seconds[1]:
+        note += f" (+ followers' process {cpu_seconds[1] / events * 1000:.2f})"
+    return note
 
 
 def _refusals(tally) -> str:

@@ -4,8 +4,10 @@ The factory configures JSON logging (observability/logs.py). The lifespan builds
 the clock, the Ledger application (waiting for the database with bounded, logged retries: see
 `wait_for_store`), the Projector (its background thread started: projections are
 applied outside requests, docs/design.md), the webhook Notifier (started if
-`settings.webhook_delivery_enabled`), the tick and (if `settings.tick_enabled`) the in-process
-tick scheduler, keeps them in `app.state`, and closes them in reverse order on shutdown.
+`settings.webhook_delivery_enabled`), the audit follower (if `settings.audit_enabled`) — the
+three followers, which `create_request_app` leaves to a child process — the tick and (if
+`settings.tick_enabled`) the in-process tick scheduler, keeps them in `app.state`, and closes
+them in reverse order on shutdown.
 """
 
 from __future__ import annotations
@@ -39,11 +41,21 @@ def build_clock(settings: Settings):
     return SystemClock()
 
 
+def create_request_app() -> FastAPI:
+    """`create_app` for the workers of a `ledger serve` that runs the followers (projector,
+    webhook notifier, audit follower) in its own child process (runtime/followers.py): the
+    projector answers reads and is not started, the notifier only manages endpoints, no
+    audit follower."""
+    return create_app(followers=False)
+
+
 def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime] | None = None,
-               projector_factory: ProjectorFactory | None = None) -> FastAPI:
+               projector_factory: ProjectorFactory | None = None,
+               followers: bool = True) -> FastAPI:
     """The service's HTTP API with its resources. `clock` overrides the clock chosen by
     `settings.clock` (tests pass one); `projector_factory(ledger, database_url, policy)`
-    overrides `projections.Projector`."""
+    overrides `projections.Projector`. `followers`: start the projector's background thread,
+    the webhook notifier and the audit follower (per `settings`) in this process."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format, settings.secrets())
 
@@ -58,19 +70,20 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
             state.ledger, state.projector = wait_for_store(settings, lambda: open_ledger(
                 settings, state.clock, projector_factory,
                 on_conflict=lambda operation: metrics.conflicts.labels(operation).inc()))
-            state.audit, state.audit_follower = open_audit(settings, state.ledger)
+            state.audit, state.audit_follower = open_audit(
+                settings, state.ledger, follow=None if followers else False)
             state.group_commit = GroupCommit(state.ledger, is_unavailable,
                                              settings.group_commit_max)
             state.tick = lambda as_of: observed_tick(state.ledger, state.projector, as_of,
                                                      metrics, source="api")
             start = getattr(state.projector, "start", None)
-            if start is not None:  # projections are applied outside requests from now on
+            if start is not None and followers:  # projections are applied outside requests
                 start(settings.projection_poll_seconds)
             state.notifier = wait_for_store(settings, lambda: open_notifier(
                 settings, state.ledger,
                 observe=lambda outcome, kind: metrics.webhooks.labels(outcome, kind).inc()),
                 what="open the webhook tables")
-            if settings.webhook_delivery_enabled:
+            if settings.webhook_delivery_enabled and followers:
                 state.notifier.start()
             if settings.tick_enabled:
                 state.scheduler = start_scheduler(state)

@@ -67,6 +67,7 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
     import uvicorn
 
     from observability import configure_logging
+    from runtime.followers import FollowerProcess
     from runtime.server import PROTOCOL
     from runtime.wiring import StoreUnreachableAtStartup, wait_for_store
     from storage import probe_store, redacted_url
@@ -83,15 +84,45 @@ def serve(host: Optional[str] = None, port: Optional[int] = None,
     except StoreUnreachableAtStartup as exc:
         log.error("not starting", reason=str(exc))
         raise typer.Exit(3) from None
-    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        _prepare_multiprocess_metrics()
+    in_child = settings.followers_in_child()
+    if workers > 1 or in_child or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _prepare_multiprocess_metrics()  # the followers' child counts webhook deliveries
     log.info("serving", url=f"http://{host or settings.host}:{port or settings.port}",
              store=redacted_url(settings.database_url), workers=workers,
-             tick_seconds=settings.tick_seconds if settings.tick_enabled else None)
-    uvicorn.run("runtime.asgi:create_app", factory=True, host=host or settings.host,
-                port=port or settings.port, workers=workers, log_level=settings.log_level,
-                http=PROTOCOL, timeout_keep_alive=settings.keepalive_timeout_seconds,
-                timeout_graceful_shutdown=30, log_config=None, access_log=False)
+             tick_seconds=settings.tick_seconds if settings.tick_enabled else None,
+             followers="process" if in_child else "inline")
+    followers = FollowerProcess().start() if in_child else None
+    try:
+        uvicorn.run("runtime.asgi:create_request_app" if in_child else "runtime.asgi:create_app",
+                    factory=True, host=host or settings.host, port=port or settings.port,
+                    workers=workers, log_level=settings.log_level, http=PROTOCOL,
+                    timeout_keep_alive=settings.keepalive_timeout_seconds,
+                    timeout_graceful_shutdown=30, log_config=None, access_log=False)
+    finally:
+        if followers is not None:
+            followers.stop()
+
+
+@app.command()
+def follow() -> None:
+    """Run the followers until stopped (SIGINT/SIGTERM, or its parent gone): the projector,
+    the webhook notifier (if LEDGER_WEBHOOK_DELIVERY_ENABLED) and the audit follower (if
+    LEDGER_AUDIT_ENABLED). `ledger serve` starts one itself unless LEDGER_FOLLOWERS=inline
+    (runtime/followers.py); exits with code 3 if the database never answers."""
+    import threading
+
+    from observability import configure_logging
+    from runtime.followers import run_followers, stop_on_signals_and_orphaning
+    from runtime.wiring import StoreUnreachableAtStartup
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
+    stop = threading.Event()
+    stop_on_signals_and_orphaning(stop)
+    try:
+        run_followers(settings, stop)
+    except StoreUnreachableAtStartup:
+        raise typer.Exit(3) from None
 
 
 def _prepare_multiprocess_metrics() -> None:

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     projection_poll_seconds: float = Field(0.5, ge=0.01, le=60, description=(
         "the background projector catches up after each write in its process, on a PostgreSQL "
         "NOTIFY from any process, and at least this often"))
+    followers: str = Field("auto", pattern="^(auto|process|inline)$", description=(
+        "where `ledger serve` runs the projector, the webhook notifier and the audit follower: "
+        "process: one child process beside the request workers (runtime/followers.py); "
+        "inline: threads of each worker; auto: process on PostgreSQL with the system clock, "
+        "else inline"))
     read_wait_seconds: float = Field(2.0, ge=0, le=30, description=(
         "a read of a projection waits at most this long for it to reach `min_position` (by "
         "default the head when the read began), then answers 503 projections_behind"))
@@ -156,6 +161,14 @@ class Settings(BaseSettings):
         return NotifierConfig(balance_low_units=self.webhook_balance_low_units,
                               public_base_url=self.public_base_url or "",
                               allow_http_hosts=hosts, policy=policy)
+
+    def followers_in_child(self) -> bool:
+        """Whether `ledger serve` runs the followers in a child process (`followers`): never
+        with a manual clock (the child's clock could not follow the API's `PUT /v1/clock`)
+        nor on SQLite under `auto` (no NOTIFY: the child would only poll)."""
+        if self.clock == "manual" or self.followers == "inline":
+            return False
+        return self.followers == "process" or self.database_url.startswith("postgres")
 
     def policy(self) -> Policy:
         """The billing Policy these settings select (billing-rules.md §3, §8)."""
