@@ -256,6 +256,7 @@ def open_loop(base_url: str, lanes: int, rate: float, seconds: float) -> tuple[f
     """(events accepted per second, tally with latencies from the scheduled instants) of
     single events paced at `rate` per second over `lanes` threads (module docstring)."""
     run, base = uuid.uuid4().hex[:6], base_instant()
+    rate = max(rate, 1.0)  # a closed loop that accepted nothing still paces something
     total_requests = max(lanes, int(rate * seconds))
     tallies = [Tally() for _ in range(lanes)]
     barrier = threading.Barrier(lanes + 1)
