@@ -5,8 +5,8 @@ Ingesting a million events through HTTP at today's pace would take hours, so the
 decided by the ledger's own code (`Ledger.ingest` and `Ledger.tick`, every rule and guard as in
 the service) against aggregates kept in memory, and written in large chunks: COPY on
 PostgreSQL, one executemany per chunk on SQLite, into the application recorder's own events
-table, in the order they were decided; then the snapshots `Application.save` would take for
-them, if the Ledger enables eventsourcing's snapshotting. The result is a store the service, the tick and
+table, in the order they were decided; then the snapshots the service's saves would write for
+them (`Ledger._write_snapshots`). The result is a store the service, the tick and
 `ledger replay --verify` accept as genuine (bench/targets.py checks replay --verify on it).
 
 Timeline (all patients in step, so recorded times never go backwards):
@@ -114,9 +114,11 @@ class MemoryLedger(Ledger):
         return chunk
 
     def snapshot(self, written: ProcessingEvent) -> None:
-        """Take the snapshots `Application.save` would have taken for these events (none
-        unless the Ledger enables eventsourcing's snapshotting); after they are written."""
-        self._take_snapshots(written)
+        """Write the snapshots the service's saves would have written for these events (the
+        long-lived aggregates whose streams they took past a multiple of the interval), from
+        the aggregates held in memory, which are as these events left them; after the events
+        are written."""
+        self._write_snapshots(written.events, self.live)
 
 
 @dataclass
