@@ -148,6 +148,8 @@ def generate(url: str, patients: int, rounds: int, due: bool,
     try:
         _generate(ledger, clock, writer, patients, rounds, due, progress)
         writer.flush()
+        analyze(url, [writer.table] + ([ledger.snapshots.recorder.events_table_name]
+                                       if ledger.snapshots is not None else []))
         as_of = _due_as_of(rounds)
         info = StoreInfo(url, writer.table, writer.written, patients, patients * rounds,
                          patients if due else 0, as_of, time.perf_counter() - started)
@@ -272,6 +274,21 @@ class ChunkWriter:
                                                 s.state) for s in stored])
             self.written += len(stored)
             self.ledger.snapshot(chunk)
+
+
+def analyze(url: str, tables: list[str]) -> None:
+    """Planner statistics for the written tables (PostgreSQL), as autovacuum gives a live store:
+    a bulk-loaded table has none until it runs, and without them the planner reads the whole
+    events index for each `select_streams` (measured: 410 ms instead of 21 ms for 1,000 ids of a
+    188,000-event store, JIT compilation included)."""
+    if not is_postgres(url):
+        return
+    import psycopg
+
+    schema = postgres_parts(url)["schema"]
+    with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
+        for table in tables:
+            conn.execute(f'ANALYZE "{schema}".{table}')
 
 
 def write_rows(url: str, table: str, rows: Iterable[tuple]) -> None:
