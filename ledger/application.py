@@ -421,7 +421,8 @@ class Ledger(Application):
         for aggregate_id, (first, last) in saved.items():
             aggregate = aggregates.get(aggregate_id)
             interval = self.snapshotting_intervals.get(type(aggregate))
-            if interval and aggregate.version == last and last // interval > (first - 1) // interval:
+            crossed = interval and last // interval > (first - 1) // interval
+            if crossed and aggregate.version == last:
                 stored.append(self._stored_snapshot(aggregate))
         stored = [record for record in stored if record is not None]
         if stored:
