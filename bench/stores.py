@@ -5,8 +5,8 @@ Ingesting a million events through HTTP at today's pace would take hours, so the
 decided by the ledger's own code (`Ledger.ingest` and `Ledger.tick`, every rule and guard as in
 the service) against aggregates kept in memory, and written in large chunks: COPY on
 PostgreSQL, one executemany per chunk on SQLite, into the application recorder's own events
-table, in the order they were decided; then the snapshots `Application.save` would take for
-them, if the Ledger enables eventsourcing's snapshotting. The result is a store the service, the tick and
+table, in the order they were decided; then the snapshots the service's saves would write for
+them (`Ledger._write_snapshots`). The result is a store the service, the tick and
 `ledger replay --verify` accept as genuine (bench/targets.py checks replay --verify on it).
 
 Timeline (all patients in step, so recorded times never go backwards):
@@ -114,9 +114,11 @@ class MemoryLedger(Ledger):
         return chunk
 
     def snapshot(self, written: ProcessingEvent) -> None:
-        """Take the snapshots `Application.save` would have taken for these events (none
-        unless the Ledger enables eventsourcing's snapshotting); after they are written."""
-        self._take_snapshots(written)
+        """Write the snapshots the service's saves would have written for these events (the
+        long-lived aggregates whose streams they took past a multiple of the interval), from
+        the aggregates held in memory, which are as these events left them; after the events
+        are written."""
+        self._write_snapshots(written.events, self.live)
 
 
 @dataclass
@@ -146,6 +148,8 @@ def generate(url: str, patients: int, rounds: int, due: bool,
     try:
         _generate(ledger, clock, writer, patients, rounds, due, progress)
         writer.flush()
+        analyze(url, [writer.table] + ([ledger.snapshots.recorder.events_table_name]
+                                       if ledger.snapshots is not None else []))
         as_of = _due_as_of(rounds)
         info = StoreInfo(url, writer.table, writer.written, patients, patients * rounds,
                          patients if due else 0, as_of, time.perf_counter() - started)
@@ -270,6 +274,21 @@ class ChunkWriter:
                                                 s.state) for s in stored])
             self.written += len(stored)
             self.ledger.snapshot(chunk)
+
+
+def analyze(url: str, tables: list[str]) -> None:
+    """Planner statistics for the written tables (PostgreSQL), as autovacuum gives a live store:
+    a bulk-loaded table has none until it runs, and without them the planner reads the whole
+    events index for each `select_streams` (measured: 410 ms instead of 21 ms for 1,000 ids of a
+    188,000-event store, JIT compilation included)."""
+    if not is_postgres(url):
+        return
+    import psycopg
+
+    schema = postgres_parts(url)["schema"]
+    with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
+        for table in tables:
+            conn.execute(f'ANALYZE "{schema}".{table}')
 
 
 def write_rows(url: str, table: str, rows: Iterable[tuple]) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from uuid import UUID
 
 from eventsourcing.application import Application, LRUCache, ProcessingEvent
@@ -26,11 +26,11 @@ from ledger import errors
 from ledger.appointments import APPOINTMENT_KINDS, Appointment
 from ledger.billing import (Step, Unit, Work, apply_step, choose_pool, complete_appointment,
                             copy_aggregate, end_session, hold_ahead, next_step)
-from ledger.consultations import Consultation, PriceList, TopUp
+from ledger.consultations import Consultation, MoneyWallet, PriceList, TopUp
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.marketplace import Marketplace
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
-from ledger.recording import recording_at
+from ledger.recording import LedgerAggregate, recording_at
 from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
@@ -40,6 +40,11 @@ MAX_ATTEMPTS = 8  # optimistic retries per command before answering retry_later
 UNIT_ATTEMPTS = 2  # a batch unit lost to a concurrent writer is re-decided once, then event by event
 TICK_UNIT_STEPS = 250  # tick decisions saved per transaction (a lost race redoes at most these)
 AGGREGATE_CACHE_SIZE = 20_000  # aggregates kept per process, brought up to date on every load
+SNAPSHOT_INTERVAL = 20  # events between snapshots of a long-lived aggregate (docs/design.md)
+# The aggregates whose streams grow without bound (one per party or purchase, for ever);
+# the others (receipts, sessions, consultations, appointments, top-ups) stay short.
+SNAPSHOTTED: tuple[type[LedgerAggregate], ...] = (Pool, Patient, Doctor, Wallet, MoneyWallet,
+                                                  PriceList)
 END_BY = ("patient", "doctor", "system")
 # Legacy minimums (§7); the service takes LEDGER_WITHDRAWAL_MINIMUMS (runtime/settings.py).
 WITHDRAWAL_MINIMUM_MINOR = {"MWK": 5_000_000, "USD": 7_000}
@@ -274,7 +279,9 @@ class Ledger(Application):
     Aggregates load through a version-checked cache of `cache_size` aggregates (0: none):
     every load reads the events recorded since the cached version, so it costs one indexed
     query whatever the history's length, and sees every other writer's events
-    (`load_many`; docs/design.md, Write path).
+    (`load_many`; docs/design.md, Write path). An aggregate not cached starts from its latest
+    snapshot: the long-lived ones (SNAPSHOTTED) are snapshotted by the save that takes their
+    stream past each multiple of `snapshot_interval` events (0: no snapshots).
     """
 
     name = "Ledger"
@@ -282,11 +289,17 @@ class Ledger(Application):
     def __init__(self, env: dict | None = None, *, clock: Clock, policy: Policy = Policy(),
                  withdrawal_minimum_minor: dict[str, int] | None = None,
                  on_conflict: Callable[[str], None] | None = None,
-                 cache_size: int = AGGREGATE_CACHE_SIZE) -> None:
+                 cache_size: int = AGGREGATE_CACHE_SIZE,
+                 snapshot_interval: int = SNAPSHOT_INTERVAL) -> None:
         """`on_conflict(operation)` ("ingest" or "tick") is called at each optimistic-concurrency
         retry: a plain observer, so the domain stays free of metrics libraries. `cache_size`:
-        aggregates kept in memory (LRU), 0 for none."""
-        super().__init__(env=env)
+        aggregates kept in memory (LRU), 0 for none. `snapshot_interval`: events between
+        snapshots of a long-lived aggregate, 0 for none (nor are stored ones read then)."""
+        # eventsourcing's snapshot store (its own table, outside the notification log).
+        self.snapshotting_intervals = {cls: snapshot_interval for cls in SNAPSHOTTED
+                                       } if snapshot_interval > 0 else {}
+        super().__init__(env={**(env or {}),
+                              "IS_SNAPSHOTTING_ENABLED": "y" if snapshot_interval > 0 else "n"})
         # Cached aggregates are never mutated: a load copies before applying new events and
         # hands out copies, so threads can share the cache without locks (the LRU locks itself).
         self._aggregates: LRUCache | None = LRUCache(maxsize=cache_size) if cache_size > 0 else None
@@ -389,12 +402,77 @@ class Ledger(Application):
             return None
 
     def _read_streams(self, after: dict[UUID, int]) -> dict[UUID, Sequence]:
-        """{id: stored events with version > after[id]}: one query where the recorder can
-        (storage/streams.py), else one per id (the in-memory store of the tests)."""
+        """{id: stored records with version > after[id]}; for an id not known yet (after 0),
+        its latest snapshot first (if any), then only the events after it. A snapshot is just a
+        known version: what others wrote since is read as for a cached aggregate. One query
+        where the recorder can (storage/streams.py), else two per id (the in-memory store)."""
+        cold = self._snapshots_on and 0 in after.values()
         select_streams = getattr(self.recorder, "select_streams", None)
-        if select_streams is not None and len(after) > 1:
-            return select_streams(after)
-        return {i: self.recorder.select_events(i, gt=v or None) for i, v in after.items()}
+        if select_streams is not None and (len(after) > 1 or cold):
+            table = self.snapshots.recorder.events_table_name if cold else None  # type: ignore
+            return select_streams(after, snapshots=table)
+        return {i: self._read_stream(i, v) for i, v in after.items()}
+
+    @property
+    def _snapshots_on(self) -> bool:
+        return self.snapshots is not None and bool(self.snapshotting_intervals)
+
+    def _read_stream(self, aggregate_id: UUID, after: int) -> list:
+        """One id's records after `after` (its latest snapshot first when after is 0)."""
+        start = []
+        if after == 0 and self._snapshots_on:
+            start = self.snapshots.recorder.select_events(aggregate_id, desc=True, limit=1)
+            after = start[0].originator_version if start else 0
+        return [*start, *self.recorder.select_events(aggregate_id, gt=after or None)]
+
+    def _take_snapshots(self, processing_event: Any) -> None:
+        """eventsourcing's hook after `save`: snapshots of the saved aggregates as they are in
+        memory (the library would re-read each from the store first)."""
+        self._write_snapshots(processing_event.events, processing_event.aggregates)
+
+    def _write_snapshots(self, events: Sequence[Any], aggregates: Mapping[UUID, Any]) -> None:
+        """Snapshot, in one write, each aggregate of a SNAPSHOTTED class whose just-saved
+        `events` took its stream past a multiple of the interval, from `aggregates` (their
+        state after those events). Snapshots are only a shortcut for loading: one whose state
+        would not read back equal (`_stored_snapshot`), or that cannot be written, is skipped
+        (logged); the saved events stand, and loads start from an earlier snapshot."""
+        if not aggregates or not self._snapshots_on:
+            return
+        saved: dict[UUID, list[int]] = {}  # id -> [first version saved, last version saved]
+        for event in events:
+            saved.setdefault(event.originator_id, [event.originator_version, 0])[1] = \
+                event.originator_version
+        stored = []
+        for aggregate_id, (first, last) in saved.items():
+            aggregate = aggregates.get(aggregate_id)
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            crossed = interval and last // interval > (first - 1) // interval
+            if crossed and aggregate.version == last:
+                stored.append(self._stored_snapshot(aggregate))
+        stored = [record for record in stored if record is not None]
+        if stored:
+            try:
+                self.snapshots.recorder.insert_events(stored)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - a shortcut missed, nothing lost
+                log.warning("snapshots not written: %s: %s", type(exc).__name__, exc)
+
+    def _stored_snapshot(self, aggregate: Any) -> Any:
+        """The stored record of a snapshot of `aggregate` (stamped with its last event's recorded
+        time), or None if its state would not decode back equal: JSON keeps no tuples or int
+        keys, and an id-keyed dict whose keys are exactly `_type_` and `_data_` reads as a
+        custom-type marker (ids may be chosen so); such an aggregate loads from events."""
+        with recording_at(aggregate.modified_on):
+            snapshot = type(aggregate).Snapshot.take(aggregate)
+        record = self.mapper.to_stored_event(snapshot)
+        try:
+            faithful = self.mapper.to_domain_event(record).state == snapshot.state
+        except Exception:  # noqa: BLE001 - unreadable is unfaithful
+            faithful = False
+        if not faithful:
+            log.warning("snapshot of %s %s skipped: its state does not read back equal",
+                        type(aggregate).__name__, aggregate.id)
+            return None
+        return record
 
     def get_session(self, session_id: str) -> Session:
         """Raises UnknownSession."""
@@ -1057,7 +1135,9 @@ class Ledger(Application):
     def _remember(self, unit: Unit) -> None:
         """Cache the aggregates a unit just saved, as saved (their versions are the stored
         ones), so the next load reads nothing but what others wrote since. Safe to share:
-        a unit never changes its aggregates in place (it copies on use)."""
+        a unit never changes its aggregates in place (it copies on use). Snapshots the
+        long-lived ones due for it (`_write_snapshots`)."""
+        self._write_snapshots(unit.events, unit.current)
         if self._aggregates is None:
             return
         for aggregate_id in {event.originator_id for event in unit.events}:

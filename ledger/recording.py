@@ -55,3 +55,11 @@ class LedgerAggregate(Aggregate):
 
     class Created(Event, Aggregate.Created):
         pass
+
+    class Snapshot(Aggregate.Snapshot):
+        """A snapshot of a ledger aggregate (docs/design.md, Write path), stamped with the
+        recorded time like the events: the ledger reads no wall clock for what it stores."""
+
+        @staticmethod
+        def create_timestamp() -> datetime:
+            return recorded_now()

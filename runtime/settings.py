@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     aggregate_cache_size: int = Field(20_000, ge=0, le=1_000_000, description=(
         "aggregates kept in memory per process, brought up to date from the store on every "
         "load (a version-checked cache; 0: off, every load replays the whole history)"))
+    snapshot_interval: int = Field(20, ge=0, le=100_000, description=(
+        "events between snapshots of a long-lived aggregate (pool, patient, doctor, wallet, "
+        "money wallet, price list): a cold load reads the latest snapshot and the events after "
+        "it (0: off, none written or read; docs/design.md, Write path)"))
     group_commit_max: int = Field(32, ge=1, le=100, description=(
         "single events posted concurrently are decided and saved together, at most this many "
         "per unit of work (ledger/group_commit.py; 1: each its own unit)"))

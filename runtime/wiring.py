@@ -33,7 +33,8 @@ def build_ledger(settings: Settings, clock: Callable[[], datetime],
     env = persistence_env(settings.database_url, settings.store_timeout_seconds)
     return Ledger(env=env, clock=clock, policy=settings.policy(),
                   withdrawal_minimum_minor=settings.withdrawal_minimums, on_conflict=on_conflict,
-                  cache_size=settings.aggregate_cache_size)
+                  cache_size=settings.aggregate_cache_size,
+                  snapshot_interval=settings.snapshot_interval)
 
 
 def wait_for_store(settings: Settings, attempt: Callable[[], T], what: str = "open the store") -> T:

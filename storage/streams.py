@@ -2,6 +2,12 @@
 and SQLite with `select_streams`, which the ledger uses to load a unit of work's aggregates
 together (ledger/application.py `Ledger.load_many`; docs/design.md, Write path).
 
+With `snapshots` (the name of the application's snapshots table, in the same database), the same
+statement also reads, for each id not known yet (`after` 0), its latest snapshot, and then only
+the events after the snapshot's version: the snapshot comes first in that id's list, as the
+record it is stored as (its topic is the snapshot class's; the mapper decodes it to a Snapshot,
+whose `mutate` rebuilds the aggregate).
+
 Each recorder is the library's own with one read-only method added; writes, the table lock and
 the notification order are untouched. PostgreSQL's is set on the gated factory
 (storage/gated_postgres.py); SQLite's through `APPLICATION_RECORDER_TOPIC`
@@ -93,19 +99,37 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
                     for notification_id, originator_id, version, topic, state in curs.fetchall()]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
-    def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
+    def select_streams(self, after: Mapping[UUID, int],
+                       snapshots: str | None = None) -> dict[UUID, list[StoredEvent]]:
         """{aggregate id: its stored events with version > after[id], in version order} for
-        every id that has some, in one statement (the primary key index serves each id)."""
+        every id that has some, in one statement (the primary key indexes serve each id).
+        With `snapshots` (a table name): for an id whose after[id] is 0, its latest snapshot
+        (if any) first, then only the events after it."""
         if not after:
             return {}
-        statement = SQL(
-            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
-            "FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after) "
-            "JOIN {schema}.{table} AS e "
-            "ON e.originator_id = k.id AND e.originator_version > k.after "
-            "ORDER BY e.originator_id, e.originator_version"
-        ).format(schema=Identifier(self.datastore.schema),
-                 table=Identifier(self.events_table_name))
+        names = {"schema": Identifier(self.datastore.schema),
+                 "table": Identifier(self.events_table_name)}
+        if snapshots is None or all(after.values()):
+            statement = SQL(
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                "FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after) "
+                "JOIN {schema}.{table} AS e "
+                "ON e.originator_id = k.id AND e.originator_version > k.after "
+                "ORDER BY e.originator_id, e.originator_version").format(**names)
+        else:
+            statement = SQL(
+                "WITH k AS (SELECT * FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after)), "
+                "s AS (SELECT l.* FROM k CROSS JOIN LATERAL ("
+                "  SELECT originator_id, originator_version, topic, state FROM {schema}.{snaps} "
+                "  WHERE originator_id = k.id ORDER BY originator_version DESC LIMIT 1) AS l "
+                "  WHERE k.after = 0) "
+                "SELECT originator_id, originator_version, topic, state FROM s "
+                "UNION ALL "
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                "FROM k LEFT JOIN s ON s.originator_id = k.id "
+                "JOIN {schema}.{table} AS e ON e.originator_id = k.id "
+                "AND e.originator_version > GREATEST(k.after, COALESCE(s.originator_version, 0)) "
+                "ORDER BY 1, 2").format(snaps=Identifier(snapshots), **names)
         ids = list(after)
         # Plain tuples: psycopg's dict rows cost 5 % of a tick's CPU here.
         with (self.datastore.get_connection() as conn,
@@ -120,9 +144,12 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
 class SQLiteStreamsRecorder(SQLiteApplicationRecorder):
     """SQLiteApplicationRecorder + `select_streams`."""
 
-    def select_streams(self, after: Mapping[UUID, int]) -> dict[UUID, list[StoredEvent]]:
+    def select_streams(self, after: Mapping[UUID, int],
+                       snapshots: str | None = None) -> dict[UUID, list[StoredEvent]]:
         """{aggregate id: its stored events with version > after[id], in version order} for
-        every id that has some; one read transaction, SQLITE_CHUNK ids per statement."""
+        every id that has some; one read transaction, SQLITE_CHUNK ids per statement. With
+        `snapshots` (a table name): for an id whose after[id] is 0, its latest snapshot (if
+        any) first, then only the events after it."""
         ids = list(after)
         records: list[StoredEvent] = []
         with self.datastore.transaction(commit=False) as c:
@@ -130,14 +157,31 @@ class SQLiteStreamsRecorder(SQLiteApplicationRecorder):
                 chunk = ids[start:start + SQLITE_CHUNK]
                 keys = ",".join("(?,?)" for _ in chunk)
                 params = [p for i in chunk for p in (i.hex, after[i])]
-                c.execute(
-                    f"WITH k(id, after) AS (VALUES {keys}) "  # noqa: S608 - placeholders only
-                    f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
-                    f"FROM k JOIN {self.events_table_name} AS e "
-                    f"ON e.originator_id = k.id AND e.originator_version > k.after "
-                    f"ORDER BY e.originator_id, e.originator_version", params)
+                c.execute(self._streams_statement(keys, snapshots if 0 in
+                                                  (after[i] for i in chunk) else None), params)
                 records += [StoredEvent(originator_id=self.convert_originator_id(row["originator_id"]),
                                         originator_version=row["originator_version"],
                                         topic=row["topic"], state=row["state"])
                             for row in c.fetchall()]
         return _grouped(records)
+
+    def _streams_statement(self, keys: str, snapshots: str | None) -> str:
+        """The SELECT of `select_streams` for one chunk (`keys`: its VALUES placeholders)."""
+        if snapshots is None:
+            return (f"WITH k(id, after) AS (VALUES {keys}) "  # noqa: S608 - placeholders only
+                    f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                    f"FROM k JOIN {self.events_table_name} AS e "
+                    f"ON e.originator_id = k.id AND e.originator_version > k.after "
+                    f"ORDER BY e.originator_id, e.originator_version")
+        return (f"WITH k(id, after) AS (VALUES {keys}), "  # noqa: S608 - placeholders only
+                f"s AS (SELECT n.originator_id, n.originator_version, n.topic, n.state "
+                f"  FROM k JOIN {snapshots} AS n ON n.originator_id = k.id "
+                f"  AND n.originator_version = (SELECT MAX(originator_version) FROM {snapshots} "
+                f"  WHERE originator_id = k.id) WHERE k.after = 0) "
+                f"SELECT originator_id, originator_version, topic, state FROM s "
+                f"UNION ALL "
+                f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                f"FROM k LEFT JOIN s ON s.originator_id = k.id "
+                f"JOIN {self.events_table_name} AS e ON e.originator_id = k.id "
+                f"AND e.originator_version > MAX(k.after, COALESCE(s.originator_version, 0)) "
+                f"ORDER BY 1, 2")
