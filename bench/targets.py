@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench import raw_postgres
-from bench.http_load import Served, closed_loop, open_loop, percentile, service
+from bench.http_load import (REPO_ROOT, Served, closed_loop, open_loop, percentile,
+                              process_cpu_seconds, service)
 from bench.stores import StoreInfo, generate, patients_for
 from storage import is_postgres, postgres_parts
 
@@ -149,10 +150,10 @@ class Bench:
         due = self.args.due
         say(f"[{store}] tick: generating {due:,} due text sessions")
         with self.fresh_store(store) as url:
-            rate, cpu = self.tick_on(url, generate(url, due, 0, True, say))
+            rate, cpu, note = self.tick_on(url, generate(url, due, 0, True, say))
         self.tick_rates[store] = rate, cpu
         self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s",
-                     self.raw_insert(1, 1), f"CPU {cpu:.1f} ms/block"))
+                     self.raw_insert(1, 1), f"CPU {cpu:.1f} ms/block; {note}"))
 
     def history(self, store: str) -> None:
         due, settled = self.args.due, self.args.settled
@@ -160,7 +161,7 @@ class Bench:
             "settled ones in history")
         with self.fresh_store(store) as url:
             info = generate(url, due, settled, True, say)
-            rate, cpu = self.tick_on(url, info)
+            rate, cpu, note = self.tick_on(url, info)
         change = ""
         if store in self.tick_rates:
             fresh_rate, fresh_cpu = self.tick_rates[store]
@@ -168,11 +169,16 @@ class Bench:
                       f"(CPU {cpu / fresh_cpu - 1:+.0%}); ")
         self.add(Row(store, f"  with {due * settled:,} settled sessions ({settled}/patient)",
                      rate, "blocks/s", self.raw_insert(1, 1),
-                     f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store"))
+                     f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store; "
+                     f"{note}"))
 
-    def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float]:
-        """(blocks charged per second, CPU ms of this process per block) by one `run_tick`
-        at the store's `as_of` (projections caught up first, not timed)."""
+    def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float, str]:
+        """(blocks charged per second, CPU ms of this process per block, a note) by one
+        `run_tick` at the store's `as_of`, with the views kept by the followers as in the
+        service: on PostgreSQL a `ledger follow` process (projector only), on SQLite the
+        projector's background thread in this process. The projections are caught up first
+        (not timed); the note gives the followers' CPU per block and when the views reflected
+        the tick."""
         from projections import Projector
         from runtime.settings import Settings
         from runtime.wiring import build_ledger
@@ -186,10 +192,13 @@ class Bench:
         projector = Projector(ledger, url, settings.policy())
         try:
             catch_up(projector)
-            say(f"  ticking {info.due:,} due sessions")
-            started, cpu = time.perf_counter(), time.process_time()
-            report = run_tick(ledger, projector, info.as_of)
-            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            with _followers(url, projector, settings.projection_poll_seconds) as followers_cpu:
+                say(f"  ticking {info.due:,} due sessions")
+                started, cpu, followed = time.perf_counter(), time.process_time(), followers_cpu()
+                report = run_tick(ledger, projector, info.as_of)
+                elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+                projector.wait_for(int(ledger.recorder.max_notification_id() or 0), (), 600)
+                current, followed = time.perf_counter() - started, followers_cpu() - followed
         finally:
             projector.close()
             ledger.close()
@@ -197,7 +206,10 @@ class Bench:
         if blocks != info.due or report.failed or report.more:
             raise RuntimeError(f"the tick charged {blocks} of {info.due} due blocks "
                                f"(failed {report.failed[:3]}, more {report.more})")
-        return blocks / elapsed, cpu / blocks * 1000
+        where = "followers' process" if is_postgres(url) else "projector thread, included"
+        note = (f"{where} CPU {followed / blocks * 1000:.1f} ms/block; views current "
+                f"{current:.1f} s after the start ({elapsed:.1f} s ticking)")
+        return blocks / elapsed, cpu / blocks * 1000, note
 
     # ------------------------------------------------------------------------- replay
 
@@ -231,6 +243,55 @@ class Bench:
             say("  ledger replay --verify (own process)")
             seconds, cpu, rss_mb = replay_verify_process(url)
         return seconds, cpu, scan, rss_mb, info
+
+
+@contextmanager
+def _followers(url: str, projector, poll_seconds: float) -> Iterator[Callable[[], float]]:
+    """The views' followers as `ledger serve` runs them by default, for the duration: on
+    PostgreSQL a `ledger follow` process (its projector only: webhooks and audit off, as the
+    tick row always was), elsewhere `projector`'s own background thread. Yields a function
+    giving the CPU seconds of the followers' process so far (0 for the thread: this process's
+    CPU includes it)."""
+    if not is_postgres(url):
+        projector.start(poll_seconds)
+        yield lambda: 0.0
+        return
+    env = {**os.environ, "LEDGER_DATABASE_URL": url, "LEDGER_WEBHOOK_DELIVERY_ENABLED": "false",
+           "LEDGER_AUDIT_ENABLED": "false", "LEDGER_LOG_LEVEL": "warning",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
+                                                       os.environ.get("PYTHONPATH"))))}
+    child = subprocess.Popen([sys.executable, "-m", "runtime.cli", "follow"], cwd=REPO_ROOT,
+                             env=env)
+    last = [0.0]
+
+    def cpu() -> float:
+        if child.poll() is None:
+            last[0] = process_cpu_seconds(child.pid)
+        return last[0]
+
+    try:
+        _settle(cpu)  # its start-up (imports, connections) is not the tick's work
+        yield cpu
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=10)
+
+
+def _settle(cpu: Callable[[], float], seconds: float = 60.0) -> None:
+    """Wait, at most `seconds`, until a process's CPU (`cpu()`) stops rising: idle for two
+    consecutive quarter-seconds."""
+    quiet, before = 0, cpu()
+    for _ in range(int(seconds / 0.25)):
+        time.sleep(0.25)
+        now = cpu()
+        quiet = quiet + 1 if now - before < 0.01 else 0
+        if quiet >= 2:
+            return
+        before = now
 
 
 def catch_up(projector) -> int:

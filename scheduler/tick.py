@@ -25,9 +25,13 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
 
     Each pass catches the views up ONCE, reads every due id at once (at most PAGE per round
     left) and decides them PAGE at a time: catching up between pages would only project
-    the previous page's writes, so it is done once after the pass, which is also what the
-    next pass reads (work a pass made due, e.g. a settlement after an end). At most
-    MAX_ROUNDS pages in all; a longer backlog continues at the next tick (`more`).
+    the previous page's writes. A session's own next step due by `as_of` is decided in the
+    same pass (`Ledger.tick` queues it), so a pass that read every due id and finished
+    without a conflict, a failure, an expired pool or a consultation step leaves nothing due
+    by `as_of` that was known when the tick began (`_conclusive`): the tick ends there, and
+    its writes reach the views through the background projector, as every request's do.
+    Otherwise it catches up and reads again (work a pass made due, e.g. after a fallback).
+    At most MAX_ROUNDS pages in all; a longer backlog continues at the next tick (`more`).
     """
     total, rounds = TickReport(as_of=as_of), 0
     _catch_up(projector)
@@ -38,13 +42,27 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
         consultations = projector.due_consultations(as_of, limit=limit)
         if not sessions and not pools and not consultations:
             break
+        before = len(total.steps), total.conflicts
         progressed, rounds = _pass(ledger, as_of, sessions, pools, consultations, total, rounds)
+        if _conclusive(total, before, limit, sessions, pools, consultations):
+            return total
         _catch_up(projector)
         if not progressed:
             break  # due rows whose work another tick already did; the view catches up next
     total.more = bool(projector.due_sessions(as_of, limit=1) or projector.due_pools(as_of, limit=1)
                       or projector.due_consultations(as_of, limit=1))
     return total
+
+
+def _conclusive(total: TickReport, before: tuple[int, int], limit: int, sessions: list[str],
+                pools: list[str], consultations: list[str]) -> bool:
+    """Whether the pass just run left nothing due: it read every due id (fewer than `limit`
+    of each kind), expired no pool and stepped no consultation (whose effects are not followed
+    in the pass), and everything it tried was saved in units without a conflict or failure."""
+    steps, conflicts = before
+    complete = len(sessions) < limit and len(pools) < limit and len(consultations) < limit
+    return (complete and not pools and not consultations and not total.failed
+            and not total.more and total.conflicts == conflicts and len(total.steps) > steps)
 
 
 def _pass(ledger: Ledger, as_of: datetime, sessions: list[str], pools: list[str],
@@ -89,3 +107,4 @@ def _merge(total: TickReport, report: TickReport) -> None:
                  "consultations", "consultation_steps"):
         getattr(total, name).extend(getattr(report, name))
     total.conflicts += report.conflicts
+    total.more = total.more or report.more  # a page left steps undone (run_tick re-reads then)

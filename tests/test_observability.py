@@ -94,6 +94,8 @@ def test_metrics_after_a_scripted_workload(client):
     assert down.status_code == 503 and down.headers["retry-after"] == "2"
     ledger.ingest = ingest
 
+    # the tick's writes reach the views through the background projector: a read waits for them
+    assert client.get("/v1/patients/p1/balance", headers=BACKEND).status_code == 200
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers=BACKEND).status_code == 403
     scrape = client.get("/metrics", headers=SCRAPER)
