@@ -9,6 +9,12 @@ waits until `release` is set (at most `hang_seconds`), `"redirect"` answers 302 
 path, `"big"` answers 200 with a 1 MiB body. `attempts` lists every request's
 (webhook-id, status answered). `stop()` closes the port (connection refused) and `start()`
 opens the same port again.
+
+`keep_alive=True` answers HTTP/1.1 and keeps each connection open for the sender's next
+delivery, as a production receiver would; the simulated day uses it (18,000 deliveries, each
+a fresh TCP connection and a fresh thread otherwise). The default is HTTP/1.0, one delivery
+per connection, so that `stop()` refuses the very next delivery (the tests rely on it; a
+kept-alive connection would outlive the listening socket).
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ class Received:
 class Receiver:
     """A loopback webhook receiver (see the module doc). Thread-safe."""
 
-    def __init__(self, secrets: list[str] | None = None, port: int = 0, path: str = "/hook") -> None:
+    def __init__(self, secrets: list[str] | None = None, port: int = 0, path: str = "/hook",
+                 keep_alive: bool = False) -> None:
         self.secrets = list(secrets or [])
+        self.keep_alive = keep_alive
         self.path = path
         self.mode = "ok"
         self.hang_seconds = 5.0
@@ -55,6 +63,9 @@ class Receiver:
         self.requests = 0
         self.release = threading.Event()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified on every verified delivery
+        self._webhooks: dict[str, Webhook] = {}  # secret -> its verifier (decoded once)
+        self._ids: set[str] = set()  # distinct webhook-ids received
         self._port = port
         self._server: ThreadingHTTPServer | None = None
         self.start()
@@ -70,6 +81,12 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if self.keep_alive else "HTTP/1.0"
+            # The status line and headers, then the body, are two writes: on a kept-alive
+            # connection Nagle's algorithm would hold the body for the sender's delayed ACK
+            # (about 40 ms a delivery).
+            disable_nagle_algorithm = True
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = min(int(self.headers.get("content-length") or 0), MAX_BODY)
                 body = self.rfile.read(length)
@@ -128,13 +145,18 @@ class Receiver:
             return 400
         with self._lock:
             self.received.append(Received(headers["webhook-id"], payload, len(self.received)))
+            self._ids.add(headers["webhook-id"])
+            self._arrived.notify_all()
         return 200
 
     def verify(self, body: bytes, headers: dict[str, str]) -> dict | None:
         """The payload if one of `secrets` verifies the signature (Standard Webhooks), else None."""
         for secret in list(self.secrets):
+            webhook = self._webhooks.get(secret)
+            if webhook is None:
+                webhook = self._webhooks[secret] = Webhook(secret)
             try:
-                return Webhook(secret).verify(body, headers)
+                return webhook.verify(body, headers)
             except WebhookVerificationError:
                 continue
         return None
@@ -153,13 +175,16 @@ class Receiver:
         return out
 
     def wait_for(self, count: int, timeout: float = 30.0) -> bool:
-        """Wait until `count` distinct webhook-ids arrived (bounded by `timeout` seconds)."""
+        """Wait until `count` distinct webhook-ids arrived (bounded by `timeout` seconds);
+        woken by each arrival, not polling."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.distinct()) >= count:
-                return True
-            time.sleep(0.05)
-        return len(self.distinct()) >= count
+        with self._arrived:
+            while len(self._ids) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._arrived.wait(left)
+            return True
 
     def close(self) -> None:
         self.stop()
