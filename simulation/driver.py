@@ -757,8 +757,8 @@ def check_webhooks(driver: Driver, client: Client, receiver: Receiver,
     least the expected number of notifications, then compare them with the expectation."""
     expected_total = sum(sum(c.values()) for c in driver.oracle.expected.values())
     deadline = time.monotonic() + WEBHOOK_DRAIN_SECONDS
-    # Woken by each arrival; then the service must have nothing pending either (an unexpected
-    # extra delivery would still be on its way), checked again after a short bounded wait.
+    # The receiver polls every 50 ms; then the service must have nothing pending either (an
+    # unexpected extra delivery would still be on its way), asked again every 50 ms.
     while receiver.wait_for(expected_total, timeout=max(0.0, deadline - time.monotonic())):
         if client.undelivered_webhooks() == 0 or time.monotonic() >= deadline:
             break
