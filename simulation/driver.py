@@ -50,6 +50,9 @@ PRINTED_DIFFERENCES = 500  # printed in full up to this many; all are in the rep
 # The events that open a session or a priced consultation: the backend waits for their answer
 # and sends nothing more about one that was refused.
 OPENING_TYPES = ("session.requested", "consultation.booked")
+# Payload fields naming a party an event depends on (Driver.parties).
+PARTY_KEYS = ("session_id", "consultation_id", "patient_id", "doctor_id", "practitioner_id",
+              "owner_id", "payment_reference", "request_id")
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
 
@@ -105,6 +108,16 @@ class ServiceProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"the service did not become healthy; see {self.log_path}")
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds the service process has used so far (Linux /proc; None
+        elsewhere or once it has exited)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -269,6 +282,7 @@ class Driver:
         self.cancelled: set[str] = set()  # requests refused: the backend never started them
         self.closed: set[str] = set()  # the ledger said the session ended: only ends are sent
         self.seen: set[str] = set()
+        self.opening_parties: dict[str, set[str]] = {}  # session -> parties of its opening
         self.late_ends: set[str] = set()  # sessions whose end report was delivered late
         self.now = scenario.setup_at
         forced = [scenario.day_start + timedelta(hours=h) for h in (9, 15, 20)]
@@ -310,36 +324,85 @@ class Driver:
     def deliver(self, batch: list[Delivery]) -> None:
         items = []
         for d in batch:
-            ev = d.event
-            sid = ev.session_id
-            if sid in self.cancelled or (sid in self.closed and ev.type != "session.ended"):
-                self.stats.dropped += 1
+            if not self.still_sent(d):
                 continue
-            if ev.withdraw_rule and ev.payload["amount_minor"] == 0:
-                self.resolve_withdrawal(ev)
+            if d.event.withdraw_rule and d.event.payload["amount_minor"] == 0:
+                self.resolve_withdrawal(d.event)
             items.append(d)
         self.swap(items)
-        run: list[Delivery] = []
-        requested: set[str] = set()  # sessions whose request is in `run`, not yet answered
+        for wave in self.waves(items):
+            wave = [d for d in wave if self.still_sent(d)]
+            if len(wave) == 1 and wave[0].single:
+                self.post_single(wave[0])
+                continue
+            for start in range(0, len(wave), BATCH):
+                self.post_batch(wave[start:start + BATCH])
+
+    def still_sent(self, d: Delivery) -> bool:
+        """False (and counted as dropped) for an event the backend no longer sends: its session
+        was refused, or the ledger said it ended and this is not an end report."""
+        sid = d.event.session_id
+        if sid in self.cancelled or (sid in self.closed and d.event.type != "session.ended"):
+            self.stats.dropped += 1
+            return False
+        return True
+
+    def waves(self, items: list[Delivery]) -> list[list[Delivery]]:
+        """The step's events as successive posts ("waves"), each posted once the previous one
+        is answered; array order is kept within a wave.
+
+        An event goes into the first wave after every earlier event it depends on (same
+        session, patient, doctor, practitioner, pool or request: `parties`), and after its
+        session's opening event when that is in this step (the backend waits for the answer
+        to a request before the session goes on). An event without a session (doctor, pool,
+        wallet, price list, withdrawal) is a barrier: after everything before it, before
+        everything after it; a single event (posted on its own) is a barrier posted alone.
+        Sequential waves keep the ledger's order and the oracle's the same."""
+        waves: list[list[Delivery]] = []
+        last: dict[str, int] = {}  # party -> the latest wave holding an event about it
+        opened: dict[str, int] = {}  # session -> the wave of its opening event
+        floor = 0  # no event goes before a barrier
         for d in items:
-            sid = d.event.session_id
-            if d.single or (sid in requested and d.event.type not in OPENING_TYPES):
-                # The backend waits for the request's answer before the session goes on.
-                self.post_batch(run)
-                run, requested = [], set()
-            if sid in self.cancelled or (sid in self.closed and d.event.type != "session.ended"):
-                self.stats.dropped += 1
-                continue
+            ev = d.event
             if d.single:
-                self.post_single(d)
+                waves.append([d])
+                floor, last, opened = len(waves), {}, {}
                 continue
-            run.append(d)
-            if d.event.type in OPENING_TYPES:
-                requested.add(sid)
-            if len(run) == BATCH:
-                self.post_batch(run)
-                run, requested = [], set()
-        self.post_batch(run)
+            if ev.session_id is None:
+                if len(waves) <= floor:
+                    waves.append([])
+                waves[-1].append(d)
+                floor = len(waves) - 1
+                continue
+            parties = self.parties(ev)
+            wave = max([floor, *(last.get(p, 0) for p in parties)])
+            if ev.session_id in opened and ev.type not in OPENING_TYPES:
+                wave = max(wave, opened[ev.session_id] + 1)
+            elif ev.type in OPENING_TYPES:
+                opened[ev.session_id] = wave
+            while len(waves) <= wave:
+                waves.append([])
+            waves[wave].append(d)
+            for p in parties:
+                last[p] = wave
+        return [w for w in waves if w]
+
+    def parties(self, ev) -> set[str]:
+        """Whom an event concerns: its ids, its session's (from the plan or the opening
+        payload), and the pools its patients draw on (as the oracle knows them)."""
+        ids = {f"{k}:{ev.payload[k]}" for k in PARTY_KEYS if k in ev.payload}
+        ids.add(f"session:{ev.session_id}")
+        if ev.type in OPENING_TYPES:
+            self.opening_parties.setdefault(ev.session_id, set()).update(ids)
+        ids |= self.opening_parties.get(ev.session_id, set())
+        plan = self.plans.get(ev.session_id)
+        if plan is not None:
+            ids |= {f"patient_id:{plan.patient_id}", f"doctor_id:{plan.doctor_id}"}
+        for party in [i for i in ids if i.startswith("patient_id:")]:
+            patient = party.partition(":")[2]
+            ids |= {f"payment_reference:{ref}"
+                    for ref in self.oracle.patients.get(patient, {}).get("pools", ())}
+        return ids
 
     def resolve_withdrawal(self, ev) -> None:
         """The doctor asks for a share of what their app shows as available (the oracle's)."""
@@ -694,10 +757,12 @@ def check_webhooks(driver: Driver, client: Client, receiver: Receiver,
     least the expected number of notifications, then compare them with the expectation."""
     expected_total = sum(sum(c.values()) for c in driver.oracle.expected.values())
     deadline = time.monotonic() + WEBHOOK_DRAIN_SECONDS
-    while time.monotonic() < deadline:
-        if len(receiver.distinct()) >= expected_total and client.undelivered_webhooks() == 0:
+    # The receiver polls every 50 ms; then the service must have nothing pending either (an
+    # unexpected extra delivery would still be on its way), asked again every 50 ms.
+    while receiver.wait_for(expected_total, timeout=max(0.0, deadline - time.monotonic())):
+        if client.undelivered_webhooks() == 0 or time.monotonic() >= deadline:
             break
-        time.sleep(0.5)
+        time.sleep(0.05)
     result = compare(driver.oracle.expected, receiver.snapshot(), len(receiver.rejected))
     for line in result.differences():
         driver.differ(line)
@@ -784,7 +849,9 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
         ("retries after a client timeout", summary["timeout_retries"]),
         ("ticks", summary["ticks"]),
         ("wall time", f"{summary['wall_seconds']} s"),
-        *((f"  {name}", f"{seconds} s")
+        *((f"  {name}", f"{seconds} s (CPU: this process "
+                        f"{summary.get('driver_cpu_seconds', {}).get(name, '–')} s, service "
+                        f"{summary.get('service_cpu_seconds', {}).get(name, '–')} s)")
           for name, seconds in summary.get("phase_seconds", {}).items()),
         *((f"  HTTP {name}", f"{seconds} s")
           for name, seconds in summary.get("http_seconds", {}).items()),
@@ -799,6 +866,40 @@ def render(console, summary: dict, differences: list[str], replay: dict) -> None
 
 
 # ------------------------------------------------------------------------------ entry
+
+
+class Phases:
+    """Wall time, and the CPU of this process and of the service it started, per phase of a
+    run (seconds), in the order the phases ended."""
+
+    def __init__(self) -> None:
+        self.service: ServiceProcess | None = None
+        self.service_cpu_at_stop: float | None = None
+        self.started = self._mark = time.monotonic()
+        self._cpu_mark = time.process_time()
+        self._service_mark = 0.0
+        self.wall: dict[str, float] = {}
+        self.driver_cpu: dict[str, float] = {}
+        self.service_cpu: dict[str, float] = {}
+
+    def end(self, name: str) -> None:
+        now, cpu = time.monotonic(), time.process_time()
+        self.wall[name], self._mark = now - self._mark, now
+        self.driver_cpu[name], self._cpu_mark = cpu - self._cpu_mark, cpu
+        service = self.service.cpu_seconds() if self.service is not None else None
+        if service is None:  # stopped (or not ours): its last reading before the stop
+            service = self.service_cpu_at_stop
+        if service is not None:
+            self.service_cpu[name], self._service_mark = service - self._service_mark, service
+
+    def total(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict:
+        rounded = lambda d: {k: round(v, 1) for k, v in d.items()}  # noqa: E731
+        return {"phase_seconds": rounded(self.wall), "driver_cpu_seconds": rounded(self.driver_cpu),
+                "service_cpu_seconds": rounded(self.service_cpu)}
+
 
 
 def replay_audit(database_url: str) -> tuple[bool, dict]:
@@ -831,14 +932,14 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
-    started = time.monotonic()
     service = None
+    phases = Phases()
     if base_url is None:
         service = ServiceProcess(Path(workdir))
         base_url, database_url = service.base_url, service.database_url
+        phases.service = service
     client = Client(base_url, api_key or os.environ.get("LEDGER_SIM_API_KEY", ADMIN_KEY))
-    phases: dict[str, float] = {}
-    receiver, webhooks, webhook_note = Receiver(), None, ""
+    receiver, webhooks, webhook_note = Receiver(keep_alive=True), None, ""
     try:
         if service is not None:
             service.wait_ready()
@@ -858,25 +959,26 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
                       f"{described['events']} events + {described['duplicates']} duplicates "
                       f"against {base_url}")
         driver = Driver(scenario, client, console)
-        phases["setup"] = time.monotonic() - started
+        phases.end("setup")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("setting up", total=len(scenario.deliveries))
             driver.run(progress, task)
-        phases["day"] = time.monotonic() - started - sum(phases.values())
+        phases.end("day")
         console.print(f"Day done at {driver.now:%Y-%m-%d %H:%M} UTC; comparing every session, "
                       "patient and doctor")
         money = compare_all(driver, client)
         accounts = compare_marketplace(driver, client)
-        phases["compare"] = time.monotonic() - started - sum(phases.values())
+        phases.end("compare")
         if secret is not None:
             webhooks = check_webhooks(driver, client, receiver, console)
-            phases["webhooks"] = time.monotonic() - started - sum(phases.values())
+            phases.end("webhooks")
     finally:
         receiver.close()
         client.close()
         if service is not None:
+            phases.service_cpu_at_stop = service.cpu_seconds()
             service.stop()
     replay: dict = {"status": "skipped (no database URL)"}
     replay_ok: bool | None = None
@@ -885,10 +987,9 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         replay = {"status": "ok" if replay_ok else "FAILED", **details}
         for diff in details["differences"]:
             console.print(f"[red]REPLAY[/red] {diff}", highlight=False)
-    phases["replay"] = time.monotonic() - started - sum(phases.values())
-    wall = time.monotonic() - started
-    summary = summarize(driver, money, wall)
-    summary["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    phases.end("replay")
+    summary = summarize(driver, money, phases.total())
+    summary.update(phases.summary())
     summary["marketplace"] = market_summary(driver, accounts)
     summary["replay"] = replay
     summary["webhooks"] = webhook_summary(webhooks, webhook_note)

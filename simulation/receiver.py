@@ -9,6 +9,12 @@ waits until `release` is set (at most `hang_seconds`), `"redirect"` answers 302 
 path, `"big"` answers 200 with a 1 MiB body. `attempts` lists every request's
 (webhook-id, status answered). `stop()` closes the port (connection refused) and `start()`
 opens the same port again.
+
+`keep_alive=True` answers HTTP/1.1 and keeps each connection open for the sender's next
+delivery, as a production receiver would; the simulated day uses it (18,000 deliveries, each
+a fresh TCP connection and a fresh thread otherwise). The default is HTTP/1.0, one delivery
+per connection, so that `stop()` refuses the very next delivery (the tests rely on it; a
+kept-alive connection would outlive the listening socket).
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ class Received:
 class Receiver:
     """A loopback webhook receiver (see the module doc). Thread-safe."""
 
-    def __init__(self, secrets: list[str] | None = None, port: int = 0, path: str = "/hook") -> None:
+    def __init__(self, secrets: list[str] | None = None, port: int = 0, path: str = "/hook",
+                 keep_alive: bool = False) -> None:
         self.secrets = list(secrets or [])
+        self.keep_alive = keep_alive
         self.path = path
         self.mode = "ok"
         self.hang_seconds = 5.0
@@ -55,6 +63,7 @@ class Receiver:
         self.requests = 0
         self.release = threading.Event()
         self._lock = threading.Lock()
+        self._webhooks: dict[str, Webhook] = {}  # secret -> its verifier (decoded once)
         self._port = port
         self._server: ThreadingHTTPServer | None = None
         self.start()
@@ -70,6 +79,12 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if self.keep_alive else "HTTP/1.0"
+            # The status line and headers, then the body, are two writes: on a kept-alive
+            # connection Nagle's algorithm would hold the body for the sender's delayed ACK
+            # (about 40 ms a delivery).
+            disable_nagle_algorithm = True
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = min(int(self.headers.get("content-length") or 0), MAX_BODY)
                 body = self.rfile.read(length)
@@ -133,8 +148,11 @@ class Receiver:
     def verify(self, body: bytes, headers: dict[str, str]) -> dict | None:
         """The payload if one of `secrets` verifies the signature (Standard Webhooks), else None."""
         for secret in list(self.secrets):
+            webhook = self._webhooks.get(secret)
+            if webhook is None:
+                webhook = self._webhooks[secret] = Webhook(secret)
             try:
-                return Webhook(secret).verify(body, headers)
+                return webhook.verify(body, headers)
             except WebhookVerificationError:
                 continue
         return None
