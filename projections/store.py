@@ -228,6 +228,8 @@ class PostgresStore(Store):
                rows: list[Sequence[Any]]) -> None:
         """As Store.upsert; from COPY_MIN_ROWS rows on, COPY into a temporary staging table
         then one INSERT … SELECT … ON CONFLICT (a round trip per row costs more)."""
+        if not rows:
+            return
         if len(rows) < COPY_MIN_ROWS:
             self._upsert_columns(table, keys, cols, sets, rows)
             return
