@@ -153,6 +153,10 @@ def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 ins
     settings = Settings()
     with _opened(settings) as (ledger, projector):
         report = run_tick(ledger, projector, _parse_instant(as_of) or ledger.clock())
+        # no follower may be running beside a command: leave the views reflecting the tick
+        for _ in range(100):  # bounded: 100 × 50,000 events
+            if projector.catch_up(max_events=50_000) < 50_000:
+                break
     table = Table(title=f"tick as of {report.as_of.isoformat()}")
     for column in ("charged", "ended", "settled", "expired", "failed", "conflicts", "more"):
         table.add_column(column, justify="right")
