@@ -35,6 +35,7 @@ from audit import asof, statements
 from audit.follower import AuditFollower
 from audit.service import AuditService
 from bench.run import T0, StepClock, _drop_schema, _events
+from bench.stores import write_rows
 from projections import Projector, replay_verify
 from runtime.settings import Settings
 from runtime.wiring import build_ledger
@@ -124,7 +125,7 @@ def build_large_store(url: str, sessions: int, copies: int) -> tuple[Any, Projec
     run_tick(ledger, projector, clock.now)
     base = list(ledger.recorder.select_notifications(1, 10**7))
     for copy in range(1, copies + 1):
-        _insert(ledger, url, [_copied(n, copy) for n in base])
+        write_rows(url, ledger.recorder.events_table_name, [_copied(n, copy) for n in base])
     projector.catch_up(max_events=10**8)
     return ledger, projector, int(ledger.recorder.max_notification_id())
 
@@ -156,26 +157,6 @@ def _rename(value: Any, copy: int) -> Any:
         if len(value) == 36 and value.count("-") == 4:
             return str(_uuid(value, copy))
     return value
-
-
-def _insert(ledger: Any, url: str, rows: list[tuple]) -> None:
-    recorder = ledger.recorder
-    if is_postgres(url):
-        import psycopg
-
-        table = f'"{postgres_parts(url)["schema"]}".{recorder.events_table_name}'
-        with psycopg.connect(postgres_conninfo(url)) as conn, conn.cursor() as cursor:
-            with cursor.copy(f"COPY {table} (originator_id, originator_version, topic, state) "
-                             "FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        return
-    import sqlite3
-
-    with sqlite3.connect(sqlite_path(url)) as conn:
-        conn.executemany(f"INSERT INTO {recorder.events_table_name} (originator_id, "
-                         "originator_version, topic, state) VALUES (?, ?, ?, ?)",
-                         [(r[0].hex, r[1], r[2], r[3]) for r in rows])
 
 
 def raw_scan_rate(ledger: Any, url: str) -> float:

@@ -35,6 +35,8 @@ from typing import Iterator
 
 import httpx
 
+from bench.together import run_together
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "dev-backend"  # the default LEDGER_API_KEYS' backend key
 WINDOW = 20  # patients whose sessions are interleaved in one client's stream
@@ -85,16 +87,22 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def ledger_env(database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a `python -m runtime.cli …` child on `database_url`: this process's
+    own, warnings-only logs, `settings` (LEDGER_… names), and the repository on PYTHONPATH."""
+    return {**os.environ, "LEDGER_DATABASE_URL": database_url, "LEDGER_LOG_LEVEL": "warning",
+            **settings, "PYTHONPATH": os.pathsep.join(filter(None, (
+                str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+
+
 @contextmanager
 def service(database_url: str, log_path: Path, extra_env: dict[str, str] | None = None
             ) -> Iterator[Served]:
     """`ledger serve` (one worker, tick off) on `database_url`; yields it once healthy; stopped
     with SIGINT (then SIGKILL after 15 s) afterwards."""
     port = _free_port()
-    env = {**os.environ, "LEDGER_DATABASE_URL": database_url, "LEDGER_TICK_ENABLED": "false",
-           "LEDGER_LOG_LEVEL": "warning", "LEDGER_PORT": str(port), **(extra_env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
-                                                       os.environ.get("PYTHONPATH"))))}
+    env = ledger_env(database_url, **{"LEDGER_TICK_ENABLED": "false", "LEDGER_PORT": str(port),
+                                      **(extra_env or {})})
     env.pop("LEDGER_API_KEYS", None)  # the default keys: KEY is the backend's
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--port", str(port)],
@@ -224,32 +232,24 @@ def closed_loop(base_url: str, clients: int, batch: int, seconds: float) -> tupl
     """(events accepted per second, tally) of `clients` closed-loop clients (module docstring)."""
     run, base = uuid.uuid4().hex[:6], base_instant()
     tallies = [Tally() for _ in range(clients)]
-    barrier = threading.Barrier(clients + 1)
     deadline = [0.0]
 
-    def client(index: int) -> None:
+    def client(index: int, ready: threading.Barrier) -> None:
         events = stream(f"{run}c{index}", base)
         with _client() as http:
-            barrier.wait()
+            ready.wait()
             while time.perf_counter() < deadline[0]:
                 chunk = [next(events) for _ in range(batch)]
                 started = time.perf_counter()
                 tallies[index].add(_post(http, base_url, chunk))
                 tallies[index].latencies.append(time.perf_counter() - started)
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    deadline[0] = time.perf_counter() + seconds
-    started = time.perf_counter()
-    barrier.wait()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    total = Tally()
-    for tally in tallies:
-        total.merge(tally)
-    return total.accepted / elapsed, total
+    def arm() -> float:
+        deadline[0] = time.perf_counter() + seconds
+        return time.perf_counter()
+
+    elapsed = run_together(clients, client, arm)
+    return _rate(tallies, elapsed)
 
 
 def open_loop(base_url: str, lanes: int, rate: float, seconds: float) -> tuple[float, Tally]:
@@ -259,13 +259,12 @@ def open_loop(base_url: str, lanes: int, rate: float, seconds: float) -> tuple[f
     rate = max(rate, 1.0)  # a closed loop that accepted nothing still paces something
     total_requests = max(lanes, int(rate * seconds))
     tallies = [Tally() for _ in range(lanes)]
-    barrier = threading.Barrier(lanes + 1)
     start = [0.0]
 
-    def lane(index: int) -> None:
+    def lane(index: int, ready: threading.Barrier) -> None:
         events = stream(f"{run}l{index}", base)
         with _client() as http:
-            barrier.wait()
+            ready.wait()
             for k in range(index, total_requests, lanes):
                 scheduled = start[0] + k / rate
                 pause = scheduled - time.perf_counter()
@@ -274,14 +273,16 @@ def open_loop(base_url: str, lanes: int, rate: float, seconds: float) -> tuple[f
                 tallies[index].add(_post(http, base_url, [next(events)]))
                 tallies[index].latencies.append(time.perf_counter() - scheduled)
 
-    threads = [threading.Thread(target=lane, args=(i,), daemon=True) for i in range(lanes)]
-    for thread in threads:
-        thread.start()
-    start[0] = time.perf_counter() + 0.05
-    barrier.wait()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start[0]
+    def arm() -> float:
+        start[0] = time.perf_counter() + 0.05
+        return start[0]
+
+    elapsed = run_together(lanes, lane, arm)
+    return _rate(tallies, elapsed)
+
+
+def _rate(tallies: list[Tally], elapsed: float) -> tuple[float, Tally]:
+    """(events accepted per second over `elapsed` seconds, the threads' tallies merged)."""
     total = Tally()
     for tally in tallies:
         total.merge(tally)

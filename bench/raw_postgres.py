@@ -22,6 +22,7 @@ from typing import Iterator
 
 import psycopg
 
+from bench.together import run_together
 from storage import postgres_conninfo
 
 STATE_BYTES = 300
@@ -66,27 +67,23 @@ def insert_rate(base_url: str, clients: int, rows_per_transaction: int, seconds:
     with raw_schema(base_url) as schema:
         sql = INSERT.format(schema=schema)
         counts = [0] * clients
-        start = threading.Barrier(clients + 1)
         deadline = [0.0]
 
-        def client(index: int) -> None:
+        def client(index: int, ready: threading.Barrier) -> None:
             with psycopg.connect(postgres_conninfo(base_url)) as conn:
-                start.wait()
+                ready.wait()
                 while time.perf_counter() < deadline[0]:
                     rows = [row() for _ in range(rows_per_transaction)]
                     with conn.transaction(), conn.cursor() as cursor:
                         cursor.executemany(sql, rows)
                     counts[index] += rows_per_transaction
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        deadline[0] = time.perf_counter() + seconds
-        started = time.perf_counter()
-        start.wait()
-        for thread in threads:
-            thread.join()
-        return sum(counts) / (time.perf_counter() - started)
+        def arm() -> float:
+            deadline[0] = time.perf_counter() + seconds
+            return time.perf_counter()
+
+        elapsed = run_together(clients, client, arm)
+        return sum(counts) / elapsed
 
 
 def scan_rate(base_url: str, schema: str, table: str = TABLE) -> tuple[int, float]:

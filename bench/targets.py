@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench import raw_postgres
-from bench.http_load import (REPO_ROOT, Served, closed_loop, open_loop, percentile,
-                              process_cpu_seconds, service)
+from bench.http_load import (REPO_ROOT, Served, closed_loop, ledger_env, open_loop,
+                              percentile, process_cpu_seconds, service)
 from bench.stores import StoreInfo, generate, patients_for
 from storage import is_postgres, postgres_parts
 
@@ -256,10 +256,7 @@ def _followers(url: str, projector, poll_seconds: float) -> Iterator[Callable[[]
         projector.start(poll_seconds)
         yield lambda: 0.0
         return
-    env = {**os.environ, "LEDGER_DATABASE_URL": url, "LEDGER_WEBHOOK_DELIVERY_ENABLED": "false",
-           "LEDGER_AUDIT_ENABLED": "false", "LEDGER_LOG_LEVEL": "warning",
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT),
-                                                       os.environ.get("PYTHONPATH"))))}
+    env = ledger_env(url, LEDGER_WEBHOOK_DELIVERY_ENABLED="false", LEDGER_AUDIT_ENABLED="false")
     child = subprocess.Popen([sys.executable, "-m", "runtime.cli", "follow"], cwd=REPO_ROOT,
                              env=env)
     last = [0.0]
