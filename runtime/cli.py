@@ -148,15 +148,12 @@ def _prepare_multiprocess_metrics() -> None:
 def tick(as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO 8601 instant; default now"),
          debug: bool = typer.Option(False, "--debug", help="print every decision")) -> None:
     """Run one tick and print what it charged, ended, settled and expired."""
-    from scheduler.tick import run_tick
+    from scheduler.tick import catch_up_views, run_tick
 
     settings = Settings()
     with _opened(settings) as (ledger, projector):
         report = run_tick(ledger, projector, _parse_instant(as_of) or ledger.clock())
-        # no follower may be running beside a command: leave the views reflecting the tick
-        for _ in range(100):  # bounded: 100 × 50,000 events
-            if projector.catch_up(max_events=50_000) < 50_000:
-                break
+        catch_up_views(projector)  # no follower may run beside a command: views show the tick
     table = Table(title=f"tick as of {report.as_of.isoformat()}")
     for column in ("charged", "ended", "settled", "expired", "failed", "conflicts", "more"):
         table.add_column(column, justify="right")

@@ -34,7 +34,7 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
     At most MAX_ROUNDS pages in all; a longer backlog continues at the next tick (`more`).
     """
     total, rounds = TickReport(as_of=as_of), 0
-    _catch_up(projector)
+    catch_up_views(projector)
     while rounds < MAX_ROUNDS:
         limit = PAGE * (MAX_ROUNDS - rounds)
         sessions = projector.due_sessions(as_of, limit=limit)
@@ -46,7 +46,7 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
         progressed, rounds = _pass(ledger, as_of, sessions, pools, consultations, total, rounds)
         if _conclusive(total, before, limit, sessions, pools, consultations):
             return total
-        _catch_up(projector)
+        catch_up_views(projector)
         if not progressed:
             break  # due rows whose work another tick already did; the view catches up next
     total.more = bool(projector.due_sessions(as_of, limit=1) or projector.due_pools(as_of, limit=1)
@@ -60,8 +60,7 @@ def _conclusive(total: TickReport, before: tuple[int, int], limit: int, sessions
     of each kind), expired no pool and stepped no consultation (whose effects are not followed
     in the pass), and everything it tried was saved in units without a conflict or failure."""
     steps, conflicts = before
-    complete = len(sessions) < limit and len(pools) < limit and len(consultations) < limit
-    return (complete and not pools and not consultations and not total.failed
+    return (len(sessions) < limit and not pools and not consultations and not total.failed
             and not total.more and total.conflicts == conflicts and len(total.steps) > steps)
 
 
@@ -85,7 +84,7 @@ def _pass(ledger: Ledger, as_of: datetime, sessions: list[str], pools: list[str]
     return progressed, rounds
 
 
-def _catch_up(projector) -> None:
+def catch_up_views(projector) -> None:
     """Bring the views up to the head: one catch_up call per MAX_EVENTS events (bounded)."""
     for _ in range(MAX_ROUNDS):
         if projector.catch_up(max_events=MAX_EVENTS) < MAX_EVENTS:
