@@ -19,21 +19,44 @@ import random
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Any, Callable
 
-import httpx
 from standardwebhooks import Webhook
 
-from notifications.endpoints import Endpoints, UrlPolicy
+from notifications.endpoints import Endpoint, Endpoints, UrlPolicy
+from notifications.sender import Attempt, Sender
 from projections.store import Store
 
 log = logging.getLogger("ledger.webhooks")
 UNDELIVERED = ("pending", "retrying")
 USER_AGENT = "telehealth-ledger-webhooks/1"
 ERROR_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+SCAN_LIMIT = 500  # due deliveries read per scan of the undelivered ones (memory bound)
+RESCAN_SECONDS = 2.0  # a ready list older than this is read again (retries fallen due)
+# Appended to the claim token of a delivery in flight when a replay or a manual retry asks for
+# it again: the attempt in flight began before that request, so its outcome must not settle it
+# (`_record`): the delivery stays undelivered, due when the request said, and is sent again.
+AGAIN = "+again"
+# A delivery is the first undelivered one of its (endpoint, ordering key): `d` is the
+# candidate's table name or alias.
+HEAD_OF_KEY = ("NOT EXISTS (SELECT 1 FROM webhook_deliveries p "
+               "WHERE p.endpoint_id = {d}.endpoint_id AND p.ordering_key = {d}.ordering_key "
+               "AND p.status IN (?, ?) AND (p.position < {d}.position "
+               "OR (p.position = {d}.position AND p.ordinal < {d}.ordinal)))")
+RECORD = ("UPDATE webhook_deliveries SET attempts = ?, last_attempt_at = ?, "
+          "last_status_code = ?, last_error = ?, last_response = ?, "
+          "status = CASE WHEN claim_token = ? THEN ? ELSE status END, "
+          "next_attempt_at = CASE WHEN claim_token = ? THEN ? ELSE next_attempt_at END, "
+          "delivered_at = CASE WHEN claim_token = ? THEN ? ELSE delivered_at END, "
+          "claimed_until = NULL, claim_token = NULL "
+          "WHERE delivery_id = ? AND claim_token IN (?, ?)")
+# What a replay or a manual retry sets on a delivery, besides its status and window.
+ASK_AGAIN = "claim_token = CASE WHEN claim_token LIKE ? THEN claim_token ELSE claim_token || ? END"
+ASK_AGAIN_PARAMS = ("%" + AGAIN, AGAIN)
 
 
 @dataclass(frozen=True)
@@ -58,46 +81,66 @@ class DeliveryPolicy:
 
 
 @dataclass(frozen=True)
-class Attempt:
-    """What one HTTP attempt gave: `status_code` (None if no answer), a short `error`, the
-    response body's first bytes, and a Retry-After in seconds if the endpoint sent one."""
+class Claimed:
+    """A delivery this process claimed (`token`), with what sending it needs."""
 
-    status_code: int | None
-    error: str | None
-    response: str
-    retry_after: float | None = None
+    delivery_id: str
+    endpoint_id: str
+    message_id: str
+    event_type: str
+    attempts: int  # attempts before this one
+    deadline: datetime
+    body: str
+    token: str
 
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+
+_signers: dict[str, Webhook] = {}  # secret -> its signer (the secret decoded once)
 
 
 def sign(secrets: list[str], message_id: str, at: datetime, body: str) -> str:
     """The `webhook-signature` header: one `v1,<base64>` per secret, space-separated."""
-    return " ".join(Webhook(s).sign(message_id, at, body) for s in secrets)
+    signatures = []
+    for secret in secrets:
+        signer = _signers.get(secret)
+        if signer is None:
+            if len(_signers) >= 1000:  # bounded: secrets of rotated-away endpoints go
+                _signers.clear()
+            signer = _signers[secret] = Webhook(secret)
+        signatures.append(signer.sign(message_id, at, body))
+    return " ".join(signatures)
 
 
 class Dispatcher:
     """Sends the deliveries in `store`. `observe(outcome, event_type)` is told of every
-    attempt's outcome (`sent`, `failed`, `dead`), for the metrics."""
+    attempt's outcome (`sent`, `failed`, `dead`), for the metrics.
+
+    Per round (`dispatch`): the outcomes the workers reported since the previous round are
+    written in one transaction; the due deliveries come from a list read by one scan of the
+    undelivered ones (up to SCAN_LIMIT, read again when used up, when only saturated
+    endpoints are left in it, or after RESCAN_SECONDS); those handed to the workers are
+    claimed by one statement that checks again, for each, that it is due, unclaimed and the
+    first undelivered one of its key, and read with their messages by one query. A scan costs
+    in proportion to the undelivered backlog, so it is not run per delivery.
+    """
 
     def __init__(self, store: Store, endpoints: Endpoints, *, clock: Callable[[], datetime],
                  policy: DeliveryPolicy = DeliveryPolicy(), url_policy: UrlPolicy = UrlPolicy(),
                  observe: Callable[[str, str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 sender: Sender | None = None) -> None:
         self.store, self.endpoints, self.clock, self.policy = store, endpoints, clock, policy
         self.url_policy = url_policy
         self.observe = observe or (lambda outcome, event_type: None)
         self.rng = random.Random()
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(policy.timeout_seconds), follow_redirects=False,
-            trust_env=False, transport=transport, headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=policy.concurrency * 2,
-                                max_keepalive_connections=policy.concurrency))
+        self.sender = sender or Sender(policy.timeout_seconds, policy.response_cap_bytes,
+                                       policy.concurrency, USER_AGENT)
         self.pool = ThreadPoolExecutor(max_workers=policy.concurrency,
                                        thread_name_prefix="webhook-send")
         self._inflight: dict[str, int] = {}  # endpoint id -> requests in flight (this process)
+        self._outcomes: list[tuple] = []  # RECORD rows the workers reported, not yet written
+        self._ready: deque[tuple[str, str]] = deque()  # (delivery, endpoint) of the last scan
+        self._scanned_at = 0.0  # time.monotonic() of that scan
         self._mutex = threading.Lock()
+        self._dispatching = threading.Lock()
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,33 +148,56 @@ class Dispatcher:
     # ---------------------------------------------------------------------- dispatching
 
     def dispatch(self) -> int:
-        """Claim and hand to the workers what is due now, within the concurrency bounds;
-        returns how many were handed over."""
-        with self._mutex:
-            free = self.policy.concurrency - sum(self._inflight.values())
-            full = [e for e, n in self._inflight.items() if n >= self.policy.per_endpoint]
-        if free <= 0:
-            return 0
-        now, handed = self.clock(), 0
-        for delivery_id, endpoint_id in self._due(now, free * 4, full):
+        """Write the outcomes reported so far, then claim and hand to the workers what is due
+        now, within the concurrency bounds; returns how many were handed over."""
+        with self._dispatching:
+            self.flush()
             with self._mutex:
-                if self._inflight.get(endpoint_id, 0) >= self.policy.per_endpoint:
-                    continue
-                if sum(self._inflight.values()) >= self.policy.concurrency:
-                    break
-            token = self._claim(delivery_id, now)
-            if token is None:
-                continue  # another process claimed it first
-            with self._mutex:
-                self._inflight[endpoint_id] = self._inflight.get(endpoint_id, 0) + 1
-            self.pool.submit(self._send_claimed, delivery_id, endpoint_id, token)
-            handed += 1
-        return handed
+                inflight = dict(self._inflight)
+            free = self.policy.concurrency - sum(inflight.values())
+            if free <= 0:
+                return 0
+            now = self.clock()
+            claimed = self._claim(self._pick(now, free, inflight), now)
+            endpoints = {e: self.endpoints.get(e) for e in {c.endpoint_id for c in claimed}}
+            for item in claimed:
+                with self._mutex:
+                    self._inflight[item.endpoint_id] = self._inflight.get(item.endpoint_id, 0) + 1
+                self.pool.submit(self._send_claimed, item, endpoints[item.endpoint_id])
+            return len(claimed)
 
     def busy(self) -> bool:
         """Whether a request of this process is in flight."""
         with self._mutex:
             return bool(self._inflight)
+
+    def _pick(self, now: datetime, free: int, inflight: dict[str, int]) -> list[tuple[str, str]]:
+        """Up to `free` (delivery, endpoint) from the ready list, at most `per_endpoint` in
+        flight per endpoint. The list is read again when it is used up or old, and when all
+        it holds is for saturated endpoints at most every `poll_seconds` (another endpoint's
+        deliveries may be due meanwhile; scanning for them each round would cost as much as
+        before)."""
+        age = time.monotonic() - self._scanned_at
+        picked = [] if age > RESCAN_SECONDS else self._take(free, inflight)
+        if not picked and (not self._ready or age > min(self.policy.poll_seconds,
+                                                        RESCAN_SECONDS)):
+            full = [e for e, n in inflight.items() if n >= self.policy.per_endpoint]
+            self._ready = deque(self._due(now, SCAN_LIMIT, full))
+            self._scanned_at = time.monotonic()
+            picked = self._take(free, inflight)
+        return picked
+
+    def _take(self, free: int, inflight: dict[str, int]) -> list[tuple[str, str]]:
+        counts, picked, kept = dict(inflight), [], []
+        while self._ready and len(picked) < free:
+            item = self._ready.popleft()
+            if counts.get(item[1], 0) >= self.policy.per_endpoint:
+                kept.append(item)
+                continue
+            counts[item[1]] = counts.get(item[1], 0) + 1
+            picked.append(item)
+        self._ready.extendleft(reversed(kept))
+        return picked
 
     def _due(self, now: datetime, limit: int, full: list[str]) -> list[tuple[str, str]]:
         """(delivery id, endpoint id) of deliveries that may be sent now: due, unclaimed, of an
@@ -144,67 +210,73 @@ class Dispatcher:
                 "JOIN webhook_endpoints e ON e.endpoint_id = d.endpoint_id "
                 "WHERE d.status IN (?, ?) AND d.next_attempt_at <= ? AND e.enabled = ? "
                 "AND (d.claimed_until IS NULL OR d.claimed_until < ?)" + skip +
-                " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p "
-                "WHERE p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key "
-                "AND p.status IN (?, ?) AND (p.position < d.position "
-                "OR (p.position = d.position AND p.ordinal < d.ordinal))) "
-                "ORDER BY d.next_attempt_at, d.position, d.ordinal LIMIT ?",
+                " AND " + HEAD_OF_KEY.format(d="d") +
+                " ORDER BY d.next_attempt_at, d.position, d.ordinal LIMIT ?",
                 (*UNDELIVERED, ts, True, ts, *full, *UNDELIVERED, limit))]
 
-    def _claim(self, delivery_id: str, now: datetime) -> str | None:
+    def _claim(self, picked: list[tuple[str, str]], now: datetime) -> list[Claimed]:
+        """Claim those of `picked` still due, unclaimed and first of their key (one
+        transaction), and read them with their messages (one query); in `picked` order."""
+        if not picked:
+            return []
         token = uuid.uuid4().hex
         until = now + timedelta(seconds=self.policy.timeout_seconds
                                 + self.policy.claim_margin_seconds)
+        ids = [d for d, _ in picked]
+        marks = ", ".join("?" * len(ids))
+        ts = self.store.ts
         with self.store.locked():
-            claimed = self.store.execute(
-                "UPDATE webhook_deliveries SET claimed_until = ?, claim_token = ? "
-                "WHERE delivery_id = ? AND status IN (?, ?) "
-                "AND (claimed_until IS NULL OR claimed_until < ?)",
-                (self.store.ts(until), token, delivery_id, *UNDELIVERED, self.store.ts(now)))
-        return token if claimed == 1 else None
+            # One statement per id, in one transaction: with `IN (ids…)` SQLite's planner
+            # (no statistics) walks the due index instead of the primary key.
+            with self.store.transaction():
+                self.store.executemany(
+                    "UPDATE webhook_deliveries SET claimed_until = ?, claim_token = ? "
+                    "WHERE delivery_id = ? AND status IN (?, ?) AND next_attempt_at <= ? "
+                    "AND (claimed_until IS NULL OR claimed_until < ?) AND "
+                    + HEAD_OF_KEY.format(d="webhook_deliveries"),
+                    [(ts(until), token, d, *UNDELIVERED, ts(now), ts(now), *UNDELIVERED)
+                     for d in ids])
+            rows = self.store.query(
+                "SELECT d.delivery_id, d.endpoint_id, d.message_id, d.event_type, d.attempts, "
+                "d.deadline_at, m.body FROM webhook_deliveries d JOIN webhook_messages m "
+                f"ON m.message_id = d.message_id WHERE d.delivery_id IN ({marks}) "
+                "AND d.claim_token IN (?, ?)", (*ids, token, token + AGAIN))
+        order = {d: i for i, d in enumerate(ids)}
+        return [Claimed(r[0], r[1], r[2], r[3], int(r[4]), self.store.from_ts(r[5]), r[6], token)
+                for r in sorted(rows, key=lambda r: order[r[0]])]
 
     # -------------------------------------------------------------------------- sending
 
-    def _send_claimed(self, delivery_id: str, endpoint_id: str, token: str) -> None:
+    def _send_claimed(self, item: Claimed, endpoint: Endpoint) -> None:
         try:
-            self.send(delivery_id, token)
+            self.send(item, endpoint)
         except Exception:  # noqa: BLE001 - the claim expires and the delivery is retried
-            log.exception("webhook delivery %s failed unexpectedly", delivery_id)
+            log.exception("webhook delivery %s failed unexpectedly", item.delivery_id)
         finally:
             with self._mutex:
-                self._inflight[endpoint_id] -= 1
-                if not self._inflight[endpoint_id]:
-                    del self._inflight[endpoint_id]
+                self._inflight[item.endpoint_id] -= 1
+                if not self._inflight[item.endpoint_id]:
+                    del self._inflight[item.endpoint_id]
             self.wake.set()
 
-    def send(self, delivery_id: str, token: str) -> str:
-        """Attempt one claimed delivery and record the outcome; returns it (`sent`, `failed`,
-        `dead`, or `released` when its endpoint was disabled meanwhile)."""
-        with self.store.locked():
-            rows = self.store.query(
-                "SELECT d.endpoint_id, d.message_id, d.event_type, d.attempts, d.deadline_at, "
-                "m.body FROM webhook_deliveries d JOIN webhook_messages m "
-                "ON m.message_id = d.message_id WHERE d.delivery_id = ? AND d.claim_token = ?",
-                (delivery_id, token))
-        if not rows:
-            return "released"
-        endpoint_id, message_id, event_type, attempts, deadline, body = rows[0]
-        endpoint = self.endpoints.get(endpoint_id)
+    def send(self, item: Claimed, endpoint: Endpoint) -> str:
+        """Attempt one claimed delivery and queue its outcome for the next round's write
+        (`flush`); returns it (`sent`, `failed`, `dead`, or `released` when its endpoint
+        was disabled meanwhile)."""
         if not endpoint.enabled:
-            self._release(delivery_id, token)
+            self._release(item)
             return "released"
         at = self.clock()
         problem = self.url_policy.problem(endpoint.url)
         attempt = Attempt(None, problem, "") if problem else self._post(
-            endpoint.url, message_id, at, body, endpoint.signing_secrets(at))
-        outcome = self._record(delivery_id, token, int(attempts) + 1,
-                               self.store.from_ts(deadline), attempt)
-        self.observe(outcome, event_type)
+            endpoint.url, item.message_id, at, item.body, endpoint.signing_secrets(at))
+        outcome = self._record(item, attempt)
+        self.observe(outcome, item.event_type)
         if outcome != "sent":
             log.warning("webhook delivery %s", "dead-lettered" if outcome == "dead" else "failed",
-                        extra={"delivery_id": delivery_id, "endpoint_id": endpoint_id,
-                               "message_id": message_id, "event_type": event_type,
-                               "attempt": int(attempts) + 1, "status_code": attempt.status_code,
+                        extra={"delivery_id": item.delivery_id, "endpoint_id": item.endpoint_id,
+                               "message_id": item.message_id, "event_type": item.event_type,
+                               "attempt": item.attempts + 1, "status_code": attempt.status_code,
                                "error": attempt.error})
         return outcome
 
@@ -213,55 +285,51 @@ class Dispatcher:
         headers = {"content-type": "application/json", "webhook-id": message_id,
                    "webhook-timestamp": str(int(at.timestamp())),
                    "webhook-signature": sign(secrets, message_id, at, body)}
-        started = time.monotonic()
-        try:
-            with self.client.stream("POST", url, content=body.encode(), headers=headers) as r:
-                excerpt = self._read_capped(r, started)
-                return Attempt(r.status_code, None if 200 <= r.status_code < 300
-                               else f"HTTP {r.status_code}", excerpt, _retry_after(r))
-        except httpx.TimeoutException:
-            return Attempt(None, f"timed out after {self.policy.timeout_seconds:g} s", "")
-        except httpx.HTTPError as exc:
-            return Attempt(None, f"{type(exc).__name__}: {str(exc)[:200]}", "")
+        return self.sender.post(url, body.encode(), headers)
 
-    def _read_capped(self, response: httpx.Response, started: float) -> str:
-        """At most `response_cap_bytes` of the body, within the request's time bound."""
-        cap, data = self.policy.response_cap_bytes, b""
-        for chunk in response.iter_raw():
-            data += chunk
-            if len(data) >= cap or time.monotonic() - started > self.policy.timeout_seconds:
-                break
-        return data[:cap].decode("utf-8", "replace").replace("\x00", "")
-
-    def _record(self, delivery_id: str, token: str, attempts: int, deadline: datetime,
-                attempt: Attempt) -> str:
-        now = self.clock()
-        ts = self.store.ts
-        common = (attempts, ts(now), attempt.status_code, attempt.error, attempt.response)
+    def _record(self, item: Claimed, attempt: Attempt) -> str:
+        """Decide the attempt's outcome and queue the row that records it (written by the
+        next `flush`, which releases the claim). If a replay or a manual retry asked for
+        the delivery while the attempt was in flight (AGAIN), the row keeps the status,
+        window and due time that request set: it is sent again."""
+        now, ts = self.clock(), self.store.ts
+        attempts = item.attempts + 1
         if attempt.ok:
             outcome, status, next_at, delivered = "sent", "delivered", now, now
-        elif now >= deadline:
+        elif now >= item.deadline:
             outcome, status, next_at, delivered = "dead", "dead", now, None
         else:
             delay = self.policy.backoff(attempts, self.rng)
             if attempt.retry_after is not None:
                 delay = min(max(delay, attempt.retry_after), self.policy.retry_max_seconds)
             outcome, status, delivered = "failed", "retrying", None
-            next_at = min(now + timedelta(seconds=delay), deadline)
-        with self.store.locked():
-            self.store.execute(
-                "UPDATE webhook_deliveries SET attempts = ?, last_attempt_at = ?, "
-                "last_status_code = ?, last_error = ?, last_response = ?, status = ?, "
-                "next_attempt_at = ?, delivered_at = ?, claimed_until = NULL, claim_token = NULL "
-                "WHERE delivery_id = ? AND claim_token = ?",
-                (*common, status, ts(next_at), ts(delivered), delivery_id, token))
+            next_at = min(now + timedelta(seconds=delay), item.deadline)
+        token = item.token
+        row = (attempts, ts(now), attempt.status_code, attempt.error, attempt.response,
+               token, status, token, ts(next_at), token, ts(delivered),
+               item.delivery_id, token, token + AGAIN)
+        with self._mutex:
+            self._outcomes.append(row)
         return outcome
 
-    def _release(self, delivery_id: str, token: str) -> None:
+    def flush(self) -> int:
+        """Write the outcomes the workers reported (one transaction); returns how many. On
+        an error they stay queued for the next round (their claims hold them meanwhile)."""
+        with self._mutex:
+            rows = list(self._outcomes)
+        if not rows:
+            return 0
+        with self.store.locked(), self.store.transaction():
+            self.store.executemany(RECORD, rows)
+        with self._mutex:
+            del self._outcomes[:len(rows)]
+        return len(rows)
+
+    def _release(self, item: Claimed) -> None:
         with self.store.locked():
             self.store.execute("UPDATE webhook_deliveries SET claimed_until = NULL, "
-                               "claim_token = NULL WHERE delivery_id = ? AND claim_token = ?",
-                               (delivery_id, token))
+                               "claim_token = NULL WHERE delivery_id = ? AND claim_token IN (?, ?)",
+                               (item.delivery_id, item.token, item.token + AGAIN))
 
     # ----------------------------------------------------------------------- the thread
 
@@ -297,14 +365,9 @@ class Dispatcher:
         if thread is not None:
             thread.join(timeout)
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.client.close()
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - unwritten outcomes: their claims expire, resent
+            log.exception("webhook outcomes could not be written at stop")
+        self.sender.close()
 
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds of a numeric Retry-After on a 429 or 503, else None."""
-    if response.status_code not in (429, 503):
-        return None
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return None

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-import httpx
-
-from notifications.delivery import UNDELIVERED, DeliveryPolicy, Dispatcher
+from notifications.delivery import ASK_AGAIN, ASK_AGAIN_PARAMS, UNDELIVERED, DeliveryPolicy, Dispatcher
 from notifications.deriver import Deriver, insert_deliveries, subscribed
 from notifications.endpoints import Endpoint, Endpoints, UrlPolicy
 from notifications.errors import UnknownWebhookDelivery
@@ -54,8 +52,7 @@ class Notifier:
 
     def __init__(self, ledger: Any, database_url: str, config: NotifierConfig = NotifierConfig(),
                  *, clock: Callable[[], datetime] = system_clock,
-                 observe: Callable[[str, str], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 observe: Callable[[str, str], None] | None = None) -> None:
         self.ledger, self.config, self.clock = ledger, config, clock
         self.url_policy = UrlPolicy(frozenset(h.lower() for h in config.allow_http_hosts))
         self._derive_store = open_store(database_url)
@@ -67,7 +64,7 @@ class Notifier:
         self.endpoints = Endpoints(self.store, clock, self.deriver.head, self.url_policy)
         self.dispatcher = Dispatcher(self.store, self.endpoints, clock=clock,
                                      policy=config.policy, url_policy=self.url_policy,
-                                     observe=observe, transport=transport)
+                                     observe=observe)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,23 +192,27 @@ class Notifier:
 
     def retry(self, delivery_id: str) -> dict:
         """Send a delivery again now, whatever its status, with a fresh retry window (a
-        delivered or dead one becomes pending; the same webhook-id is sent)."""
+        delivered or dead one becomes pending; the same webhook-id is sent). An attempt in
+        flight meanwhile began before this request: its outcome does not settle the delivery
+        (delivery.py AGAIN)."""
         self.delivery(delivery_id)
         now = self.clock()
         ts = self.store.ts
         with self.store.locked():
             self.store.execute(
                 "UPDATE webhook_deliveries SET status = CASE WHEN status IN (?, ?) THEN status "
-                "ELSE ? END, next_attempt_at = ?, deadline_at = ?, delivered_at = NULL "
+                f"ELSE ? END, next_attempt_at = ?, deadline_at = ?, delivered_at = NULL, {ASK_AGAIN} "
                 "WHERE delivery_id = ?", (*UNDELIVERED, "pending", ts(now),
-                                          ts(now + self.config.policy.retry_for), delivery_id))
+                                          ts(now + self.config.policy.retry_for),
+                                          *ASK_AGAIN_PARAMS, delivery_id))
         self.dispatcher.wake.set()
         return self.delivery(delivery_id)
 
     def replay(self, endpoint_id: str, from_position: int, limit: int = 10_000) -> dict:
         """Send the endpoint every notification it subscribes to from log position
         `from_position` on (at most `limit` per call; `next_position` continues), again if
-        already sent, each with its own webhook-id and a fresh retry window."""
+        already sent, each with its own webhook-id and a fresh retry window. An attempt in
+        flight meanwhile does not count as that sending (delivery.py AGAIN)."""
         endpoint = self.endpoints.get(endpoint_id)
         now, ts = self.clock(), self.store.ts
         with self.store.locked():
@@ -226,9 +227,9 @@ class Notifier:
                 self.store.executemany(
                     "UPDATE webhook_deliveries SET status = CASE WHEN status IN (?, ?) "
                     "THEN status ELSE ? END, next_attempt_at = ?, deadline_at = ?, "
-                    "delivered_at = NULL WHERE message_id = ? AND endpoint_id = ?",
+                    f"delivered_at = NULL, {ASK_AGAIN} WHERE message_id = ? AND endpoint_id = ?",
                     [(*UNDELIVERED, "pending", ts(now), ts(now + self.config.policy.retry_for),
-                      m[0], endpoint_id) for m in wanted])
+                      *ASK_AGAIN_PARAMS, m[0], endpoint_id) for m in wanted])
         self.dispatcher.wake.set()
         more = len(messages) == limit
         return {"endpoint_id": endpoint_id, "from_position": from_position,

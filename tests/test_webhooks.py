@@ -422,6 +422,63 @@ def test_replay_sends_history_again_with_the_same_ids_in_order(world):
     assert in_order_per_key(rx.snapshot()[:len(session_messages)])
 
 
+def test_a_replay_while_the_same_delivery_is_in_flight_sends_it_again(world):
+    """A replay asked while an attempt of the same delivery is in flight is not absorbed by
+    that attempt: the attempt began before the replay (here: to the URL the endpoint had
+    then), so the delivery is sent again after it, to the URL the endpoint has now."""
+    url, desk, closing = world
+    n = notifier(desk.ledger, url, DeliveryPolicy(timeout_seconds=20, retry_base_seconds=0.05,
+                                                  poll_seconds=0.02))
+    closing.append(n)
+    old, new = receiver(closing), receiver(closing)
+    old.mode, old.hang_seconds = "block", 20
+    endpoint, secret = n.create_endpoint(old.url, ["pool.expired"])
+    old.secrets.append(secret)
+    new.secrets.append(secret)
+    desk.grant(days=1)
+    desk.ledger.tick(desk.at(T0 + timedelta(days=1, minutes=2)), [], desk.pools)
+    n.start()
+    try:
+        assert wait_until(lambda: old.requests == 1)  # the attempt is in flight, blocked
+        n.endpoints.update(endpoint.endpoint_id, {"url": new.url})
+        assert n.replay(endpoint.endpoint_id, from_position=0)["deliveries"] == 1
+    finally:
+        old.release.set()  # the earlier attempt now succeeds, at the old URL
+    assert old.wait_for(1)
+    assert new.wait_for(1, timeout=10), "the replay was absorbed by the attempt in flight"
+    assert new.snapshot()[0].webhook_id == old.snapshot()[0].webhook_id
+    assert wait_until(lambda: n.deliveries(status="delivered"))
+
+
+def test_a_manual_retry_while_in_flight_is_attempted_again_not_dead_lettered(world):
+    """A manual retry of a delivery whose attempt is in flight, past its deadline, is not
+    absorbed either: when that attempt fails it cannot dead-letter the delivery (the retry
+    gave it a fresh window), and the delivery is attempted again."""
+    url, desk, closing = world
+    policy = DeliveryPolicy(timeout_seconds=4, retry_base_seconds=0.05, poll_seconds=0.02,
+                            retry_for=timedelta(seconds=2))
+    n = notifier(desk.ledger, url, policy)
+    closing.append(n)
+    rx = receiver(closing)
+    rx.mode, rx.hang_seconds = "block", 30
+    endpoint, secret = n.create_endpoint(rx.url, ["pool.expired"])
+    rx.secrets.append(secret)
+    desk.grant(days=1)
+    desk.ledger.tick(desk.at(T0 + timedelta(days=1, minutes=2)), [], desk.pools)
+    n.start()
+    try:
+        assert wait_until(lambda: rx.requests == 1)  # in flight; it will time out
+        time.sleep(2.1)  # the delivery's window is over while its attempt hangs
+        delivery = n.deliveries(endpoint_id=endpoint.endpoint_id)[0]
+        n.retry(delivery["id"])
+        assert wait_until(lambda: rx.requests >= 2, 15), \
+            "the retry was absorbed by the attempt in flight"
+    finally:
+        rx.release.set()
+    assert rx.wait_for(1)
+    assert wait_until(lambda: n.delivery(delivery["id"])["status"] == "delivered")
+
+
 def test_secrets_are_never_logged(world, caplog):
     url, desk, closing = world
     n = notifier(desk.ledger, url, DeliveryPolicy(timeout_seconds=1, retry_base_seconds=0.05,
@@ -525,3 +582,20 @@ def test_drain_sends_everything_due_and_returns(world):
     handed = n.drain()
     assert handed == len(messages(url)) and not n.dispatcher.busy()
     assert len(rx.distinct()) == handed and n.health()["undelivered"] == 0
+
+
+def test_a_kept_alive_receiver_gets_each_delivery_once_over_reused_connections(world):
+    """Connections are reused (the receiver answers HTTP/1.1 keep-alive): every delivery is
+    sent once, succeeds at its first attempt, in order per key."""
+    url, desk, closing = world
+    n = notifier(desk.ledger, url)
+    closing.append(n)
+    rx = Receiver(keep_alive=True)
+    closing.append(rx)
+    rx.secrets.append(n.create_endpoint(rx.url, [])[1])
+    day(desk, sessions=4)
+    handed = n.drain()
+    assert handed == len(messages(url)) == len(rx.snapshot()) == len(rx.distinct())
+    assert {d["attempts"] for d in n.deliveries(limit=500)} == {1}
+    assert in_order_per_key(rx.snapshot())
+
