@@ -15,6 +15,7 @@ replay.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -53,6 +55,7 @@ OPENING_TYPES = ("session.requested", "consultation.booked")
 # Payload fields naming a party an event depends on (Driver.parties).
 PARTY_KEYS = ("session_id", "consultation_id", "patient_id", "doctor_id", "practitioner_id",
               "owner_id", "payment_reference", "request_id")
+COMPARE_WORKERS = 8  # parallel GETs of the comparison (each its own kept-alive connection)
 COMPARED_RESULT_KEYS = ("state", "paid_until", "ended_at", "reason", "pool_id", "effective_end",
                         "seats_taken", "revoked", "status", "available_minor", "country")
 
@@ -243,6 +246,73 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+class Reply:
+    """A GET's answer as the comparison reads it (the part of httpx.Response it uses)."""
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code, self.content = status_code, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class Reader:
+    """The comparison's reads: thousands of GETs, each thread on its own kept-alive HTTP/1.1
+    connection (http.client costs this process about a fifth of httpx's CPU per request, and
+    the driver shares two cores with the service). Counts into `client`'s per-kind seconds
+    and requests. A dropped connection is opened again and the GET sent again (bounded)."""
+
+    def __init__(self, client: Client, base_url: str, key: str) -> None:
+        parts = urlsplit(base_url)
+        self.client, self.host, self.port = client, parts.hostname, parts.port or 80
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.local = threading.local()
+        self._opened: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    def get(self, path: str, attempts: int = 3) -> Reply:
+        started = time.monotonic()
+        for attempt in range(attempts):
+            conn = self._connection()
+            try:
+                conn.request("GET", path, headers=self.headers)
+                response = conn.getresponse()
+                reply = Reply(response.status, response.read())
+                break
+            except (http.client.HTTPException, ConnectionError):
+                conn.close()  # http.client reconnects on the next request
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        kind = path.split("/")[2] if path.startswith("/v1/") else "other"
+        with self.client._lock:
+            self.client.requests += 1
+            self.client.seconds[f"GET {kind}"] += time.monotonic() - started
+        return reply
+
+    def map(self, paths: list[str], workers: int = COMPARE_WORKERS) -> list[Reply]:
+        """GET every path (in parallel), answers in `paths` order."""
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(self.get, paths))
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
 
 
 # ------------------------------------------------------------------------------- driver
@@ -583,15 +653,13 @@ def _batch_outcome(item: dict) -> Outcome:
 # ---------------------------------------------------------------------------- comparing
 
 
-def compare_all(driver: Driver, client: Client, workers: int = 4) -> dict:
+def compare_all(driver: Driver, reader: Reader) -> dict:
     """Read every session, patient and doctor over HTTP and compare with the oracle."""
     sc, oracle = driver.sc, driver.oracle
     now = driver.now
-    with ThreadPoolExecutor(workers) as pool:
-        sessions = list(pool.map(lambda s: client.get(f"/v1/sessions/{s.session_id}"), sc.sessions))
-        patients = list(pool.map(lambda p: client.get(f"/v1/patients/{p}/balance"), sc.patients))
-        doctors = list(pool.map(lambda d: client.get(f"/v1/doctors/{d}/wallet"),
-                                sorted(sc.doctors)))
+    sessions = reader.map([f"/v1/sessions/{s.session_id}" for s in sc.sessions])
+    patients = reader.map([f"/v1/patients/{p}/balance" for p in sc.patients])
+    doctors = reader.map([f"/v1/doctors/{d}/wallet" for d in sorted(sc.doctors)])
     for plan, response in zip(sc.sessions, sessions):
         compare_session(driver, plan.session_id, response)
     units = oracle.patient_units()
@@ -605,7 +673,7 @@ def compare_all(driver: Driver, client: Client, workers: int = 4) -> dict:
     return {c: dict(v) for c, v in sorted(money.items())}
 
 
-def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
+def compare_session(driver: Driver, sid: str, response: Reply) -> None:
     oracle = driver.oracle
     if sid not in oracle.sessions:
         if response.status_code != 404:
@@ -636,7 +704,7 @@ def compare_session(driver: Driver, sid: str, response: httpx.Response) -> None:
             driver.differ(f"session {sid}: {key} ledger {have.get(key)!r}, oracle {value!r}")
 
 
-def compare_patient(driver: Driver, patient: str, response: httpx.Response, now: datetime,
+def compare_patient(driver: Driver, patient: str, response: Reply, now: datetime,
                     all_units: dict) -> None:
     oracle = driver.oracle
     if response.status_code == 404 and not oracle.patients.get(patient, {}).get("pools"):
@@ -686,7 +754,7 @@ def _counts_as_available(pool, patient: str, now: datetime) -> bool:
     return bool(span) and (span[1] is None or now < span[1])
 
 
-def compare_doctor(driver: Driver, doctor: str, response: httpx.Response) -> list[dict]:
+def compare_doctor(driver: Driver, doctor: str, response: httpx.Response | Reply) -> list[dict]:
     if response.status_code != 200:
         driver.differ(f"doctor {doctor}: wallet {response.status_code}")
         return []
@@ -968,7 +1036,12 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
         phases.end("day")
         console.print(f"Day done at {driver.now:%Y-%m-%d %H:%M} UTC; comparing every session, "
                       "patient and doctor")
-        money = compare_all(driver, client)
+        reader = Reader(client, base_url, api_key or os.environ.get("LEDGER_SIM_API_KEY",
+                                                                   ADMIN_KEY))
+        try:
+            money = compare_all(driver, reader)
+        finally:
+            reader.close()
         accounts = compare_marketplace(driver, client)
         phases.end("compare")
         if secret is not None:
