@@ -69,6 +69,20 @@ def world(tmp_path):
     ledger.close()
 
 
+@pytest.fixture
+def any_world(store_url):
+    """`world` on SQLite and on PostgreSQL (the dispatcher's SQL on both stores)."""
+    clock = FakeClock()
+    ledger = make_ledger(store_url, clock)
+    desk = Desk(clock, ledger=ledger)
+    desk.doctor()
+    closing: list = []
+    yield store_url, desk, closing
+    for thing in reversed(closing):
+        thing.close()
+    ledger.close()
+
+
 def receiver(closing: list, secrets=()) -> Receiver:
     rx = Receiver(list(secrets))
     closing.append(rx)
@@ -422,11 +436,11 @@ def test_replay_sends_history_again_with_the_same_ids_in_order(world):
     assert in_order_per_key(rx.snapshot()[:len(session_messages)])
 
 
-def test_a_replay_while_the_same_delivery_is_in_flight_sends_it_again(world):
+def test_a_replay_while_the_same_delivery_is_in_flight_sends_it_again(any_world):
     """A replay asked while an attempt of the same delivery is in flight is not absorbed by
     that attempt: the attempt began before the replay (here: to the URL the endpoint had
     then), so the delivery is sent again after it, to the URL the endpoint has now."""
-    url, desk, closing = world
+    url, desk, closing = any_world
     n = notifier(desk.ledger, url, DeliveryPolicy(timeout_seconds=20, retry_base_seconds=0.05,
                                                   poll_seconds=0.02))
     closing.append(n)
@@ -450,11 +464,11 @@ def test_a_replay_while_the_same_delivery_is_in_flight_sends_it_again(world):
     assert wait_until(lambda: n.deliveries(status="delivered"))
 
 
-def test_a_manual_retry_while_in_flight_is_attempted_again_not_dead_lettered(world):
+def test_a_manual_retry_while_in_flight_is_attempted_again_not_dead_lettered(any_world):
     """A manual retry of a delivery whose attempt is in flight, past its deadline, is not
     absorbed either: when that attempt fails it cannot dead-letter the delivery (the retry
     gave it a fresh window), and the delivery is attempted again."""
-    url, desk, closing = world
+    url, desk, closing = any_world
     policy = DeliveryPolicy(timeout_seconds=4, retry_base_seconds=0.05, poll_seconds=0.02,
                             retry_for=timedelta(seconds=2))
     n = notifier(desk.ledger, url, policy)
@@ -584,10 +598,10 @@ def test_drain_sends_everything_due_and_returns(world):
     assert len(rx.distinct()) == handed and n.health()["undelivered"] == 0
 
 
-def test_a_kept_alive_receiver_gets_each_delivery_once_over_reused_connections(world):
+def test_a_kept_alive_receiver_gets_each_delivery_once_over_reused_connections(any_world):
     """Connections are reused (the receiver answers HTTP/1.1 keep-alive): every delivery is
     sent once, succeeds at its first attempt, in order per key."""
-    url, desk, closing = world
+    url, desk, closing = any_world
     n = notifier(desk.ledger, url)
     closing.append(n)
     rx = Receiver(keep_alive=True)
