@@ -118,9 +118,10 @@ class Dispatcher:
     written in one transaction; the due deliveries come from a list read by one scan of the
     undelivered ones (up to SCAN_LIMIT, read again when used up, when only saturated
     endpoints are left in it, or after RESCAN_SECONDS); those handed to the workers are
-    claimed by one statement that checks again, for each, that it is due, unclaimed and the
-    first undelivered one of its key, and read with their messages by one query. A scan costs
-    in proportion to the undelivered backlog, so it is not run per delivery.
+    claimed in one transaction whose statements check again, for each, that it is due,
+    unclaimed and the first undelivered one of its key (so an old list cannot break the
+    order), and read with their messages by one query. A scan costs in proportion to the
+    undelivered backlog (docs/design.md, "Webhook delivery"), so it is not run per delivery.
     """
 
     def __init__(self, store: Store, endpoints: Endpoints, *, clock: Callable[[], datetime],
