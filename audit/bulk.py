@@ -1,5 +1,6 @@
-"""Bulk inserts of audit rows: COPY on PostgreSQL (one round trip for a batch), executemany on
-SQLite (in-process). Inside the caller's transaction."""
+"""Bulk inserts of audit rows: on PostgreSQL one INSERT of a binary array per column
+(projections/store.py `PostgresStore.insert`; it was COPY, whose rows psycopg formats one by one
+in Python), executemany on SQLite (in-process). Inside the caller's transaction."""
 
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ def insert_rows(store: Any, table: str, columns: Sequence[str], rows: list[tuple
     if not rows:
         return
     if store.kind == "postgres":
-        with store.conn.cursor() as cursor:
-            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+        store.insert(table, columns, rows)
         return
     store.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
                       f"VALUES ({', '.join('?' * len(columns))})", rows)

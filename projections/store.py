@@ -266,6 +266,29 @@ class PostgresStore(Store):
                 raise
             super().upsert(table, keys, cols, sets, rows)
 
+    def insert(self, table: str, cols: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        """Append `rows` (tuples in `cols` order) to `table` as ONE statement taking a binary
+        array per column (as `_upsert_columns`): about half the client CPU of COPY, whose
+        rows psycopg formats one by one in Python. A value psycopg cannot put in a binary
+        array falls back to COPY (nothing sent). Inside the caller's transaction."""
+        import psycopg
+
+        if not rows:
+            return
+        types = self._column_types(table)
+        arrays = ", ".join(f"%b::{types[col]}[]" for col in cols)
+        try:
+            self.conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) "
+                              f"SELECT * FROM unnest({arrays})",
+                              [list(column) for column in zip(*rows)])
+        except psycopg.ProgrammingError as exc:
+            if exc.sqlstate is not None:  # the server refused: not an adaptation problem
+                raise
+            with self.conn.cursor() as cursor:
+                with cursor.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+
     def _column_types(self, table: str) -> dict[str, str]:
         """{column: its SQL type} of a view table (in the search path), cached."""
         types = self._types.get(table)
