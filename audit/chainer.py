@@ -53,7 +53,7 @@ class Chainer:
             safe = self.log.safe_head()
         if safe is None or safe <= row.position:
             return 0
-        for page in self.log.rows(row.position, safe):
+        for page in self.log.pages(row.position, safe):
             try:
                 row = self._append(row, page)
             except LostRace:

@@ -160,7 +160,7 @@ class History:
         for _ in range(max_events // PAGE + 2):
             if row.position >= safe:
                 break
-            page = next(self.log.rows(row.position, safe, topics=TOPICS), [])
+            page = next(self.log.pages(row.position, safe, topics=TOPICS), [])
             end = page[-1][0] if len(page) >= PAGE else safe
             try:
                 row = self._apply(row, page, end)

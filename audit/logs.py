@@ -21,17 +21,16 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator, Sequence
-from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, OperationalError
 from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.utils import retry
-from psycopg.rows import tuple_row
+
+from projections.stored import StoredRow, select_rows
 
 PAGE = 2000  # notifications per read
 SAFE_HEAD_WAIT_SECONDS = 15.0  # at most this long for writers in flight (PG lock_timeout is 10)
-# A stored event as a plain tuple: (position, originator_id, originator_version, topic, state).
-Row = tuple[int, UUID, int, str, bytes]
+# A stored event: a tuple (position, originator_id, originator_version, topic, state) with those
+# attributes (`id` for the position), which the mapper decodes.
+Row = StoredRow
 _WRITE_MODES = ("RowExclusiveLock", "ShareRowExclusiveLock", "ExclusiveLock",
                 "AccessExclusiveLock")
 
@@ -88,67 +87,29 @@ class Log:
             return [row["virtualtransaction"] for row in cursor.fetchall()]
 
     def pages(self, after: int, stop: int, page: int = PAGE,
-              topics: Sequence[str] = ()) -> Iterator[list[Any]]:
-        """Notifications with after < position ≤ stop, in position order, `page` at a time
-        (at most stop / page + 1 pages: each full page advances at least `page` ids)."""
+              topics: Sequence[str] = ()) -> Iterator[list[Row]]:
+        """Stored events with after < position ≤ stop, in position order, `page` at a time
+        (at most stop / page + 1 pages: each full page advances at least `page` ids); each a
+        `Row` (projections/stored.py `select_rows`: about a fifth of the client CPU of the
+        library's `select_notifications`, which the audit paid for every event of the log)."""
         for _ in range(max(0, stop - after) // page + 2):
             if after >= stop:
                 return
-            rows = self.recorder.select_notifications(start=after, limit=page, stop=stop,
-                                                      topics=topics, inclusive_of_start=False)
+            rows = select_rows(self.recorder, after, stop, page, topics)
             if rows:
                 yield rows
             if len(rows) < page:
                 return
             after = rows[-1].id
 
-    def rows(self, after: int, stop: int, page: int = PAGE,
-             topics: Sequence[str] = ()) -> Iterator[list[Row]]:
-        """As `pages`, each stored event a plain `Row` tuple. On PostgreSQL one prepared
-        statement in the binary format with tuple rows: about a fifth of the CPU of
-        `select_notifications` (a Notification dataclass per row, bytea as hex text), which
-        the audit paid for every event of the log."""
-        for _ in range(max(0, stop - after) // page + 2):
-            if after >= stop:
-                return
-            rows = self._select_rows(after, stop, page, topics)
-            if rows:
-                yield rows
-            if len(rows) < page:
-                return
-            after = rows[-1][0]
-
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)  # as the library's
-    def _select_rows(self, after: int, stop: int, limit: int,
-                     topics: Sequence[str]) -> list[Row]:
-        """Up to `limit` rows with after < position <= stop (of `topics` if given)."""
-        recorder = self.recorder
-        if not isinstance(recorder, PostgresApplicationRecorder):
-            return [(n.id, n.originator_id, n.originator_version, n.topic, n.state)
-                    for n in recorder.select_notifications(
-                        start=after, limit=limit, stop=stop, topics=topics,
-                        inclusive_of_start=False)]
-        where = " AND topic = ANY(%s)" if topics else ""
-        params = (after, stop, list(topics), limit) if topics else (after, stop, limit)
-        statement = ("SELECT notification_id, originator_id, originator_version, topic, state "
-                     f"FROM {self._table()} WHERE notification_id > %s "
-                     f"AND notification_id <= %s{where} ORDER BY notification_id LIMIT %s")
-        with (recorder.datastore.get_connection() as conn,
-              conn.cursor(row_factory=tuple_row, binary=True) as cursor):
-            cursor.execute(statement, params, prepare=True)
-            return cursor.fetchall()
-
     def decode(self, row: Row) -> Any:
         """The domain event of a stored row."""
-        return self.app.mapper.to_domain_event(Stored(row[1], row[2], row[3], row[4]))
+        return self.app.mapper.to_domain_event(row)
 
     def recorded_at(self, notification: Any) -> datetime:
         """The recorded time (`timestamp`) of a stored event (a Notification or a `Row`),
         in UTC."""
-        if isinstance(notification, tuple):
-            event = self.decode(notification)
-        else:
-            event = self.app.mapper.to_domain_event(notification)
+        event = self.app.mapper.to_domain_event(notification)
         return event.timestamp.astimezone(timezone.utc)
 
     def notification_at(self, position: int) -> Any | None:
@@ -156,14 +117,3 @@ class Log:
         rows = self.recorder.select_notifications(start=position, limit=1, stop=position)
         return rows[0] if rows else None
 
-
-class Stored:
-    """What the mapper decodes (a StoredEvent's four attributes) built from a `Row` without
-    the frozen dataclass's per-field setattr: the history decodes most events of the log."""
-
-    __slots__ = ("originator_id", "originator_version", "topic", "state")
-
-    def __init__(self, originator_id: Any, originator_version: int, topic: str,
-                 state: bytes) -> None:
-        self.originator_id, self.originator_version = originator_id, originator_version
-        self.topic, self.state = topic, state

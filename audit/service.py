@@ -194,7 +194,7 @@ def follow_ledger(chainer: Chainer, history: History, max_events: int, safe: int
         return 0, 0
     history.begin(history_row)
     chained = folded = read = 0
-    for page in log.rows(start, safe):
+    for page in log.pages(start, safe):
         end = page[-1][0] if len(page) >= PAGE else safe
         try:
             chain_row, history_row, counts = _follow_page(
