@@ -1,5 +1,6 @@
-"""Bulk inserts of audit rows: COPY on PostgreSQL (one round trip for a batch), executemany on
-SQLite (in-process). Inside the caller's transaction."""
+"""Bulk inserts of audit rows (projections/store.py `Store.insert`): on PostgreSQL one INSERT of
+a binary array per column (it was COPY, whose rows psycopg formats one by one in Python),
+executemany on SQLite (in-process). Inside the caller's transaction."""
 
 from __future__ import annotations
 
@@ -8,16 +9,7 @@ from typing import Any, Sequence
 
 def insert_rows(store: Any, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
     """Append `rows` (tuples in `columns` order) to `table`."""
-    if not rows:
-        return
-    if store.kind == "postgres":
-        with store.conn.cursor() as cursor:
-            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        return
-    store.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
-                      f"VALUES ({', '.join('?' * len(columns))})", rows)
+    store.insert(table, columns, rows)
 
 
 def tune(store: Any) -> Any:

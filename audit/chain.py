@@ -57,6 +57,23 @@ def link(previous: bytes, position: int, originator_id: Any, version: int, topic
     return digest.digest()
 
 
+def link_rows(previous: bytes, rows: list) -> list[bytes]:
+    """The links of `rows` ((position, originator_id, originator_version, topic, state)
+    tuples, in position order) chained after `previous`: exactly `link` of each, one record
+    built inline for the usual row (a UUID and bytes; anything else goes through `record`)."""
+    links, sha256, head, u32 = [], hashlib.sha256, _POSITION_ID_VERSION.pack, _U32.pack
+    for position, originator_id, version, topic, state in rows:
+        if type(originator_id) is UUID and type(state) is bytes and type(topic) is str:
+            topic_bytes = topic.encode("utf-8")
+            previous = sha256(b"".join((previous, head(position, originator_id.bytes, version),
+                                        u32(len(topic_bytes)), topic_bytes, u32(len(state)),
+                                        state))).digest()
+        else:
+            previous = link(previous, position, originator_id, version, topic, state)
+        links.append(previous)
+    return links
+
+
 def link_notification(previous: bytes, notification: Any) -> bytes:
     """`link` of an eventsourcing Notification (id, originator_id, version, topic, state)."""
     return link(previous, notification.id, notification.originator_id,

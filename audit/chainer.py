@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from audit import tracking
 from audit.bulk import insert_rows
-from audit.chain import Head, empty_head, genesis, link_notification
-from audit.logs import PAGE, Log
+from audit.chain import Head, empty_head, genesis, link_rows
+from audit.logs import Log, Row
 from audit.tracking import LostRace, Tracked
 
 Progress = Callable[[int, int], None]
@@ -65,21 +65,32 @@ class Chainer:
                 break
         return chained
 
-    def _append(self, row: Tracked, page: list[Any]) -> Tracked:
+    def _append(self, row: Tracked, page: list[Row]) -> Tracked:
         """Link `page` onto the chain at `row` and store links and head in one transaction."""
-        previous = bytes.fromhex(row.link) if row.link else genesis(self.log.chain)
-        links = []
-        for notification in page:
-            previous = link_notification(previous, notification)
-            links.append((self.log.chain, notification.id, previous))
-        new = Tracked(self.name, page[-1].id, previous.hex(), row.events + len(page),
-                      self.log.recorded_at(page[-1]))
+        new, links = self.extend(row, page)
         store = self.store
         with store.locked(), store.transaction():
             store.lock(self.name)
-            tracking.advance(store, row, new)
-            insert_links(store, links)
+            self.write(row, new, links)
         return new
+
+    def extend(self, row: Tracked, page: list[Row],
+               recorded_at: Any = None) -> tuple[Tracked, list[tuple[str, int, bytes]]]:
+        """(the chain's new head after `page`, its (chain, position, link) rows): `page`
+        (non-empty, positions after `row.position`, in order) linked onto the chain at `row`,
+        in memory. `recorded_at`: the last row's recorded time if the caller decoded it."""
+        previous = bytes.fromhex(row.link) if row.link else genesis(self.log.chain)
+        links = link_rows(previous, page)
+        chain = self.log.chain
+        new = Tracked(self.name, page[-1][0], links[-1].hex(), row.events + len(page),
+                      recorded_at or self.log.recorded_at(page[-1]))
+        return new, [(chain, stored[0], link) for stored, link in zip(page, links)]
+
+    def write(self, old: Tracked, new: Tracked, links: list[tuple[str, int, bytes]]) -> None:
+        """Inside the caller's transaction, holding this chain's lock: move the head from
+        `old` to `new` (LostRace if another process moved it) and store the links."""
+        tracking.advance(self.store, old, new)
+        insert_links(self.store, links)
 
     def lag(self) -> int:
         """Positions between the chain's head and the log's visible head."""

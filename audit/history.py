@@ -26,7 +26,7 @@ from eventsourcing.utils import get_topic
 
 from audit import tracking
 from audit.bulk import insert_rows
-from audit.logs import PAGE, Log
+from audit.logs import PAGE, Log, Row
 from audit.tracking import LostRace, Tracked
 from ledger.consultations import Consultation
 from ledger.domain import Doctor, Pool, Session, Wallet
@@ -45,6 +45,7 @@ FOLDED = (Pool.Granted, Pool.MemberAdded, Pool.MemberRemoved, Pool.Held, Pool.Ch
           Doctor.Registered, Consultation.Closed, Consultation.Refunded,
           Wallet.EarningCredited)
 TOPICS = tuple(get_topic(c) for c in FOLDED)
+TOPIC_SET = frozenset(TOPICS)
 Progress = Callable[[int, int], None]
 
 
@@ -155,13 +156,12 @@ class History:
             safe = self.log.safe_head()
         if safe is None or safe <= row.position:
             return 0
-        if row.position == 0 and not self.accounts.values:
-            self.accounts.complete = True  # nothing folded yet: every account starts empty
+        self.begin(row)
         for _ in range(max_events // PAGE + 2):
             if row.position >= safe:
                 break
             page = next(self.log.pages(row.position, safe, topics=TOPICS), [])
-            end = page[-1].id if len(page) >= PAGE else safe
+            end = page[-1][0] if len(page) >= PAGE else safe
             try:
                 row = self._apply(row, page, end)
             except LostRace:
@@ -173,25 +173,51 @@ class History:
                 break
         return folded
 
-    def _apply(self, row: Tracked, page: list[Any], end: int) -> Tracked:
+    def begin(self, row: Tracked) -> None:
+        """Before folding from `row`: from position 0 with nothing cached, every account
+        starts empty (Accounts.complete)."""
+        if row.position == 0 and not self.accounts.values:
+            self.accounts.complete = True
+
+    def _apply(self, row: Tracked, page: list[Row], end: int) -> Tracked:
         """Fold `page` in memory, then append its rows and move the tracking to `end` in one
         short transaction (on SQLite it holds the one write lock the ledger's writers need)."""
-        store, recorded = self.store, row.recorded_at or EPOCH
+        store = self.store
         try:
-            for notification in page:
-                event = self.log.app.mapper.to_domain_event(notification)
-                recorded = max(recorded, event.timestamp.astimezone(timezone.utc))
-                self.handlers[type(event)](event, store.ts(recorded), notification.id)
-            new = Tracked(NAME, end, None, row.events + len(page),
-                          recorded if recorded > EPOCH else None)
+            new = self.fold(row, [(stored[0], self.log.decode(stored)) for stored in page], end)
             with store.locked(), store.transaction():
                 store.lock(NAME)
-                tracking.advance(store, row, new)
-                self._flush()
+                self.write(row, new)
         except BaseException:
-            self.accounts.forget()
-            self.sessions.clear()
+            self.forget()
             raise
+        self.trim()
+        return new
+
+    def fold(self, row: Tracked, events: list[tuple[int, Any]], end: int) -> Tracked:
+        """Fold `events` ((position, domain event) of the folded topics, in position order,
+        after `row.position`) into the accounts in memory; returns the tracking row at `end`
+        (>= the last position) that `write` stores. On an error call `forget`."""
+        store, recorded, handlers = self.store, row.recorded_at or EPOCH, self.handlers
+        for position, event in events:
+            recorded = max(recorded, event.timestamp.astimezone(timezone.utc))
+            handlers[type(event)](event, store.ts(recorded), position)
+        return Tracked(NAME, end, None, row.events + len(events),
+                       recorded if recorded > EPOCH else None)
+
+    def write(self, old: Tracked, new: Tracked) -> None:
+        """Inside the caller's transaction, holding the history's lock: move the tracking from
+        `old` to `new` (LostRace if another process moved it) and append the folded rows."""
+        tracking.advance(self.store, old, new)
+        self._flush()
+
+    def forget(self) -> None:
+        """Drop what is folded but not written, and the caches it may have changed."""
+        self.accounts.forget()
+        self.sessions.clear()
+
+    def trim(self) -> None:
+        """Bound the caches after a batch (CACHE_LIMIT entries each)."""
         if len(self.accounts.values) > CACHE_LIMIT:
             self.accounts.values.clear()
             self.accounts.complete = False
@@ -200,7 +226,6 @@ class History:
             self.accounts.complete = False
         if len(self.wallet_ids) > CACHE_LIMIT:
             self.wallet_ids.clear()  # looked up again in audit_wallet_ids
-        return new
 
     def _flush(self) -> None:
         for table, rows in self.accounts.rows.items():

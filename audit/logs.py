@@ -24,8 +24,13 @@ from typing import Any, Iterator, Sequence
 
 from eventsourcing.postgres import PostgresApplicationRecorder
 
+from projections.stored import StoredRow, select_rows
+
 PAGE = 2000  # notifications per read
 SAFE_HEAD_WAIT_SECONDS = 15.0  # at most this long for writers in flight (PG lock_timeout is 10)
+# A stored event: a tuple (position, originator_id, originator_version, topic, state) with those
+# attributes (`id` for the position), which the mapper decodes.
+Row = StoredRow
 _WRITE_MODES = ("RowExclusiveLock", "ShareRowExclusiveLock", "ExclusiveLock",
                 "AccessExclusiveLock")
 
@@ -82,22 +87,28 @@ class Log:
             return [row["virtualtransaction"] for row in cursor.fetchall()]
 
     def pages(self, after: int, stop: int, page: int = PAGE,
-              topics: Sequence[str] = ()) -> Iterator[list[Any]]:
-        """Notifications with after < position ≤ stop, in position order, `page` at a time
-        (at most stop / page + 1 pages: each full page advances at least `page` ids)."""
+              topics: Sequence[str] = ()) -> Iterator[list[Row]]:
+        """Stored events with after < position ≤ stop, in position order, `page` at a time
+        (at most stop / page + 1 pages: each full page advances at least `page` ids); each a
+        `Row` (projections/stored.py `select_rows`: about a fifth of the client CPU of the
+        library's `select_notifications`, which the audit paid for every event of the log)."""
         for _ in range(max(0, stop - after) // page + 2):
             if after >= stop:
                 return
-            rows = self.recorder.select_notifications(start=after, limit=page, stop=stop,
-                                                      topics=topics, inclusive_of_start=False)
+            rows = select_rows(self.recorder, after, stop, page, topics)
             if rows:
                 yield rows
             if len(rows) < page:
                 return
             after = rows[-1].id
 
+    def decode(self, row: Row) -> Any:
+        """The domain event of a stored row."""
+        return self.app.mapper.to_domain_event(row)
+
     def recorded_at(self, notification: Any) -> datetime:
-        """The recorded time (`timestamp`) of a stored event, in UTC."""
+        """The recorded time (`timestamp`) of a stored event (a Notification or a `Row`),
+        in UTC."""
         event = self.app.mapper.to_domain_event(notification)
         return event.timestamp.astimezone(timezone.utc)
 
@@ -105,3 +116,4 @@ class Log:
         """The stored event at `position`, or None."""
         rows = self.recorder.select_notifications(start=position, limit=1, stop=position)
         return rows[0] if rows else None
+

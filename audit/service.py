@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime
+from bisect import bisect_right
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from audit import asof, statements, tracking
 from audit.bulk import tune
 from audit.chain import Digest
 from audit.chainer import Chainer
-from audit.history import History
-from audit.logs import Log
+from audit.history import NAME, TOPIC_SET, History
+from audit.logs import PAGE, Log, Row
+from audit.tracking import LostRace, Tracked
 from audit.verify import VerifyReport, verify
 from ledger.errors import error_type
 from projections.store import open_store
@@ -79,17 +81,18 @@ class AuditService:
         """Chain every log and (if `history`) fold the history up to their safe heads (bounded
         per call); returns {"chain:ledger": n, "chain:legacy": n, "history": n} events applied."""
         with self._lock:
-            done, safe = {}, {}
+            done, folded = {}, 0
             for log in self.logs():
-                safe[log.chain] = self._safe_head(log)
+                safe = self._safe_head(log)
+                if log.chain == "ledger" and history:
+                    done["chain:ledger"], folded = follow_ledger(
+                        self.chainers["ledger"], self.history, max_events, safe, progress)
+                    continue
                 done[f"chain:{log.chain}"] = self.chainers[log.chain].catch_up(
                     max_events, progress=(lambda p, h, c=log.chain: progress(c, p, h))
-                    if progress else None, safe=safe[log.chain])
-            if not history:
-                return done
-            done["history"] = self.history.catch_up(
-                max_events, progress=(lambda p, h: progress("history", p, h))
-                if progress else None, safe=safe["ledger"])
+                    if progress else None, safe=safe)
+            if history:
+                done["history"] = folded
             return done
 
     def _safe_head(self, log: Log) -> int | None:
@@ -171,3 +174,72 @@ class AuditService:
         self.store.close()
         if self._legacy is not None:
             self._legacy.app.close()
+
+
+def follow_ledger(chainer: Chainer, history: History, max_events: int, safe: int | None,
+                  progress: Callable | None = None) -> tuple[int, int]:
+    """Chain and fold the ledger's log up to `safe` from ONE read: each page of stored events
+    (from the lower of the two positions) is linked onto the chain and its folded topics
+    decoded once and folded into the history; both tracking rows move, the links and the
+    history rows are written, in one transaction. Returns (events chained, events folded).
+
+    Bounded: pages of PAGE rows until `max_events` rows are read. A page another process
+    applied first (LostRace on either row) rolls back both and ends the call; the next call
+    resumes from the stored rows (each at its own position).
+    """
+    store, log = history.store, history.log
+    chain_row, history_row = tracking.read(store, chainer.name), history.position()
+    start = min(chain_row.position, history_row.position)
+    if safe is None or safe <= start:
+        return 0, 0
+    history.begin(history_row)
+    chained = folded = read = 0
+    for page in log.pages(start, safe):
+        end = page[-1][0] if len(page) >= PAGE else safe
+        try:
+            chain_row, history_row, counts = _follow_page(
+                chainer, history, chain_row, history_row, page, end)
+        except LostRace:
+            return chained, folded
+        chained, folded, read = chained + counts[0], folded + counts[1], read + len(page)
+        if progress is not None:
+            progress("ledger", chain_row.position, safe)
+            progress("history", history_row.position, safe)
+        if read >= max_events:
+            break
+    return chained, folded
+
+
+def _follow_page(chainer: Chainer, history: History, chain_row: Tracked,
+                 history_row: Tracked, page: list[Row], end: int
+                 ) -> tuple[Tracked, Tracked, tuple[int, int]]:
+    """One page of `follow_ledger`: (new chain row, new history row, (chained, folded))."""
+    log, store = history.log, history.store
+    to_chain = page[bisect_right(page, chain_row.position, key=_position):]
+    decoded = {stored[0]: log.decode(stored) for stored in page
+               if stored[0] > history_row.position and stored[3] in TOPIC_SET}
+    try:
+        new_history = history.fold(history_row, list(decoded.items()), end) \
+            if end > history_row.position else history_row
+        new_chain, links = chainer.extend(chain_row, to_chain, _recorded_at(
+            decoded.get(to_chain[-1][0]))) if to_chain else (chain_row, [])
+        with store.locked(), store.transaction():
+            for name in sorted({chainer.name, NAME}):  # the locks in one order everywhere
+                store.lock(name)
+            if new_chain is not chain_row:
+                chainer.write(chain_row, new_chain, links)
+            if new_history is not history_row:
+                history.write(history_row, new_history)
+    except BaseException:
+        history.forget()
+        raise
+    history.trim()
+    return new_chain, new_history, (len(to_chain), len(decoded))
+
+
+def _position(stored: Row) -> int:
+    return stored[0]
+
+
+def _recorded_at(event: Any) -> Any:
+    return None if event is None else event.timestamp.astimezone(timezone.utc)

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 from ledger.rules import BUCKETS, Policy
 from projections import marketplace, schema
 from projections.store import Store, open_store, utc
+from projections.stored import select_rows
 from projections.views import Projection, build_projections
 from storage import is_unavailable
 
@@ -188,8 +189,7 @@ class Projector:
         start = min(positions.get(p.name, 0) for p in projections)
         stop = max(heads.get(p.name, 0) for p in projections)
         topics = sorted({topic for p in projections for topic in p.topics})
-        notifications = self.ledger.recorder.select_notifications(
-            start=start, limit=limit, stop=stop, topics=topics, inclusive_of_start=False)
+        notifications = select_rows(self.ledger.recorder, start, stop, limit, topics)
         full = len(notifications) >= limit
         plan = []
         for projection in projections:
@@ -248,9 +248,8 @@ class Projector:
         if position >= head:
             self._resumed(projection.name)
             return None
-        notifications = self.ledger.recorder.select_notifications(
-            start=position, limit=limit, stop=head, topics=projection.topics,
-            inclusive_of_start=False)
+        notifications = select_rows(self.ledger.recorder, position, head, limit,
+                                    projection.topics)
         new_position = notifications[-1].id if len(notifications) >= limit else head
         try:
             events = [self.ledger.mapper.to_domain_event(n) for n in notifications]

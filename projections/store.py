@@ -82,6 +82,13 @@ class Store:
                 f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                 f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}", rows)
 
+    def insert(self, table: str, cols: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        """Append `rows` (tuples in `cols` order) to `table`. Inside the caller's
+        transaction."""
+        if rows:
+            self.executemany(f"INSERT INTO {table} ({', '.join(cols)}) "
+                             f"VALUES ({', '.join('?' * len(cols))})", rows)
+
     def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
         """Delete the rows whose `key` column is one of `values`."""
         self.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(v,) for v in values])
@@ -265,6 +272,26 @@ class PostgresStore(Store):
             if exc.sqlstate is not None:  # the server refused: not an adaptation problem
                 raise
             super().upsert(table, keys, cols, sets, rows)
+
+    def insert(self, table: str, cols: Sequence[str], rows: list[Sequence[Any]]) -> None:
+        """As Store.insert, as ONE statement taking a binary array per column (as
+        `_upsert_columns`): a sixth of executemany's client CPU, two thirds of COPY's (whose
+        rows psycopg formats one by one in Python). A value psycopg cannot put in a binary
+        array falls back to executemany (nothing sent)."""
+        import psycopg
+
+        if not rows:
+            return
+        types = self._column_types(table)
+        arrays = ", ".join(f"%b::{types[col]}[]" for col in cols)
+        try:
+            self.conn.execute(f"INSERT INTO {table} ({', '.join(cols)}) "
+                              f"SELECT * FROM unnest({arrays})",
+                              [list(column) for column in zip(*rows)])
+        except psycopg.ProgrammingError as exc:
+            if exc.sqlstate is not None:  # the server refused: not an adaptation problem
+                raise
+            super().insert(table, cols, rows)
 
     def _column_types(self, table: str) -> dict[str, str]:
         """{column: its SQL type} of a view table (in the search path), cached."""

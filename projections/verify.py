@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
 from eventsourcing.utils import get_topic
@@ -23,6 +23,7 @@ from ledger.domain import Session
 from ledger.rules import Policy
 from projections.projector import Projector, ProjectionStalled, describe_stall, stall_of
 from projections.store import Store
+from projections.stored import StoredRow
 from storage import is_postgres, postgres_conninfo, postgres_parts
 from projections.views import PATIENT_FIELDS, POOL_FIELDS, WALLET_FIELDS
 from projections.marketplace import MONEY_WALLET_FIELDS, PLATFORM_FIELDS
@@ -263,16 +264,6 @@ def ensure_statistics(store: Store, table: str) -> None:
         rows = store.query("SELECT reltuples FROM pg_class WHERE oid = to_regclass(?)", (table,))
         if rows and rows[0][0] is not None and rows[0][0] < 0:
             store.execute(f"ANALYZE {table}")
-
-
-class StoredRow(NamedTuple):
-    """A stored event as the replay reads it: what the mapper and the stall report use."""
-
-    id: int
-    originator_id: Any
-    originator_version: int
-    topic: str
-    state: bytes
 
 
 def _first_failing(projector: Projector, projection: Any, batch: list, exc: Exception) -> dict:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from audit.chain import genesis, link, parse_digest, record
+from audit.chain import genesis, link, link_rows, parse_digest, record
 from audit.service import AuditService
 from ledger.application import Ledger
 from legacy.adjustments import ReconciliationAdjustment
@@ -364,3 +364,74 @@ def test_the_chain_is_the_same_on_both_stores(tmp_path, pg_url, clock):
         finally:
             book.close()
     assert heads[0].link == heads[1].link and heads[0].position == heads[1].position
+
+
+# ------------------------------------------------- one read for the chain and the history
+
+
+def test_link_rows_is_link_of_each_row_in_turn():
+    """The inline record of `link_rows` is `record`'s, for UUID/bytes rows and for the hex
+    text a SQLite row may hold."""
+    originator = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    rows = [(3, originator, 1, "a:B.C", b"{}"), (9, originator.hex, 2, "a:B.Ü", "{\"x\":1}"),
+            (12, uuid.uuid4(), 3, "t", b"\x00" * 300)]
+    previous, expected = genesis("ledger"), []
+    for row in rows:
+        previous = link(previous, *row)
+        expected.append(previous)
+    assert link_rows(genesis("ledger"), rows) == expected
+
+
+def _history_rows(book: Logbook) -> tuple:
+    return book.audit.store.query("SELECT count(*), count(DISTINCT position) FROM audit_events")[0]
+
+
+def test_chain_and_history_from_one_read_each_resume_from_their_own_position(store_url, clock):
+    """The chain ahead of the history, then the history ahead of the chain: one catch-up
+    brings both to the head, each event chained and folded once."""
+    book = Logbook(store_url, clock, "ledger")
+    try:
+        book.write(4)
+        assert book.audit.catch_up(history=False)["chain:ledger"] > 0  # the chain only
+        book.write(3)
+        book.audit.fresh_for(clock())  # the history only, past the chain
+        history = book.audit.history.position().position
+        assert history > book.audit.chainers["ledger"].head().position
+        book.write(2)
+        done = book.audit.catch_up()
+        positions = book.positions()
+        assert book.audit.history.position().position >= positions[-1]
+        assert book.audit.digest().head("ledger").events == len(positions)
+        assert done["history"] == 2 and _history_rows(book) == (9, 9)  # doctor.registered
+        assert book.verify([book.audit.digest()])[1].ok
+    finally:
+        book.close()
+
+
+def test_a_page_that_fails_writes_neither_the_links_nor_the_history(store_url, clock,
+                                                                   monkeypatch):
+    """Both tracking rows move in the page's one transaction: a failure after the links are
+    written rolls them back with it, and the next catch-up resumes without gaps or doubles."""
+    book = Logbook(store_url, clock, "ledger")
+    try:
+        book.write(3)
+        book.audit.catch_up()
+        chained = len(book.positions())
+        book.write(4)
+        history = book.audit.history
+
+        def broken(old, new):
+            raise RuntimeError("the connection dropped mid-page")
+
+        monkeypatch.setattr(history, "write", broken)
+        with pytest.raises(RuntimeError):
+            book.audit.catch_up()
+        assert book.audit.digest().head("ledger").events == chained
+        assert _history_rows(book) == (3, 3)
+        monkeypatch.undo()
+        book.audit.catch_up()
+        assert book.audit.digest().head("ledger").events == len(book.positions())
+        assert _history_rows(book) == (7, 7)
+        assert book.verify([book.audit.digest()])[1].ok
+    finally:
+        book.close()
