@@ -30,7 +30,7 @@ from ledger.consultations import Consultation, MoneyWallet, PriceList, TopUp
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.marketplace import Marketplace
 from ledger.input_rules import occurred_at_window, payload_instant_window, within
-from ledger.recording import LedgerAggregate, recording_at
+from ledger.recording import LedgerAggregate, fold, recording_at
 from ledger.rules import BLOCK_SECONDS, KINDS, Policy, presence_group, utc_seconds
 from ledger.tariff import rate_at
 
@@ -91,9 +91,10 @@ class _LostRace(Exception):
 def project_events(aggregate: Any, events: Iterable[Any]) -> Any:
     """eventsourcing's `project_aggregate` without its per-event runtime Protocol check
     (`isinstance(e, CanMutateProtocol)`, about 2 µs an event: see docs/design.md, Write path):
-    every stored event of the ledger is an eventsourcing aggregate event, which can mutate."""
+    every stored event of the ledger is an eventsourcing aggregate event, which can mutate;
+    each is applied by `fold` (the library's `mutate` without its per-call layers)."""
     for domain_event in events:
-        aggregate = domain_event.mutate(aggregate)
+        aggregate = fold(aggregate, domain_event)
     return aggregate
 
 
@@ -654,15 +655,23 @@ class Ledger(Application):
                       + [i for item in items for i in _named_ids(item[3])])
         _prefetch_parties(unit, [a for a in unit.current.values() if isinstance(a, Session)])
 
-    def _prefetch_page(self, unit: Unit, session_ids: list[str], pool_ids: list[str]) -> None:
-        """Read a tick page's sessions and pools, then what their next steps read: a charge
-        its patient's pools, another step also the doctor, wallet and appointment."""
+    def _plan_page(self, unit: Unit, as_of: datetime, session_ids: list[str],
+                   pool_ids: list[str]) -> dict[str, tuple[int, Step]]:
+        """Read a tick page's sessions and pools, decide each session's next step ONCE
+        ({session id: (the session's version, its step)} of the steps due by `as_of`), then
+        read what those steps need: a charge its patient's pools, another step also the
+        doctor, wallet and appointment."""
         unit.prefetch([Session.create_id(s) for s in session_ids] + [UUID(p) for p in pool_ids])
-        sessions = [unit.current.get(Session.create_id(s)) for s in session_ids]
-        live = [s for s in sessions if s is not None and not s.settled]
-        charging = frozenset(s.session_id for s in live
-                             if getattr(next_step(s, self.policy), "action", None) == "charge")
-        _prefetch_parties(unit, live, charging)
+        planned, due = {}, []
+        for session_id in session_ids:
+            session = unit.current.get(Session.create_id(session_id))
+            step = next_step(session, self.policy) if session is not None else None
+            if step is not None and step.due <= as_of:
+                planned[session_id] = session.version, step
+                due.append(session)
+        charging = frozenset(sid for sid, (_, step) in planned.items() if step.action == "charge")
+        _prefetch_parties(unit, due, charging)
+        return planned
 
     @staticmethod
     def _unit_receipt(unit: Unit, event_id: str) -> Receipt | None:
@@ -1104,8 +1113,9 @@ class Ledger(Application):
         IntegrityError (a lost race) or _Fallback (a step raised): the unit then being decided
         is not saved and not reported."""
         unit = Unit(self.load, self.load_many)
-        self._prefetch_page(unit, session_ids, pool_ids)
-        queue = self._initial_queue(as_of, session_ids, pool_ids, {}, unit.peek)
+        planned = self._plan_page(unit, as_of, session_ids, pool_ids)
+        queue = [(step.due, "session", sid) for sid, (_, step) in planned.items()]
+        queue += self._due_pools(as_of, pool_ids, unit.peek)
         heapq.heapify(queue)
         pending, decided, steps = TickReport(as_of=as_of), 0, 0
         while queue and steps < max_steps:
@@ -1114,7 +1124,7 @@ class Ledger(Application):
             if kind == "pool":
                 decided += self._expire_in_unit(unit, key, pending)
             else:
-                step_due = self._step_in_unit(unit, key, as_of, pending)
+                step_due = self._step_in_unit(unit, key, as_of, pending, planned)
                 decided += 1
                 if step_due is not None:
                     heapq.heappush(queue, (step_due, "session", key))
@@ -1145,14 +1155,18 @@ class Ledger(Application):
             if aggregate is not None and not aggregate.pending_events:
                 self._aggregates.put(aggregate_id, aggregate)
 
-    def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime,
-                      report: TickReport) -> datetime | None:
+    def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime, report: TickReport,
+                      planned: dict[str, tuple[int, Step]]) -> datetime | None:
         """Decide one due step of a session inside `unit`; returns when its next step is due
-        (≤ as_of) or None. Raises _Fallback if the step raised."""
+        (≤ as_of) or None. `planned`: the step decided for the session at its version when
+        it was queued (reused while the session is still at that version; replaced by the
+        following step). Raises _Fallback if the step raised."""
         work = unit.work()
         session = work.get(Session.create_id(session_id))
-        step = next_step(session, self.policy) if session is not None else None
-        if step is None or step.due > as_of:
+        version, step = planned.pop(session_id, (None, None))
+        if session is not None and session.version != version:
+            step = next_step(session, self.policy)  # changed since planned: decide again
+        if session is None or step is None or step.due > as_of:
             return None
         try:
             with recording_at(utc_seconds(self.clock())):
@@ -1162,7 +1176,10 @@ class Ledger(Application):
         unit.adopt(work)
         report.record(session_id, step, session, line)
         following = next_step(session, self.policy)
-        return following.due if following and following.due <= as_of else None
+        if following is None or following.due > as_of:
+            return None
+        planned[session_id] = session.version, following
+        return following.due
 
     def _expire_in_unit(self, unit: Unit, pool_id: str, report: TickReport) -> int:
         """Expire a pool inside `unit`; returns 1 if it did, else 0."""
@@ -1217,6 +1234,12 @@ class Ledger(Application):
             if step is not None and step.due <= as_of:
                 queue.append((step.due, "session", sid))
                 known[sid] = session
+        return queue + self._due_pools(as_of, pool_ids, load)
+
+    def _due_pools(self, as_of: datetime, pool_ids: Iterable[str], load: Callable[[UUID], Any],
+                   ) -> list[tuple[datetime, str, str]]:
+        """(due, "pool", id) of each pool whose expiry is due by `as_of`, read with `load`."""
+        queue = []
         skew = timedelta(seconds=self.policy.skew_seconds)
         for pool_id in dict.fromkeys(pool_ids):
             pool = load(UUID(pool_id))

@@ -13,12 +13,17 @@ happened; the recorded time says when the ledger learnt it (docs/audit.md, "Two 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Iterator
+from types import MethodType
+from typing import Any, Callable, Iterator
 
-from eventsourcing.domain import Aggregate, datetime_now_with_tzinfo
+from eventsourcing.domain import (Aggregate, CanMutateAggregate, CommandMethodDecorator,
+                                  DecoratedFuncCaller, datetime_now_with_tzinfo,
+                                  decorated_func_callers, decorated_funcs)
 
 _recorded_at: ContextVar[datetime | None] = ContextVar("recorded_at", default=None)
 
@@ -63,3 +68,101 @@ class LedgerAggregate(Aggregate):
         @staticmethod
         def create_timestamp() -> datetime:
             return recorded_now()
+
+
+# ------------------------------------------------------------------ cheaper events (issue 10)
+#
+# eventsourcing's `@event` machinery costs about half of a tick's decision CPU: every call of a
+# command method builds a bound decorator object, coerces and filters its arguments through
+# two signature caches, constructs the frozen dataclass event (one object.__setattr__ per
+# field) and applies it through `DecoratedFuncCaller.apply`, which filters the event's fields
+# again; a replay goes through the same `apply`. `fast_commands` and `fold` do the same
+# things directly for the common call (every parameter passed by keyword), and hand every
+# other call to the library. The event object is the one the library builds: the same class,
+# the same `__dict__` in the dataclass's field order (so the stored bytes are the same), built
+# the way the library's own mapper rebuilds a stored event.
+
+_BASE_FIELDS = ("originator_id", "originator_version", "timestamp")
+_APPLIERS: dict[type, tuple[Any, frozenset[str]] | None] = {}  # event class -> (func, names)
+
+
+class _FastCommand:
+    """Stands in the aggregate class for one `@event` command method's CommandMethodDecorator
+    (kept as `decorator`; the class attribute read on the class itself still gives the
+    library's object). Called with exactly the method's parameters as keywords, it triggers
+    the same event the library would; any other call goes through the library."""
+
+    def __init__(self, decorator: CommandMethodDecorator, event_cls: type,
+                 func: Callable[..., None]) -> None:
+        self.decorator, self.event_cls, self.func = decorator, event_cls, func
+        self.params = frozenset(list(inspect.signature(func).parameters)[1:])
+        self.fields = tuple(f.name for f in dataclasses.fields(event_cls))[len(_BASE_FIELDS):]
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self.decorator.__get__(instance, owner)
+        return MethodType(self._trigger, instance)
+
+    def _trigger(self, aggregate: Any, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs.keys() != self.params:  # defaults, positional or extra arguments
+            return self.decorator.__get__(aggregate, type(aggregate))(*args, **kwargs)
+        event_cls = self.event_cls
+        state = {"originator_id": aggregate.id, "originator_version": aggregate.version + 1,
+                 "timestamp": event_cls.create_timestamp()}
+        for name in self.fields:
+            state[name] = kwargs[name]
+        new_event = object.__new__(event_cls)
+        object.__setattr__(new_event, "__dict__", state)
+        self.func(aggregate, **kwargs)  # as DecoratedFuncCaller.apply; raises before any append
+        aggregate.version = state["originator_version"]
+        aggregate.modified_on = state["timestamp"]
+        aggregate.pending_events.append(new_event)
+        return None
+
+
+def fast_commands(*aggregate_classes: type) -> None:
+    """Replace the `@event` command methods of these aggregate classes (not `__init__`, not
+    properties) with `_FastCommand`s; call once, after the classes are defined. Raises
+    TypeError on a method whose event the library built differently than expected (the
+    fields must be the base fields, then exactly the method's parameters)."""
+    for cls in aggregate_classes:
+        for name, attribute in list(vars(cls).items()):
+            if not isinstance(attribute, CommandMethodDecorator) or attribute.decorated_property \
+                    or attribute.decorated_func.__name__ in ("__init__", "_"):
+                continue
+            event_cls = decorated_func_callers[attribute]
+            command = _FastCommand(attribute, event_cls, attribute.decorated_func)
+            fields = tuple(f.name for f in dataclasses.fields(event_cls))
+            if fields[:len(_BASE_FIELDS)] != _BASE_FIELDS or set(command.fields) != command.params \
+                    or _applier(event_cls) is None:
+                raise TypeError(f"unexpected event shape for {cls.__name__}.{name}: {fields}")
+            setattr(cls, name, command)
+
+
+def _applier(event_cls: type) -> tuple[Any, frozenset[str]] | None:
+    """(the decorated function, its parameter names) when `event_cls` mutates exactly as
+    `DecoratedFuncCaller` does (no override of `mutate` or `apply`), else None."""
+    if event_cls not in _APPLIERS:
+        plain = (issubclass(event_cls, DecoratedFuncCaller)
+                 and event_cls.mutate is CanMutateAggregate.mutate
+                 and event_cls.apply is DecoratedFuncCaller.apply)
+        func = decorated_funcs.get(event_cls) if plain else None
+        _APPLIERS[event_cls] = (func, frozenset(inspect.signature(func).parameters)) \
+            if func is not None else None
+    return _APPLIERS[event_cls]
+
+
+def fold(aggregate: Any, domain_event: Any) -> Any:
+    """`domain_event.mutate(aggregate)`, without the library's layers for a plain `@event`
+    method's event: the same checks (its aggregate, the next version; the library raises
+    them), the decorated function called with the event's fields it names, then the version
+    and modified time. Returns the aggregate (a created event returns a new one)."""
+    applier = _applier(type(domain_event))
+    if applier is None or aggregate is None or domain_event.originator_id != aggregate.id \
+            or domain_event.originator_version != aggregate.version + 1:
+        return domain_event.mutate(aggregate)
+    func, names = applier
+    func(aggregate, **{k: v for k, v in domain_event.__dict__.items() if k in names})
+    aggregate.version = domain_event.originator_version
+    aggregate.modified_on = domain_event.timestamp
+    return aggregate

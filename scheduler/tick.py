@@ -7,7 +7,11 @@ loaded aggregate and saved optimistically (billing-rules.md I1, I9).
 
 from __future__ import annotations
 
+import gc
+import threading
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Iterator
 
 from ledger.application import Ledger, TickReport
 from ledger.marketplace import ConsultationTick, tick_consultations
@@ -15,6 +19,7 @@ from ledger.marketplace import ConsultationTick, tick_consultations
 PAGE = 1000  # due sessions fetched per round
 MAX_ROUNDS = 50  # bound on rounds per tick; a longer backlog continues at the next tick
 MAX_EVENTS = 50_000  # events one projector catch_up call applies at most
+TICK_GC_GEN0 = 10_000  # the collector's first threshold while a tick runs (Python's: 700)
 
 
 def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
@@ -32,7 +37,13 @@ def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
     its writes reach the views through the background projector, as every request's do.
     Otherwise it catches up and reads again (work a pass made due, e.g. after a fallback).
     At most MAX_ROUNDS pages in all; a longer backlog continues at the next tick (`more`).
+    The garbage collector runs less often meanwhile (`fewer_collections`).
     """
+    with fewer_collections():
+        return _run_tick(ledger, projector, as_of)
+
+
+def _run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
     total, rounds = TickReport(as_of=as_of), 0
     catch_up_views(projector)
     while rounds < MAX_ROUNDS:
@@ -82,6 +93,38 @@ def _pass(ledger: Ledger, as_of: datetime, sessions: list[str], pools: list[str]
         progressed = progressed or bool(report.charged or report.ended or report.settled
                                         or report.expired or report.consultations)
     return progressed, rounds
+
+
+_gc_lock = threading.Lock()
+_gc_ticks: list[tuple[int, int, int]] = []  # the thresholds to restore, while ticks run
+
+
+@contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector less often meanwhile: its first threshold at least
+    TICK_GC_GEN0 allocations instead of 700, restored when the last concurrent tick ends.
+
+    Why: a tick loads thousands of aggregates that stay alive (the unit, the aggregate
+    cache), so the young objects keep surviving into the old generations and the collector
+    keeps walking a growing heap: 12-16 % of a cold tick's CPU (1,532 collections for 10,000
+    blocks, three quarters of their time in full collections; docs/design.md, Write path).
+    Nothing is left uncollected: collections still run, on 14x fewer allocations, and the
+    tick itself is bounded (MAX_ROUNDS pages). Process-wide while it lasts (other threads'
+    garbage is collected on the same, rarer, schedule)."""
+    with _gc_lock:
+        if not _gc_ticks:
+            _gc_ticks.append(gc.get_threshold())
+            first, *rest = _gc_ticks[0]
+            gc.set_threshold(max(first, TICK_GC_GEN0), *rest)
+        else:
+            _gc_ticks.append(_gc_ticks[0])
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            saved = _gc_ticks.pop()
+            if not _gc_ticks:
+                gc.set_threshold(*saved)
 
 
 def catch_up_views(projector) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, Notification, OperationalError, StoredEvent
+import psycopg
+from eventsourcing.persistence import (InterfaceError, Notification, OperationalError,
+                                       ProgrammingError, StoredEvent)
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import retry
@@ -64,6 +66,19 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
                       [e.originator_version for e in stored_events],
                       [e.topic for e in stored_events],
                       [e.state for e in stored_events]), prepare=True)
+
+    def _fetch_ids_after_insert_events(self, curs: Any, stored_events: Sequence[StoredEvent],
+                                       **kwargs: Any) -> Sequence[int] | None:
+        """The library's method (the inserted rows' notification ids, in the rows' order;
+        eventsourcing's ProgrammingError if they cannot be read) with the rows read as tuples:
+        its dict rows were 3 % of a tick's CPU."""
+        assert curs.statusmessage and curs.statusmessage.startswith("INSERT"), curs.statusmessage
+        curs.row_factory = tuple_row  # applies to the result just returned, too
+        try:
+            return [notification_id for notification_id, in curs.fetchall()]
+        except psycopg.ProgrammingError as exc:
+            raise ProgrammingError("Couldn't get all notification IDs "
+                                   f"(expected {len(stored_events)})") from exc
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(self, start: int | None, limit: int, stop: int | None = None,
