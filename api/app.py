@@ -14,13 +14,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.audit_routes import router as audit_router
-from api.auth import AuthenticationMiddleware
-from api.limits import BodyLimit
-from api.observe import RequestObservation
+from api.front import Front
+from api.observe import Observation
 from api.ops import router as ops_router
-from api.problems import UnexpectedErrors, add_problem_schema, install_problem_handlers
+from api.problems import add_problem_schema, install_problem_handlers
 from api.marketplace_routes import router as marketplace_router
-from api.routes import router
+from api.routes import post_events_direct, router
 from api.webhook_endpoints import router as webhook_endpoints_router
 from api.webhooks import router as webhook_router
 from observability import Metrics
@@ -47,13 +46,13 @@ def build_app(settings: Any, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
     app.state.api_keys = api_keys
     app.state.metrics = Metrics()
     install_problem_handlers(app)
-    # Outermost last: observation (request id, log line, metrics) sees every answer, including
-    # a 500 or 503 from UnexpectedErrors, a 413 from BodyLimit and a 401.
-    app.add_middleware(AuthenticationMiddleware, keys=api_keys)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(UnexpectedErrors, retry_after_seconds=settings.retry_after_seconds)
-    app.add_middleware(RequestObservation, metrics=app.state.metrics,
-                       pool_usage=lambda: _pool_usage(app))
+    # One middleware: observation (request id, log line, metrics) of every answer, including
+    # its own 500/503 for unexpected errors, 413 for a body over the cap and 401; and the
+    # direct route of POST /v1/events (api/front.py).
+    app.add_middleware(Front, keys=api_keys, max_bytes=settings.max_body_bytes,
+                       retry_after_seconds=settings.retry_after_seconds,
+                       observation=Observation(app.state.metrics, lambda: _pool_usage(app)),
+                       direct=post_events_direct)
     app.include_router(router)
     app.include_router(audit_router)  # /v1/audit/digest, statements (docs/audit.md)
     app.include_router(webhook_endpoints_router)  # /v1/webhook-endpoints, /v1/webhook-deliveries

@@ -2,9 +2,9 @@
 
 Roles: `backend` (post events, read), `auditor` (read only), `admin` (everything, incl. ticks and
 the manual clock). A missing or unknown key is 401 `unauthenticated`; a known key whose role
-lacks the permission is 403 `forbidden`. Authentication is checked by a small ASGI middleware
-before the body is even parsed (so an unauthenticated caller never learns anything from
-validation); authorisation per route by the `require(...)` dependency.
+lacks the permission is 403 `forbidden`. Authentication is checked by the front middleware
+(api/front.py) before the body is even parsed (so an unauthenticated caller never learns
+anything from validation); authorisation per route by the `require(...)` dependency.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from typing import Annotated, Callable, Iterable
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
+from fastapi.responses import JSONResponse
+from starlette.types import Scope
 
 from api.problems import Forbidden, Unauthenticated, error_response
 
@@ -47,31 +50,26 @@ def role_of(key: str | None, keys: dict[str, str]) -> str | None:
     return found
 
 
+def route_role(scope: Scope, keys: dict[str, str]) -> str | None:
+    """The role `require`'s dependency finds for this request (the first `Authorization`
+    header's bearer token as FastAPI's HTTPBearer reads it, else the first `X-API-Key`), for a
+    route answered outside FastAPI (api/routes.py `post_events_direct`)."""
+    headers = Headers(scope=scope)
+    authorization = headers.get("authorization")
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    bearer = credentials if authorization and scheme.lower() == "bearer" else ""
+    return role_of(bearer or headers.get("x-api-key"), keys)
+
+
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ledger"'}
 
 
-class AuthenticationMiddleware:
-    """Refuse requests under `prefix` without a known API key (401), before anything else."""
-
-    def __init__(self, app: ASGIApp, keys: dict[str, str], prefix: str = "/v1") -> None:
-        self.app = app
-        self.keys = keys
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope.get("headers", ())}
-            role = role_of(key_from_headers(headers.get("authorization"),
-                                            headers.get("x-api-key")), self.keys)
-            if role is None:
-                response = error_response(Unauthenticated(
-                    "Send a known API key as 'Authorization: Bearer <key>' or 'X-API-Key'",
-                    headers=_CHALLENGE), scope["path"])
-                await response(scope, receive, send)
-                return
-            scope.setdefault("state", {})["role"] = role
-        await self.app(scope, receive, send)
+def unauthenticated_response(scope: Scope) -> JSONResponse:
+    """401 `unauthenticated` with the Bearer challenge, for a request under `/v1` without a
+    known API key (the front middleware checks it before anything else, api/front.py)."""
+    return error_response(Unauthenticated(
+        "Send a known API key as 'Authorization: Bearer <key>' or 'X-API-Key'",
+        headers=_CHALLENGE), scope["path"])
 
 
 def require(roles: Iterable[str]) -> Callable[..., str]:

@@ -1,5 +1,5 @@
 """The request-body cap: a body larger than `max_body_bytes` answers 413 `payload_too_large`
-before the application parses anything.
+before the application parses anything (applied by the front middleware, api/front.py).
 
 A declared Content-Length over the cap is refused without reading the body; a chunked body is
 read up to the cap (never further) and replayed to the application. The 413 closes the
@@ -8,61 +8,31 @@ connection (the rest of the body is never read). Provider webhooks keep their ow
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import JSONResponse
+from starlette.types import Message, Receive, Scope
 
 from api.problems import PayloadTooLarge, error_response
 
 
-class BodyLimit:
-    """ASGI middleware capping request bodies at `max_bytes`."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None:
-            if declared > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            await self.app(scope, receive, send)  # the server stops at the declared length
-            return
-        messages, size = [], 0
-        while True:  # chunked: buffer at most max_bytes, then replay
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(messages, receive), send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(PayloadTooLarge(
-            f"request bodies are at most {self.max_bytes} bytes", max_bytes=self.max_bytes,
-            headers={"Connection": "close"}), scope["path"])
-        await response(scope, receive, send)
+async def read_body(receive: Receive, max_bytes: int) -> list[Message] | None:
+    """The request's messages up to its last body part (or a disconnect), to be replayed;
+    None as soon as the body exceeds `max_bytes` (what was read is dropped). Bounded: at most
+    `max_bytes` of body is held."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            return None
+        if not message.get("more_body", False):
+            return messages
 
 
-def _content_length(scope: Scope) -> int | None:
-    """The declared Content-Length; a malformed one counts as too large (refused)."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 1 << 62
-    return None
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    pending = list(messages)
-
-    async def replay() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replay
+def payload_too_large_response(scope: Scope, max_bytes: int) -> JSONResponse:
+    """413 `payload_too_large` (with `max_bytes`), closing the connection."""
+    return error_response(PayloadTooLarge(
+        f"request bodies are at most {max_bytes} bytes", max_bytes=max_bytes,
+        headers={"Connection": "close"}), scope["path"])

@@ -1,8 +1,8 @@
 """Per-request observation: request id, one JSON log line per request, request and event metrics.
 
-`RequestObservation` (outermost middleware) accepts `X-Request-ID` (1–128 of `A-Z a-z 0-9 . _ :
--`, else a fresh one) and returns it on every answer, binds it to every log line written during
-the request, and writes one line per request: method, path, route, status, duration, role, the
+`Observation` (the first step of the front middleware, api/front.py) accepts `X-Request-ID`
+(1–128 of `A-Z a-z 0-9 . _ : -`, else a fresh one) and returns it on every answer, binds it to
+every log line written during the request, and writes one line per request: method, path, route, status, duration, role, the
 event ids and session ids involved, their outcomes and the problem code. Never headers, bodies
 or keys. Routes report what happened to each event through `event_answered` (a contextvar
 carries the request's record into the thread pool, where sync routes run).
@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import structlog
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 log = structlog.get_logger("api.request")
+_stdlib_log = logging.getLogger("api.request")  # the logger structlog's lines go through
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_IDS_LOGGED = 100  # a batch holds at most 100 events
+MAX_CHILDREN = 4096  # request metric children remembered (far above the routes' label sets)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug unless they fail
 
@@ -77,48 +78,43 @@ def store_unavailable_answered() -> None:
         record.metrics.retry_later.labels("store_unavailable").inc()
 
 
-class RequestObservation:
-    """Outermost middleware: request id, metrics and the request's log line."""
+class Observation:
+    """Request ids, metrics and log lines of one app's requests, for the front middleware
+    (api/front.py): `enter` before a request, `finish` and `leave` after it. `metrics`: the
+    app's Metrics (or None); `pool_usage()`: the store's connection pool (or None)."""
 
-    def __init__(self, app: ASGIApp, metrics: Any = None,
-                 pool_usage: Any = None) -> None:
-        self.app, self.metrics, self.pool_usage = app, metrics, pool_usage
+    def __init__(self, metrics: Any = None, pool_usage: Any = None) -> None:
+        self.metrics, self.pool_usage = metrics, pool_usage
+        # (method, route, status) -> its request counter and duration histogram: prometheus'
+        # `labels()` takes a lock and checks the labels on every call. Bounded: the routes'
+        # templates (or "unmatched") × METHODS + OTHER × the statuses.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._pool_seen: dict[str, int] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _request_id(scope)
-        record = RequestRecord(metrics=self.metrics)
-        status = {"value": 500}
-        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+    @staticmethod
+    def enter(record: RequestRecord, request_id: str) -> tuple[Token, Mapping[str, Token]]:
+        """Make `record` the current request's (for `event_answered`) and bind `request_id`
+        to every log line written until `leave`."""
+        return _current.set(record), structlog.contextvars.bind_contextvars(
+            request_id=request_id)
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["value"] = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
+    @staticmethod
+    def leave(tokens: tuple[Token, Mapping[str, Token]]) -> None:
+        """Undo `enter`."""
+        structlog.contextvars.reset_contextvars(**tokens[1])
+        _current.reset(tokens[0])
 
-        token = _current.set(record)
-        started = time.perf_counter()
-        try:
-            with structlog.contextvars.bound_contextvars(request_id=request_id):
-                try:
-                    await self.app(scope, receive, send_with_id)
-                finally:
-                    self._finish(scope, record, status["value"], time.perf_counter() - started)
-        finally:
-            _current.reset(token)
-
-    def _finish(self, scope: Scope, record: RequestRecord, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+    def finish(self, scope: Scope, record: RequestRecord, status: int, seconds: float,
+               route: str | None = None) -> None:
+        """Count the request (`route`: its template, default the matched route's or
+        "unmatched") and write its log line."""
+        route = route or getattr(scope.get("route"), "path", None) or "unmatched"
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         if self.metrics is not None:
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.request_seconds.labels(method, route).observe(seconds)
-            if self.pool_usage is not None:
-                self.metrics.observe_pool(self.pool_usage())
+            self._count(method, route, status, seconds)
         level = _level(scope["path"], status)
+        if not _stdlib_log.isEnabledFor(level):
+            return  # the line would be dropped: do not build it
         fields: dict[str, Any] = {
             "method": method, "path": scope["path"], "route": route, "status": status,
             "duration_ms": round(seconds * 1000, 2), "outcome": _outcome(status),
@@ -131,14 +127,27 @@ class RequestObservation:
             fields["code"] = record.code
         log.log(level, "request", **fields)
 
+    def _count(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(method, route, str(status)),
+                        self.metrics.request_seconds.labels(method, route))
+            if len(self._children) < MAX_CHILDREN:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if self.pool_usage is not None:
+            usage = self.pool_usage()
+            if usage != self._pool_seen:  # setting a gauge to its value changes nothing
+                self.metrics.observe_pool(usage)
+                self._pool_seen = usage
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", ()):
-        if name == REQUEST_ID_HEADER.encode():
-            candidate = value.decode("latin-1")
-            if REQUEST_ID.match(candidate):
-                return candidate
-            break
+
+def request_id_of(candidate: str | None) -> str:
+    """`candidate` (the request's X-Request-ID) if it is a valid request id, else a fresh one."""
+    if candidate is not None and REQUEST_ID.match(candidate):
+        return candidate
     return uuid.uuid4().hex
 
 

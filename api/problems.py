@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from api.observe import problem_answered, store_unavailable_answered
 from ledger.errors import ERROR_CODES, LedgerError, RetryLater, error_type
@@ -247,47 +247,25 @@ def unavailable_response(path: str, retry_after_seconds: int) -> JSONResponse:
         "replay, never applied twice.", path), headers={"Retry-After": str(retry_after_seconds)})
 
 
-class UnexpectedErrors:
-    """Answer any exception no handler took: 503 `retry_later` if the store is unreachable,
-    else 500 `internal_error` (logged with its traceback). Unlike Starlette's outermost error
-    middleware it does not re-raise after answering, so the server keeps the connection and
-    the client's next request on it is served normally."""
-
-    def __init__(self, app: ASGIApp, retry_after_seconds: int = 2) -> None:
-        self.app, self.retry_after_seconds = app, retry_after_seconds
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:  # noqa: BLE001 - this is the last place to answer it
-            if started:
-                raise  # half a response is out: only closing the connection is honest
-            if is_unavailable(exc):
-                log.warning("store unreachable on %s %s: %s", scope["method"], scope["path"],
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                response = unavailable_response(scope["path"], self.retry_after_seconds)
-            else:
-                log.exception("unexpected error on %s %s", scope["method"], scope["path"],
-                              exc_info=exc)
-                response = error_response(
-                    InternalError("An unexpected error occurred; it has been logged"),
-                    scope["path"])
-            await response(scope, receive, send)
+def unexpected_error_response(scope: Scope, exc: Exception,
+                              retry_after_seconds: int) -> JSONResponse:
+    """The answer to an exception no handler took, before any of the response was sent (the
+    front middleware, api/front.py): 503 `retry_later` if the store is unreachable, else 500
+    `internal_error`, logged with its traceback. Unlike Starlette's outermost error middleware
+    the front does not re-raise after answering, so the server keeps the connection and the
+    client's next request on it is served normally."""
+    if is_unavailable(exc):
+        log.warning("store unreachable on %s %s: %s", scope["method"], scope["path"],
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return unavailable_response(scope["path"], retry_after_seconds)
+    log.exception("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+    return error_response(InternalError("An unexpected error occurred; it has been logged"),
+                          scope["path"])
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     """Problem details for ledger refusals, validation and HTTP errors; everything else is
-    answered by the UnexpectedErrors middleware (api/app.py)."""
+    answered by the front middleware (api/front.py, `unexpected_error_response`)."""
     app.add_exception_handler(LedgerError, _ledger_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)

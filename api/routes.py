@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal, Union
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Message, Scope, Send
 
 from api.audit_routes import AsOfQuery, doctor_wallet_as_of, patient_balance_as_of
-from api.auth import AdminRole, ReadRole, WriteRole
+from api.auth import WRITE, AdminRole, ReadRole, WriteRole, route_role
 from api.deps import state_dependency
 from api.event_permissions import authorize_event
 from api.problems import (
@@ -25,12 +27,14 @@ from api.problems import (
     ServiceUnavailable,
     ValidationFailed,
     error_problem,
+    error_response,
     problem_response,
     problem_responses,
     validation_problem,
 )
 from api.observe import event_answered
-from api.schemas import ClockRequest, EventBatch, EventsBody, TickRequest, parse_event
+from api.schemas import (EVENTS_BODY, ClockRequest, EventBase, EventBatch, EventsBody,
+                         TickRequest, parse_event)
 from api.statements import session_resource
 from ledger.errors import DoctorNotFound, LedgerError, UnknownPatient
 from ledger.input_rules import ID_MAX_LENGTH, ID_PATTERN, id_problem, occurred_at_window, within
@@ -283,6 +287,13 @@ def post_events(
     body: Annotated[EventsBody, Body(description="one event, or {\"events\": [...]} (1..100)")],
 ) -> JSONResponse:
     """Record one backend event, or a batch applied in array order, exactly once each (I8)."""
+    return answer_events(request, ledger, body, role)
+
+
+def answer_events(request: Request, ledger, body: EventBase | EventBatch,
+                  role: str) -> JSONResponse:
+    """The answer of `POST /v1/events` to a validated `body` posted by `role` (the route's and
+    the direct route's); raises LedgerError for a refused single event."""
     if isinstance(body, EventBatch):
         positions = noted_positions()
         response = _post_batch(request, ledger, body, role)
@@ -297,6 +308,38 @@ def post_events(
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     headers[POSITION_HEADER] = str(written_position(ledger, positions or [None]))
     return JSONResponse(result, status_code=status, headers=headers)
+
+
+async def post_events_direct(scope: Scope, body: bytes, send: Send) -> bool:
+    """`POST /v1/events` answered outside FastAPI (the front middleware hands it over,
+    api/front.py): the same answer as `post_events`, from the same `answer_events` in the same
+    thread pool, without the router, the dependency resolution and `json.loads`: the body is
+    validated from its bytes (`EVENTS_BODY.validate_json`). Returns False, having sent
+    nothing, whenever the route's own answer could differ: the role the route's dependency
+    finds (`route_role`) may not post (its 401/403), the service is not ready (503), or the
+    body does not validate from its bytes (the route's 400/422; a body that only `json.loads`
+    reads, e.g. with a byte-order mark, is the route's too). The caller then hands the request
+    to the route."""
+    app = scope["app"]
+    role = route_role(scope, app.state.api_keys)
+    ledger = getattr(app.state, "ledger", None)
+    if role not in WRITE or ledger is None:
+        return False
+    try:
+        events = EVENTS_BODY.validate_json(body)
+    except ValidationError:
+        return False
+    request = Request(scope)
+    try:
+        response = await run_in_threadpool(answer_events, request, ledger, events, role)
+    except LedgerError as exc:  # what the route's exception handler answers
+        response = error_response(exc, request.url.path)
+    await response(scope, _nothing_to_receive, send)
+    return True
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def _single_ingest(request: Request, ledger):

@@ -334,6 +334,8 @@ EventsBody = Annotated[
     Union[Annotated[Event, Tag("single")], Annotated[EventBatch, Tag("batch")]],
     Discriminator(_body_kind),
 ]
+# The body of POST /v1/events validated from its bytes (the direct route, api/routes.py).
+EVENTS_BODY: TypeAdapter = TypeAdapter(EventsBody)
 
 
 # ------------------------------------------------------------------------ other commands

@@ -728,3 +728,86 @@ def test_openapi_documents_problem_json_and_event_union(api):
     tick = schema["components"]["schemas"]["TickRequest"]["properties"]["as_of"]
     assert "as_of_out_of_range" in json.dumps(tick)
     assert api.client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------ the direct route of POST /v1/events
+
+
+def _raw(event: dict) -> bytes:
+    return json.dumps(event).encode()
+
+
+_DOCTOR = _raw(_doctor_event(event_id="d-1"))
+_DIRECT_CASES = [  # (headers, body), posted in this order to each app
+    (BACKEND, _DOCTOR),
+    (BACKEND, _DOCTOR),  # a replay: 200, Idempotent-Replayed
+    (BACKEND, _raw(_doctor_event(event_id="d-1", payload_country="ZM"))),  # 409
+    (AUDITOR, _raw(_doctor_event(event_id="d-2"))),  # 403 from the route's dependency
+    ({"Authorization": "Bearer k-auditor", "X-API-Key": "k-backend"}, _raw(_doctor_event(
+        event_id="d-3"))),
+    (ADMIN, _raw({"event_id": "g-1", "type": "subscription.granted",
+                  "occurred_at": "2026-11-02T10:00:00.5+02:00",
+                  "payload": {"payment_reference": "pay1", "owner_id": "p1",
+                              "starts_at": (T0 - timedelta(days=1)).isoformat(),
+                              "plan": plan(voice=2)}})),
+    (BACKEND, _raw({"event_id": "s-1", "type": "session.requested",
+                    "occurred_at": T0.isoformat(), "payload": {
+                        "session_id": "s1", "kind": "voice", "patient_id": "p1",
+                        "doctor_id": "v1"}})),  # unknown doctor
+    (BACKEND, _raw({"events": [_doctor_event(event_id="b-1", payload_doctor_id="d9"),
+                               _doctor_event(event_id="b-2", payload_country="Malawi"),
+                               "not an event", _doctor_event(event_id="d-1")]})),
+    (BACKEND, _raw({"events": []})),
+    (BACKEND, b'{"event_id": "x-1", "event_id": "x-2", "type": "doctor.registered", '
+              b'"occurred_at": "2026-11-02T08:00:00Z", '
+              b'"payload": {"doctor_id": "d5", "country": "MW"}}'),  # duplicate member
+    (BACKEND, b'\xef\xbb\xbf' + _raw(_doctor_event(event_id="bom"))),  # only json.loads reads it
+    (BACKEND, _raw(_doctor_event(event_id="e\ud800"))),  # a lone surrogate
+    (BACKEND, b'{"event_id": "nan", "type": "withdrawal.requested", "occurred_at": '
+              b'"2026-11-02T08:00:00Z", "payload": {"request_id": "w", "doctor_id": "d", '
+              b'"currency": "MWK", "amount_minor": NaN}}'),
+    (BACKEND, _DOCTOR + b" x"),  # trailing bytes
+    (BACKEND, b"{not json"),
+    (BACKEND, b"\xff\xfe"),
+    (BACKEND, b'{"event_id": "\xff"}'),  # not UTF-8: json.loads fails to decode it (400)
+    (BACKEND, b""),
+    (BACKEND, _raw(_doctor_event(event_id="late", occurred_at="2026-09-01T00:00:00Z"))),
+    (BACKEND, _raw(_doctor_event(event_id="sec", occurred_at="2026-11-02T08:00:00.999Z"))),
+]
+
+
+def _answers(tmp_path, name: str, content_type: str) -> tuple[list, int]:
+    app = create_app(make_settings(tmp_path / name), clock=FakeClock(T0))
+    front = next(m for m in app.user_middleware if m.cls.__name__ == "Front")
+    direct, taken = front.kwargs["direct"], []
+
+    async def counted(scope, body, send):
+        answered = await direct(scope, body, send)
+        taken.append(answered)
+        return answered
+
+    front.kwargs["direct"] = counted
+    answers = []
+    with TestClient(app) as client:
+        for headers, body in _DIRECT_CASES:
+            response = client.post("/v1/events", content=body,
+                                   headers={**headers, "content-type": content_type})
+            answers.append((response.status_code, response.content, sorted(
+                (k, v) for k, v in response.headers.items() if k != "x-request-id")))
+    return answers, sum(taken)
+
+
+def test_the_direct_route_answers_exactly_as_the_route(tmp_path):
+    """`Content-Type: application/json` takes the direct route (api/routes.py
+    `post_events_direct`) when it can; with a charset parameter the same body goes through
+    FastAPI's route. Every answer (status, body bytes, headers) is the same."""
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "route").mkdir()
+    direct, taken = _answers(tmp_path, "direct", "application/json")
+    routed, not_taken = _answers(tmp_path, "route", "application/json; charset=utf-8")
+    assert not_taken == 0 and taken == 9  # the valid bodies of a role that may post
+    for case, (one, other) in enumerate(zip(direct, routed)):
+        assert one == other, (case, one, other)
+    assert [status for status, _, _ in direct] == [
+        201, 200, 409, 403, 403, 201, 422, 200, 422, 201, 201, 422, 422, 422, 422, 422, 400,
+        422, 422, 201]
