@@ -5,6 +5,8 @@ the service every `LEDGER_AUDIT_POLL_SECONDS`; `ledger audit digest` runs it bef
 Per batch it reads up to PAGE stored events after its tracked position and not past the log's
 safe head (audit/logs.py), computes their links (audit/chain.py), and writes the links plus the
 new head in ONE transaction (audit/tracking.py: exactly once, even with several processes).
+The service chains the ledger's log together with the history from one read of each page
+(audit/service.py `follow_ledger`, through `extend` and `write`); `catch_up` chains alone.
 """
 
 from __future__ import annotations

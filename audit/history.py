@@ -1,6 +1,7 @@
 """The history: every account's balances after every event that moved them, with both times.
 
-A follower of the ledger's log (audit/tracking.py, the same safe head as the chainer) that
+A follower of the ledger's log (audit/tracking.py, the same safe head as the chainer; the
+service feeds it the chainer's pages, audit/service.py `follow_ledger`) that
 folds the events which move units or money — the pool events, `Session.AutoDeducted`,
 `Session.Settled`, the wallet events and a priced consultation's share (captured, refunded,
 made available: §10), exactly as the live views fold them
