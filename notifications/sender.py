@@ -1,31 +1,31 @@
-"""One webhook POST over a kept-alive HTTP/1.1 connection (the standard library's
-`http.client`), for the dispatcher's worker threads.
+"""One webhook POST over a kept-alive connection (urllib3's connection pools), for the
+dispatcher's worker threads.
 
-Why not httpx: on the loopback receiver of `make demo` an httpx request cost about 1.5 ms of
-CPU (request and response models, header normalisation, cookie extraction, the pool's
-bookkeeping), http.client about 0.3 ms; a delivery is one small POST whose answer is only
-its status, so none of that is needed. What the delivery rules need is kept: redirects are
-never followed (http.client has no such feature), at most `cap` bytes of a response are read,
-every connect and socket read or write is bounded by `timeout` and the body read as a whole
-too, no proxy comes from the environment, HTTPS verifies certificates against certifi's
-bundle (httpx's default). Connections are reused per origin (at most `max_idle` idle ones
-kept); one whose response was not read to its end, or that said `Connection: close`, is
-closed. A request on a reused connection that the peer had closed meanwhile (it answered
-nothing) is sent once more on a fresh connection: at least once permits it (same
-webhook-id).
+Why urllib3 and not httpx: on the loopback receiver of `make demo` an httpx request cost about
+1.5 ms of CPU (request and response models, header normalisation, cookie extraction, the
+pool's bookkeeping); a delivery is one small POST whose answer is only its status, so none of
+that is needed, and a well-kept pool (urllib3, below requests) does the rest. What the delivery
+rules need is kept: redirects are never followed (the 3xx is the answer), at most `cap` bytes
+of a response are read, every connect and socket read is bounded by `timeout` and the body
+read as a whole too, no proxy comes from the environment (a PoolManager reads none), HTTPS
+verifies certificates against certifi's bundle (httpx's default). Connections are reused per
+origin (at most `max_idle` kept each, at most MAX_ORIGINS origins); a response not read to
+its end closes its connection. A pooled connection the peer closed while idle is replaced
+before the request is sent (urllib3 checks it); a request is never sent twice by the pool.
 """
 
 from __future__ import annotations
 
-import http.client
-import ssl
-import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                ConnectionAbortedError)
+import certifi
+import urllib3
+from urllib3.exceptions import HTTPError, MaxRetryError
+from urllib3.exceptions import TimeoutError as PoolTimeout
+
+MAX_ORIGINS = 256  # endpoints' origins with kept connections (least recently used dropped)
+NO_RETRY = urllib3.Retry(total=0, redirect=0, raise_on_redirect=False, raise_on_status=False)
 
 
 @dataclass(frozen=True)
@@ -44,111 +44,63 @@ class Attempt:
 
 
 class Sender:
-    """POSTs to webhook URLs; thread-safe (each connection serves one request at a time)."""
+    """POSTs to webhook URLs; thread-safe (urllib3's pools hand a connection to one request
+    at a time). `timeout` seconds, `cap` bytes of a response kept, `max_idle` connections
+    kept per origin."""
 
     def __init__(self, timeout: float, cap: int, max_idle: int, user_agent: str) -> None:
-        self.timeout, self.cap, self.max_idle = timeout, cap, max_idle
-        self.user_agent = user_agent
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self._tls: ssl.SSLContext | None = None
+        self.timeout, self.cap, self.user_agent = timeout, cap, user_agent
+        self._pools = urllib3.PoolManager(
+            num_pools=MAX_ORIGINS, maxsize=max_idle, block=False, retries=NO_RETRY,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            cert_reqs="CERT_REQUIRED", ca_certs=certifi.where())
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
         """POST `body` to `url` with `headers` (+ User-Agent); never raises for the
         endpoint's faults (a refused connection, a timeout, a broken answer: an Attempt
         without a status)."""
-        parts = urlsplit(url)
-        origin = (parts.scheme, parts.hostname or "",
-                  parts.port or (443 if parts.scheme == "https" else 80))
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {**headers, "User-Agent": self.user_agent}
-        try:
-            conn, reused = self._connection(origin)
-            try:
-                return self._exchange(conn, origin, target, body, headers)
-            except STALE_ERRORS:
-                if not reused:
-                    raise
-                fresh = self._fresh(origin)  # the peer closed it while it was idle
-                return self._exchange(fresh, origin, target, body, headers)
-        except TimeoutError:
-            return Attempt(None, f"timed out after {self.timeout:g} s", "")
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            return Attempt(None, f"{type(exc).__name__}: {str(exc)[:200]}", "")
-
-    def _exchange(self, conn: http.client.HTTPConnection, origin: tuple[str, str, int],
-                  target: str, body: bytes, headers: dict[str, str]) -> Attempt:
         started = time.monotonic()
         try:
-            conn.request("POST", target, body=body, headers=headers)
-            response = conn.getresponse()
-            excerpt, whole = self._read_capped(response, started)
-            response.close()  # detaches it from the connection (else the next one fails)
-        except BaseException:
-            conn.close()
-            raise
-        if whole and not response.will_close:
-            self._keep(origin, conn)
-        else:
-            conn.close()
+            response = self._pools.request(
+                "POST", url, body=body, headers={**headers, "User-Agent": self.user_agent},
+                preload_content=False, redirect=False)
+            try:
+                excerpt, whole = self._read_capped(response, started)
+            finally:
+                if not whole:
+                    response.close()  # unread bytes would corrupt the next exchange
+                response.release_conn()
+        except MaxRetryError as exc:
+            return self._failed(exc.reason or exc)
+        except (HTTPError, OSError, ValueError) as exc:
+            return self._failed(exc)
         code = response.status
         return Attempt(code, None if 200 <= code < 300 else f"HTTP {code}", excerpt,
-                       _retry_after(code, response.getheader("retry-after")))
+                       _retry_after(code, response.headers.get("retry-after")))
 
-    def _read_capped(self, response: http.client.HTTPResponse,
+    def _failed(self, exc: BaseException) -> Attempt:
+        if isinstance(exc, (PoolTimeout, TimeoutError)):
+            return Attempt(None, f"timed out after {self.timeout:g} s", "")
+        return Attempt(None, f"{type(exc).__name__}: {str(exc)[:200]}", "")
+
+    def _read_capped(self, response: urllib3.BaseHTTPResponse,
                      started: float) -> tuple[str, bool]:
         """(at most `cap` bytes of the body as text, whether the body was read to its end),
         within the request's time bound; bounded by `cap` reads."""
-        data = b""
+        data, ended = b"", False
         for _ in range(self.cap + 1):
-            chunk = response.read1(self.cap + 1 - len(data)) if len(data) <= self.cap else b""
+            chunk = response.read1(self.cap + 1 - len(data))
             if not chunk:
+                ended = True
                 break
             data += chunk
             if len(data) > self.cap or time.monotonic() - started > self.timeout:
                 break
-        # read1 leaves a response whose Content-Length is reached open (length 0)
-        whole = len(data) <= self.cap and (response.isclosed() or response.length == 0)
-        return data[:self.cap].decode("utf-8", "replace").replace("\x00", ""), whole
-
-    # ------------------------------------------------------------------------ connections
-
-    def _connection(self, origin: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get(origin)
-            if idle:
-                return idle.pop(), True
-        return self._fresh(origin), False
-
-    def _fresh(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
-        scheme, host, port = origin
-        if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout,
-                                               context=self._context())
-        return http.client.HTTPConnection(host, port, timeout=self.timeout)
-
-    def _keep(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(origin, [])
-            if len(idle) < self.max_idle:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def _context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            import certifi  # httpx's trust store, installed with it
-
-            self._tls = ssl.create_default_context(cafile=certifi.where())
-        return self._tls
+        return data[:self.cap].decode("utf-8", "replace").replace("\x00", ""), ended
 
     def close(self) -> None:
-        """Close every idle connection (those in use close when their request ends)."""
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                conn.close()
+        """Close every kept connection (those in use close when their request ends)."""
+        self._pools.clear()
 
 
 def _retry_after(status: int, value: str | None) -> float | None:
