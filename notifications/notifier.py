@@ -43,6 +43,7 @@ class NotifierConfig:
     allow_http_hosts: frozenset[str] = frozenset()
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     derive_poll_seconds: float = 0.2
+    coalesce_seconds: float = 0.0  # after a partial page, wait this long (runtime/settings.py)
 
 
 class Notifier:
@@ -133,6 +134,8 @@ class Notifier:
                 continue
             if not read:
                 self._wake.wait(self.config.derive_poll_seconds)
+            else:  # caught up to the head read at the start: let the next page gather
+                self._stop.wait(self.config.coalesce_seconds)
 
     def close(self) -> None:
         """Stop both loops (requests in flight get up to their timeout) and close the stores."""

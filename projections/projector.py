@@ -361,9 +361,12 @@ class Projector:
 
     # ------------------------------------------------------------ background and readers
 
-    def start(self, poll_seconds: float = 0.5) -> "Projector":
+    def start(self, poll_seconds: float = 0.5, coalesce_seconds: float = 0.0) -> "Projector":
         """Catch up in a background thread until `close()`: at once, after `wake()`, on a
-        PostgreSQL NOTIFY of a new event (any process), else every `poll_seconds`."""
+        PostgreSQL NOTIFY of a new event (any process), else every `poll_seconds`; after a
+        catch-up that applied anything it waits `coalesce_seconds` before the next, so a
+        stream of small writes is applied in pages (each catch-up costs per call: reads of the
+        head and the tracking rows, one transaction per projection)."""
         if self._thread is not None:
             return self
         if self._store.kind == "postgres":
@@ -372,7 +375,7 @@ class Projector:
             channel = getattr(self.ledger.recorder, "channel_name", None)
             self._signal = PostgresSignal(self.database_url, channel, self.wake,
                                           poll_seconds).start()
-        self._poll_seconds = poll_seconds
+        self._poll_seconds, self._coalesce_seconds = poll_seconds, coalesce_seconds
         self._thread = threading.Thread(target=self._run, name="projector", daemon=True)
         self._thread.start()
         self.wake()
@@ -403,6 +406,8 @@ class Projector:
                 continue
             if applied >= EVENTS_PER_WAKE:
                 self._wake.set()  # a backlog: go on without waiting for a poll
+            elif applied:
+                self._stop.wait(self._coalesce_seconds)
 
     def wait_for(self, position: int, names: Iterable[str], timeout: float) -> int:
         """Block until every projection in `names` has applied the log up to notification id

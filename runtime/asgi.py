@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
                                                      metrics, source="api")
             start = getattr(state.projector, "start", None)
             if start is not None and followers:  # projections are applied outside requests
-                start(settings.projection_poll_seconds)
+                start(settings.projection_poll_seconds, settings.follower_coalesce_seconds)
             state.notifier = wait_for_store(settings, lambda: open_notifier(
                 settings, state.ledger,
                 observe=lambda outcome, kind: metrics.webhooks.labels(outcome, kind).inc()),

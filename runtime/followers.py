@@ -51,7 +51,7 @@ def run_followers(settings: Settings, stop: threading.Event) -> None:
     ledger, projector = wait_for_store(settings, lambda: open_ledger(settings, SystemClock()))
     opened: list[Callable[[], None]] = [ledger.close, projector.close]
     try:
-        projector.start(settings.projection_poll_seconds)
+        projector.start(settings.projection_poll_seconds, settings.follower_coalesce_seconds)
         if settings.webhook_delivery_enabled:
             notifier = wait_for_store(settings, lambda: open_notifier(
                 settings, ledger,

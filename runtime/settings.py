@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     projection_poll_seconds: float = Field(0.5, ge=0.01, le=60, description=(
         "the background projector catches up after each write in its process, on a PostgreSQL "
         "NOTIFY from any process, and at least this often"))
+    follower_coalesce_seconds: float = Field(0.02, ge=0, le=1, description=(
+        "after a catch-up that found less than a full page, the projector and the webhook "
+        "deriver wait this long before the next one, so a stream of small writes is applied "
+        "in pages instead of one catch-up per write (0: at once); reads that wait for their "
+        "own writes wait at most this much longer"))
     followers: str = Field("auto", pattern="^(auto|process|inline)$", description=(
         "where `ledger serve` runs the projector, the webhook notifier and the audit follower: "
         "process: one child process beside the request workers (runtime/followers.py); "
@@ -164,7 +169,8 @@ class Settings(BaseSettings):
             claim_margin_seconds=self.webhook_claim_margin_seconds)
         return NotifierConfig(balance_low_units=self.webhook_balance_low_units,
                               public_base_url=self.public_base_url or "",
-                              allow_http_hosts=hosts, policy=policy)
+                              allow_http_hosts=hosts, policy=policy,
+                              coalesce_seconds=self.follower_coalesce_seconds)
 
     def followers_in_child(self) -> bool:
         """Whether `ledger serve` runs the followers in a child process (`followers`): never

@@ -77,6 +77,24 @@ def test_a_read_at_the_write_position_sees_the_write(service):
         assert usable_now(default.json(), "voice") == sum(range(1, units + 1))
 
 
+def test_coalescing_followers_still_apply_every_write(tmp_path, store_url):
+    """A projector that waits between catch-ups (LEDGER_FOLLOWER_COALESCE_SECONDS, here far
+    longer than usual) loses no wake: every write of a trickle is read back at its position."""
+    settings = make_settings(tmp_path, database_url=store_url, read_wait_seconds=5,
+                             projection_poll_seconds=5, follower_coalesce_seconds=0.3)
+    clock = FakeClock(T0)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        api = Api(client, clock)
+        api.doctor()
+        for units in range(1, 6):
+            response = api.post(api.event(
+                "subscription.granted", payment_reference=f"pay{units}", owner_id="p1",
+                plan=_plan(text=units), starts_at=T0.isoformat()))
+            read = balance(api, min_position=int(response.headers[POSITION]))
+            assert read.status_code == 200, read.text
+            assert usable_now(read.json(), "text") == sum(range(1, units + 1))
+
+
 def test_a_position_beyond_the_head_is_422(service):
     service.doctor()
     response = balance(service, min_position=head(service) + 1)
