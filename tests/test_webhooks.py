@@ -54,10 +54,8 @@ def notifier(ledger, url: str, policy: DeliveryPolicy = FAST, clock=None,
     return Notifier(ledger, url, config, clock=clock or WallClock())
 
 
-@pytest.fixture
-def world(tmp_path):
-    """A ledger on a SQLite file, the backend's desk, and what to close afterwards."""
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+def _world(url: str):
+    """A ledger on `url`, the backend's desk, and what to close afterwards."""
     clock = FakeClock()
     ledger = make_ledger(url, clock)
     desk = Desk(clock, ledger=ledger)
@@ -70,17 +68,15 @@ def world(tmp_path):
 
 
 @pytest.fixture
+def world(tmp_path):
+    """A ledger on a SQLite file, the backend's desk, and what to close afterwards."""
+    yield from _world(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+@pytest.fixture
 def any_world(store_url):
     """`world` on SQLite and on PostgreSQL (the dispatcher's SQL on both stores)."""
-    clock = FakeClock()
-    ledger = make_ledger(store_url, clock)
-    desk = Desk(clock, ledger=ledger)
-    desk.doctor()
-    closing: list = []
-    yield store_url, desk, closing
-    for thing in reversed(closing):
-        thing.close()
-    ledger.close()
+    yield from _world(store_url)
 
 
 def receiver(closing: list, secrets=()) -> Receiver:
