@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -421,6 +422,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if unknown := set(paths) - set(PATHS):
         raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {PATHS}")
     started, start_load = time.perf_counter(), loadavg()
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every row's `finally` drops its
+    # schema and stops its service (Python's default for SIGTERM skips them)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     say(f"bench.targets: load average at start {start_load}")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         bench = Bench(args, Path(tmp))
@@ -434,6 +438,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores")
             print(render(bench.rows))
     return bench.rows
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
