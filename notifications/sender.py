@@ -64,6 +64,7 @@ class Sender:
             response = self._pools.request(
                 "POST", url, body=body, headers={**headers, "User-Agent": self.user_agent},
                 preload_content=False, redirect=False)
+            whole = False  # a read that raises leaves the rest unread
             try:
                 excerpt, whole = self._read_capped(response, started)
             finally:

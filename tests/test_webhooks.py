@@ -609,3 +609,34 @@ def test_a_kept_alive_receiver_gets_each_delivery_once_over_reused_connections(a
     assert {d["attempts"] for d in n.deliveries(limit=500)} == {1}
     assert in_order_per_key(rx.snapshot())
 
+
+
+def test_an_answer_whose_body_stalls_is_a_timeout_not_a_crash():
+    """A receiver that sends its status line, then stalls mid-body: the attempt is a timeout
+    without a status (retried later), and the sender does not raise."""
+    import socket
+    import threading
+
+    from notifications.sender import Sender
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stalled = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        stalled.wait(5)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        attempt = Sender(0.3, 1024, 2, "ua").post(
+            f"http://127.0.0.1:{server.getsockname()[1]}/", b"{}", {})
+    finally:
+        stalled.set()
+        server.close()
+    assert attempt.status_code is None and not attempt.ok
+    assert attempt.error.startswith("timed out")
