@@ -26,9 +26,19 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import retry
 from psycopg.rows import tuple_row
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 SQLITE_CHUNK = 400  # ids per SQLite statement (two parameters each; SQLite allows 32,766)
+
+
+# One aggregate's events after a version, as a LATERAL subquery per requested id. OFFSET 0
+# keeps PostgreSQL from pulling it up into a join: on a table not yet analyzed (a new store,
+# the first minute after a bulk import; autovacuum analyzes later) the planner otherwise
+# hash-joins the ids against a sequential scan of the whole events table, a cost that grows
+# with the log (3-4 ms at 20k events against 0.2 ms by the index; docs/design.md).
+EVENTS_AFTER = ("SELECT originator_id, originator_version, topic, state FROM {schema}.{table} "
+                "WHERE originator_id = k.id AND originator_version > {after} "
+                "ORDER BY originator_version OFFSET 0")
 
 
 def _grouped(records: list[StoredEvent]) -> dict[UUID, list[StoredEvent]]:
@@ -122,29 +132,7 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
         (if any) first, then only the events after it."""
         if not after:
             return {}
-        names = {"schema": Identifier(self.datastore.schema),
-                 "table": Identifier(self.events_table_name)}
-        if snapshots is None or all(after.values()):
-            statement = SQL(
-                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
-                "FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after) "
-                "JOIN {schema}.{table} AS e "
-                "ON e.originator_id = k.id AND e.originator_version > k.after "
-                "ORDER BY e.originator_id, e.originator_version").format(**names)
-        else:
-            statement = SQL(
-                "WITH k AS (SELECT * FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after)), "
-                "s AS (SELECT l.* FROM k CROSS JOIN LATERAL ("
-                "  SELECT originator_id, originator_version, topic, state FROM {schema}.{snaps} "
-                "  WHERE originator_id = k.id ORDER BY originator_version DESC LIMIT 1) AS l "
-                "  WHERE k.after = 0) "
-                "SELECT originator_id, originator_version, topic, state FROM s "
-                "UNION ALL "
-                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
-                "FROM k LEFT JOIN s ON s.originator_id = k.id "
-                "JOIN {schema}.{table} AS e ON e.originator_id = k.id "
-                "AND e.originator_version > GREATEST(k.after, COALESCE(s.originator_version, 0)) "
-                "ORDER BY 1, 2").format(snaps=Identifier(snapshots), **names)
+        statement = self.streams_statement(snapshots if not all(after.values()) else None)
         ids = list(after)
         # Plain tuples: psycopg's dict rows cost 5 % of a tick's CPU here.
         with (self.datastore.get_connection() as conn,
@@ -154,6 +142,31 @@ class PostgresStreamsRecorder(PostgresApplicationRecorder):
                                          originator_version=version, topic=topic,
                                          state=bytes(state))
                              for originator_id, version, topic, state in curs.fetchall()])
+
+    def streams_statement(self, snapshots: str | None) -> Composed:
+        """The statement of `select_streams`, taking two arrays (ids, after-versions): with
+        `snapshots`, each id at 0 starts from its latest snapshot in that table."""
+        names = {"schema": Identifier(self.datastore.schema),
+                 "table": Identifier(self.events_table_name)}
+        if snapshots is None:
+            return SQL(
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                "FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after) "
+                f"CROSS JOIN LATERAL ({EVENTS_AFTER}) AS e ORDER BY 1, 2"
+            ).format(after=SQL("k.after"), **names)
+        return SQL(
+            "WITH k AS (SELECT * FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, after)), "
+            "s AS (SELECT l.* FROM k CROSS JOIN LATERAL ("
+            "  SELECT originator_id, originator_version, topic, state FROM {schema}.{snaps} "
+            "  WHERE originator_id = k.id ORDER BY originator_version DESC LIMIT 1) AS l "
+            "  WHERE k.after = 0) "
+            "SELECT originator_id, originator_version, topic, state FROM s "
+            "UNION ALL "
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM k LEFT JOIN s ON s.originator_id = k.id "
+            f"CROSS JOIN LATERAL ({EVENTS_AFTER}) AS e ORDER BY 1, 2"
+        ).format(snaps=Identifier(snapshots),
+                 after=SQL("GREATEST(k.after, COALESCE(s.originator_version, 0))"), **names)
 
 
 class SQLiteStreamsRecorder(SQLiteApplicationRecorder):

@@ -210,3 +210,38 @@ def test_tick_on_an_inconsistent_snapshot_retries_instead_of_crashing() -> None:
     events = desk.events()
     assert [e.n for e in named(events, "Session.AutoDeducted")] == [1]
     check_all(events, desk.ledger)
+
+
+@pytest.mark.parametrize("with_snapshots", [False, True])
+def test_stream_reads_use_the_index_on_a_store_not_yet_analyzed(pg_url, with_snapshots) -> None:
+    """A new store (or one just bulk-imported) has no planner statistics until autovacuum
+    analyzes it; the batched stream read must still look each aggregate up by the primary key,
+    not hash-join the ids against a scan of the whole log (storage/streams.py EVENTS_AFTER)."""
+    import uuid
+
+    import psycopg
+
+    ledger = make_ledger(pg_url, FakeClock(T0))
+    recorder = ledger.recorder
+    table = recorder.events_table_name
+    snapshots = ledger.snapshots.recorder.events_table_name if with_snapshots else None
+    ids = [uuid.uuid4() for _ in range(8)]
+    with recorder.datastore.get_connection() as conn:
+        conn.execute(psycopg.sql.SQL(
+            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
+            "SELECT md5((g / 4)::text)::uuid, g % 4 + 1, 'bench', '\\x00' "
+            "FROM generate_series(0, 39999) AS g").format(
+                psycopg.sql.Identifier(recorder.datastore.schema), psycopg.sql.Identifier(table)))
+        plan = conn.execute(psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ")
+                            + recorder.streams_statement(snapshots),
+                            (ids, [0] * len(ids))).fetchone()["QUERY PLAN"]
+    ledger.close()
+
+    def nodes(node: dict):
+        yield node
+        for child in node.get("Plans", ()):
+            yield from nodes(child)
+
+    scans = {(n["Node Type"], n.get("Relation Name")) for n in nodes(plan[0]["Plan"])}
+    assert ("Seq Scan", table) not in scans, scans
+    assert any(relation == table for _, relation in scans), scans
