@@ -662,16 +662,22 @@ class Ledger(Application):
         read what those steps need: a charge its patient's pools, another step also the
         doctor, wallet and appointment."""
         unit.prefetch([Session.create_id(s) for s in session_ids] + [UUID(p) for p in pool_ids])
-        planned, due = {}, []
-        for session_id in session_ids:
-            session = unit.current.get(Session.create_id(session_id))
+        due = self._due_sessions(as_of, session_ids, unit.current.get)
+        charging = frozenset(sid for sid, (_, step) in due.items() if step.action == "charge")
+        _prefetch_parties(unit, [session for session, _ in due.values()], charging)
+        return {sid: (session.version, step) for sid, (session, step) in due.items()}
+
+    def _due_sessions(self, as_of: datetime, session_ids: Iterable[str],
+                      get: Callable[[UUID], Any]) -> dict[str, tuple[Session, Step]]:
+        """{session id: (the session as read with `get`, its next step)} of the sessions whose
+        next step is due by `as_of`, in the order given (the tick's candidates)."""
+        due = {}
+        for session_id in dict.fromkeys(session_ids):
+            session = get(Session.create_id(session_id))
             step = next_step(session, self.policy) if session is not None else None
             if step is not None and step.due <= as_of:
-                planned[session_id] = session.version, step
-                due.append(session)
-        charging = frozenset(sid for sid, (_, step) in planned.items() if step.action == "charge")
-        _prefetch_parties(unit, due, charging)
-        return planned
+                due[session_id] = session, step
+        return due
 
     @staticmethod
     def _unit_receipt(unit: Unit, event_id: str) -> Receipt | None:
@@ -1227,14 +1233,10 @@ class Ledger(Application):
                        ) -> list[tuple[datetime, str, str]]:
         """(due, "session" | "pool", id) of everything due by `as_of`, read with `load`;
         the due sessions as read go into `known`."""
-        queue = []
-        for sid in dict.fromkeys(session_ids):
-            session = load(Session.create_id(sid))
-            step = next_step(session, self.policy) if session else None
-            if step is not None and step.due <= as_of:
-                queue.append((step.due, "session", sid))
-                known[sid] = session
-        return queue + self._due_pools(as_of, pool_ids, load)
+        due = self._due_sessions(as_of, session_ids, load)
+        known.update((sid, session) for sid, (session, _) in due.items())
+        return ([(step.due, "session", sid) for sid, (_, step) in due.items()]
+                + self._due_pools(as_of, pool_ids, load))
 
     def _due_pools(self, as_of: datetime, pool_ids: Iterable[str], load: Callable[[UUID], Any],
                    ) -> list[tuple[datetime, str, str]]:
