@@ -431,9 +431,7 @@ def _invalid_item(index: int, item: Any, exc: ValidationError) -> dict:
             responses=problem_responses(401, 403, 404, 422, 500, 503))
 def get_session(session_id: Ident, role: ReadRole, ledger: LedgerDep) -> dict:
     """A session from its aggregate: facts, `paid_until`, rate and billing statement."""
-    session = ledger.get_session(session_id)  # raises UnknownSession (404)
-    events = list(ledger.events.get(session.id))
-    return session_resource(session, events)
+    return session_resource(*ledger.session_with_events(session_id))  # UnknownSession: 404
 
 
 @router.get("/v1/appointments/{appointment_id}", tags=["reads"],

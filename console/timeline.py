@@ -55,8 +55,8 @@ class SessionPage:
 
 def session_page(ledger: Any, session_id: str) -> SessionPage:
     """Everything the session page shows; raises UnknownSession (api 404) for an unknown id."""
-    session = ledger.get_session(session_id)
-    events = list(ledger.events.get(session.id))[:log.MAX_EVENTS]
+    session, events = ledger.session_with_events(session_id)
+    events = events[:log.MAX_EVENTS]
     resource = session_resource(session, events)
     where = log.positions(ledger, session.id)
     ids = log.event_ids(ledger, session_id, events, where)

@@ -482,6 +482,15 @@ class Ledger(Application):
             raise errors.UnknownSession(f"no session {session_id!r}")
         return session
 
+    def session_with_events(self, session_id: str) -> tuple[Session, list]:
+        """(the session, its stored events in version order) from ONE read of its stream, so
+        that the state and a statement built from the events agree even while it is being
+        written. Raises UnknownSession."""
+        events = list(self.events.get(Session.create_id(session_id)))
+        if not events:
+            raise errors.UnknownSession(f"no session {session_id!r}")
+        return project_events(None, events), events
+
     def get_receipt(self, event_id: str) -> Receipt | None:
         return self.load(Receipt.create_id(event_id))
 

@@ -618,7 +618,7 @@ def test_unexpected_error_is_500_problem_without_trace(tmp_path):
     with TestClient(app, raise_server_exceptions=False) as client:
         def boom(*args, **kwargs):
             raise RuntimeError("secret internals")
-        client.app.state.ledger.get_session = boom
+        client.app.state.ledger.session_with_events = boom
         response = client.get("/v1/sessions/s1", headers=BACKEND)
         problem = assert_problem(response, 500, "internal_error")
         assert "secret" not in response.text and "Traceback" not in response.text

@@ -166,7 +166,7 @@ def test_a_500_leaves_the_connection_usable_for_the_next_request(inprocess_serve
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    app.state.ledger.get_session = boom
+    app.state.ledger.session_with_events = boom
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/v1/sessions/s1", headers=HEADERS)
     failed = conn.getresponse()
