@@ -143,3 +143,26 @@ def test_both_transcoders_write_identical_states(tmp_path) -> None:
     _, by_old = write_scenario(old_env(f"sqlite:///{tmp_path / 'old.db'}"))
     _, by_new = write_scenario(persistence_env(f"sqlite:///{tmp_path / 'new.db'}"))
     assert by_new == by_old and by_old
+
+
+class _Label(str):
+    pass
+
+
+@pytest.mark.parametrize("value", [
+    {"s": _Label("x"), "n": True, "t": (1, [2, (3,)])},  # a str subclass, tuples
+    {"f": 1e16, "g": 0.1, "nan": float("nan")},  # floats: the standard library's repr
+    {1: "int key", "b": {None: 2}},  # keys json converts
+    {"big": 2**64, "neg": -(2**63) - 1},  # beyond orjson's integers
+    {"ctl": "\x00\x1f\x7f\u2028\u2029\"\\/\n\t\r\b\f é ✓"},  # escapes and raw characters
+])
+def test_encoding_what_orjson_writes_differently_still_gives_the_same_bytes(value) -> None:
+    assert NEW.encode(value) == OLD.encode(value)
+
+
+@pytest.mark.parametrize("value", [{"lone": "\ud800"}, {"obj": object()}, {"set": {1}}])
+def test_what_the_default_refuses_to_encode_is_refused_alike(value) -> None:
+    with pytest.raises(Exception) as old:
+        OLD.encode(value)
+    with pytest.raises(type(old.value)):
+        NEW.encode(value)
