@@ -33,6 +33,11 @@ from projections.store import Store
 
 BATCH_EVENTS = 500
 NAME = "webhooks"
+MESSAGE_COLUMNS = ("message_id", "position", "ordinal", "event_type", "ordering_key", "body",
+                   "created_at")
+DELIVERY_COLUMNS = ("delivery_id", "message_id", "endpoint_id", "event_type", "ordering_key",
+                    "position", "ordinal", "status", "attempts", "created_at", "deadline_at",
+                    "next_attempt_at")
 
 
 def _event_classes(aggregate: type) -> tuple[type, ...]:
@@ -284,12 +289,10 @@ class Deriver:
             return
         now = self.clock()
         store = self.store
-        store.executemany(
-            "INSERT INTO webhook_messages (message_id, position, ordinal, event_type, "
-            "ordering_key, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (message_id) DO NOTHING",
-            [(m.message_id, m.position, m.ordinal, m.event_type, m.ordering_key, m.body,
-              store.ts(now)) for m in messages])
+        created_at = store.ts(now)
+        store.insert_new("webhook_messages", ("message_id",), MESSAGE_COLUMNS,
+                         [(m.message_id, m.position, m.ordinal, m.event_type, m.ordering_key,
+                           m.body, created_at) for m in messages])
         endpoints = store.query("SELECT endpoint_id, event_types, start_position "
                                 "FROM webhook_endpoints WHERE enabled = ?", (True,))
         rows = []
@@ -311,9 +314,6 @@ class Deriver:
 
 
 def insert_deliveries(store: Store, rows: list[tuple]) -> None:
-    """Insert delivery rows (see Deriver.delivery_row); an existing one is left alone."""
-    store.executemany(
-        "INSERT INTO webhook_deliveries (delivery_id, message_id, endpoint_id, event_type, "
-        "ordering_key, position, ordinal, status, attempts, created_at, deadline_at, "
-        "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (message_id, endpoint_id) DO NOTHING", rows)
+    """Insert delivery rows (see Deriver.delivery_row), in one statement per call on
+    PostgreSQL; an existing one (same message and endpoint) is left alone."""
+    store.insert_new("webhook_deliveries", ("message_id", "endpoint_id"), DELIVERY_COLUMNS, rows)

@@ -161,24 +161,24 @@ class UnitsBatch:
     # ----------------------------------------------------------------------------- write
 
     def flush(self) -> None:
-        """Write every changed row, inside the caller's transaction."""
+        """Write every changed row, inside the caller's transaction: one statement per table
+        (Store.upsert/insert_new); a pool row or link that exists is left as it is."""
         store = self.store
-        store.executemany("INSERT INTO webhook_pools (pool_id, payment_reference, owner_id) "
-                          "VALUES (?, ?, ?) ON CONFLICT (pool_id) DO NOTHING", self._new_pools)
-        store.executemany(
-            "INSERT INTO webhook_pool_units (pool_id, bucket, free) VALUES (?, ?, ?) "
-            "ON CONFLICT (pool_id, bucket) DO UPDATE SET free = excluded.free",
-            [(p, b, n) for p in sorted(self._dirty_free) for b, n in self._free[p].items()])
+        store.insert_new("webhook_pools", ("pool_id",),
+                         ("pool_id", "payment_reference", "owner_id"), self._new_pools)
+        store.upsert("webhook_pool_units", ("pool_id", "bucket"), ("pool_id", "bucket", "free"),
+                     "free = excluded.free",
+                     [(p, b, n) for p in sorted(self._dirty_free) for b, n in self._free[p].items()])
         added, removed = [], []
         for pool_id, links in self._links.items():
             read = self._links_read.get(pool_id, frozenset())
             added += [(pool_id, p) for p in sorted(links - read)]
             removed += [(pool_id, p) for p in sorted(read - links)]
-        store.executemany("INSERT INTO webhook_pool_links (pool_id, patient_id) VALUES (?, ?) "
-                          "ON CONFLICT (pool_id, patient_id) DO NOTHING", added)
+        store.insert_new("webhook_pool_links", ("pool_id", "patient_id"),
+                         ("pool_id", "patient_id"), added)
+        # Rare (a member removed): a statement per row is cheap enough.
         store.executemany("DELETE FROM webhook_pool_links WHERE pool_id = ? AND patient_id = ?",
                           removed)
-        store.executemany(
-            "INSERT INTO webhook_patient_units (patient_id, bucket, available) VALUES (?, ?, ?) "
-            "ON CONFLICT (patient_id, bucket) DO UPDATE SET available = excluded.available",
-            [(p, b, self._available[(p, b)]) for p, b in sorted(self._dirty_available)])
+        store.upsert("webhook_patient_units", ("patient_id", "bucket"),
+                     ("patient_id", "bucket", "available"), "available = excluded.available",
+                     [(p, b, self._available[(p, b)]) for p, b in sorted(self._dirty_available)])
