@@ -141,7 +141,7 @@ class Deriver:
         # Derived before the write transaction (reads only), so that it holds the database's
         # write lock briefly; the compare-and-set below discards it if another process won.
         with self.store.locked():
-            units = self.units.batch(self.store)
+            units = self.units.batch(self.store, position)
             messages = self._derive(events, units)
         try:
             with self.store.locked(), self.store.transaction():
@@ -153,6 +153,8 @@ class Deriver:
         except _LostRace:
             self.races_lost += 1
             return 0
+        # Only now: a batch that raised or lost leaves nothing kept (Units.batch took it).
+        self.units.keep(units, new_position)
         return len(events)
 
     def _advance(self, old: int, new: int) -> bool:
