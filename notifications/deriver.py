@@ -57,6 +57,11 @@ CONSULTATION_EVENTS = {"Booked": "consultation.booked", "Activated": "consultati
                        "Refunded": "consultation.refunded"}
 
 
+def _owner(event: Any) -> str:
+    """The aggregate class name of a domain event ("Pool" for Pool.Held)."""
+    return type(event).__qualname__.split(".")[0]
+
+
 class _LostRace(Exception):
     """Another process moved the tracking position first: roll back and re-read."""
 
@@ -142,6 +147,7 @@ class Deriver:
         # write lock briefly; the compare-and-set below discards it if another process won.
         with self.store.locked():
             units = self.units.batch(self.store, position)
+            units.read_ahead(e for _, e in events if _owner(e) == "Pool")
             messages = self._derive(events, units)
         try:
             with self.store.locked(), self.store.transaction():
@@ -167,7 +173,7 @@ class Deriver:
     def _derive(self, events: list[tuple[int, Any]], units: UnitsBatch) -> list[Message]:
         out: list[Message] = []
         for position, event in events:
-            owner = type(event).__qualname__.split(".")[0]
+            owner = _owner(event)
             if owner == "Session":
                 out += self._session(position, event)
             elif owner == "Pool":

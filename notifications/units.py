@@ -25,7 +25,7 @@ the kept rows and changes them in place, and only a commit gives them back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from projections.store import Store
 
@@ -184,6 +184,51 @@ class UnitsBatch:
         return falls
 
     # ------------------------------------------------------------------- rows, read once
+
+    def read_ahead(self, events: Iterable[Any]) -> None:
+        """Read the rows the Pool `events` will need and this batch does not hold yet: one
+        query per table (a query per pool or patient cost most of the deriver's reads); what
+        is still missing later is read on first use."""
+        pool_ids, patients = set(), set()
+        for e in events:
+            pool_ids.add(str(e.originator_id))
+            name = type(e).__name__
+            if name == "Granted":
+                patients.add(e.owner_id)
+            elif name in ("MemberAdded", "MemberRemoved"):
+                patients.add(e.patient_id)
+        self._read_pools(sorted(pool_ids))
+        for pool_id in pool_ids:
+            patients.update(self._links[pool_id])
+        self._read_patients(sorted(p for p in patients
+                                   if any((p, b) not in self._available for b in BUCKETS)))
+
+    def _read_pools(self, pool_ids: list[str]) -> None:
+        store = self.store
+        wanted = [p for p in pool_ids if p not in self._pools]
+        found = {r[0]: (r[1], r[2]) for r in store.query_keys(
+            "webhook_pools", ("pool_id", "payment_reference", "owner_id"), "pool_id", wanted)}
+        self._pools.update((p, found.get(p)) for p in wanted)
+        wanted = [p for p in pool_ids if p not in self._free]
+        self._free.update((p, {}) for p in wanted)
+        for pool_id, bucket, free in store.query_keys(
+                "webhook_pool_units", ("pool_id", "bucket", "free"), "pool_id", wanted):
+            self._free[pool_id][bucket] = int(free)
+        wanted = [p for p in pool_ids if p not in self._links]
+        self._links.update((p, set()) for p in wanted)
+        for pool_id, patient_id in store.query_keys(
+                "webhook_pool_links", ("pool_id", "patient_id"), "pool_id", wanted):
+            self._links[pool_id].add(patient_id)
+
+    def _read_patients(self, patients: list[str]) -> None:
+        found = {(p, b): int(n) for p, b, n in self.store.query_keys(
+            "webhook_patient_units", ("patient_id", "bucket", "available"), "patient_id",
+            patients)}
+        for key, available in found.items():
+            self._available.setdefault(key, available)
+        for patient in patients:
+            for bucket in BUCKETS:
+                self._available.setdefault((patient, bucket), 0)
 
     def _pool_free(self, pool_id: str) -> dict[str, int]:
         if pool_id not in self._free:

@@ -22,6 +22,7 @@ from storage import connect_options, is_postgres, postgres_conninfo, postgres_pa
 BUSY_TIMEOUT_SECONDS = 30
 STORE_TIMEOUT_SECONDS = 3  # bound on (re)connecting to PostgreSQL: an outage answers fast
 COPY_MIN_ROWS = 1000  # PostgreSQL upserts of at least this many rows go through COPY
+QUERY_KEYS_CHUNK = 500  # keys per SQLite query_keys statement (below its 999-parameter floor)
 
 
 def utc(moment: datetime) -> datetime:
@@ -71,6 +72,18 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
+
+    def query_keys(self, table: str, cols: Sequence[str], key: str,
+                   values: Sequence[Any]) -> list[tuple]:
+        """The rows (tuples in `cols` order, in no particular order) of `table` whose `key`
+        column is one of `values`: a query per QUERY_KEYS_CHUNK values (SQLite's bound on
+        parameters); one `= ANY(array)` query on PostgreSQL."""
+        out: list[tuple] = []
+        for i in range(0, len(values), QUERY_KEYS_CHUNK):
+            chunk = values[i:i + QUERY_KEYS_CHUNK]
+            out += self.query(f"SELECT {', '.join(cols)} FROM {table} "
+                              f"WHERE {key} IN ({', '.join('?' * len(chunk))})", chunk)
+        return out
 
     def upsert(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
                rows: list[Sequence[Any]]) -> None:
@@ -316,6 +329,13 @@ class PostgresStore(Store):
                 "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
                 (table,)).fetchall())
         return types
+
+    def query_keys(self, table: str, cols: Sequence[str], key: str,
+                   values: Sequence[Any]) -> list[tuple]:
+        if not values:
+            return []
+        return self.query(f"SELECT {', '.join(cols)} FROM {table} WHERE {key} = ANY(?)",
+                          (list(values),))
 
     def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
         if values:
