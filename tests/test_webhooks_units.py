@@ -154,3 +154,26 @@ def test_kept_rows_are_bounded(two, tmp_path, bound):
         a.catch_up()
         assert a.units.kept_position() == a.position()
     assert outcome(a.store) == fresh(desk.ledger, tmp_path)
+
+
+@pytest.mark.parametrize("count", [3, 1200])  # 1200: SQLite's chunks, PostgreSQL's COPY
+def test_insert_new_leaves_existing_rows_and_query_keys_reads_them(store_url, count):
+    """Store.insert_new skips a key that exists (in the table or earlier in the rows) and
+    leaves the stored row as it was; Store.query_keys finds rows by any number of keys."""
+    store = open_store(store_url)
+    try:
+        with store.transaction():
+            store.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+            store.insert_new("kv", ("k",), ("k", "v"), [("a", "old")])
+        rows = [(f"k{i:05}", "new") for i in range(count)] + [("a", "new"), ("k00000", "dup")]
+        with store.transaction():
+            store.insert_new("kv", ("k",), ("k", "v"), rows)
+        assert sorted(store.query("SELECT k, v FROM kv WHERE k IN ('a', 'k00000')")) == [
+            ("a", "old"), ("k00000", "new")]
+        assert store.query("SELECT count(*) FROM kv") == [(count + 1,)]
+        keys = [f"k{i:05}" for i in range(0, count, 2)] + ["a", "absent"]
+        assert sorted(store.query_keys("kv", ("k", "v"), "k", keys)) == sorted(
+            [(k, "new") for k in keys[:-2]] + [("a", "old")])
+        assert store.query_keys("kv", ("k", "v"), "k", []) == []
+    finally:
+        store.close()
