@@ -6,10 +6,13 @@ messages and the units tables) with a fresh deriver's derivation of the whole lo
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 
 from conftest import T0, FakeClock, make_ledger
 from notifications.deriver import Deriver
+from notifications.units import UnitsBatch
 from projections.store import open_store
 from test_billing import MIN, Desk
 from test_webhooks import WallClock
@@ -60,13 +63,16 @@ def outcome(store) -> tuple:
 
 
 def fresh(ledger, tmp_path) -> tuple:
-    """The outcome of a new deriver on its own SQLite file, from position 0."""
+    """The outcome of a new deriver on its own SQLite file, from position 0, reading every
+    row on first use (no read-ahead, nothing kept: the reference)."""
     scratch = open_store(f"sqlite:///{tmp_path / 'fresh.db'}")
     try:
         replay = Deriver(ledger, scratch, clock=WallClock())
+        replay.units.max_pools = 0
         replay.setup()
-        while replay.catch_up():
-            pass
+        with patch.object(UnitsBatch, "read_ahead", lambda self, events: None):
+            while replay.catch_up():
+                pass
         return outcome(scratch)
     finally:
         scratch.close()
