@@ -8,9 +8,11 @@ batches, so it is exactly the value at the deriver's position in the log. `balan
 when one event makes it fall from above the threshold to at most the threshold, or from above
 zero to zero (one notification per event, patient and bucket).
 
-A batch (`UnitsBatch`) reads the rows it needs before the deriver's write transaction, changes
-them in memory, and writes the changed rows back inside it (`flush`): the transaction that holds
-the database's write lock stays short. It is safe because only the deriver that moves the
+A batch (`UnitsBatch`) reads the rows it needs before the deriver's write transaction (those of
+its Pool events' pools and of their patients in one query per table, `read_ahead`; anything
+else on first use), changes them in memory, and writes the changed rows back inside it, one
+statement per table (`flush`): the transaction that holds the database's write lock stays
+short. It is safe because only the deriver that moves the
 tracking position writes these rows, and the position is compared-and-set in that transaction:
 if another process derived meanwhile, this batch is rolled back and read again.
 
@@ -31,7 +33,7 @@ from projections.store import Store
 
 BUCKETS = ("text", "voice", "video")
 # Bounds on the rows kept between batches (about 1 KiB per pool with its units and links,
-# ~150 B per patient and bucket: some 80 MB at most); beyond them the next batch reads again.
+# ~100 B per patient and bucket: some 70 MB at most); beyond them the next batch reads again.
 MAX_KEPT_POOLS = 50_000
 MAX_KEPT_AVAILABLE = 200_000
 
