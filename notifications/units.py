@@ -12,9 +12,9 @@ A batch (`UnitsBatch`) reads the rows it needs before the deriver's write transa
 its Pool events' pools and of their patients in one query per table, `read_ahead`; anything
 else on first use), changes them in memory, and writes the changed rows back inside it, one
 statement per table (`flush`): the transaction that holds the database's write lock stays
-short. It is safe because only the deriver that moves the
-tracking position writes these rows, and the position is compared-and-set in that transaction:
-if another process derived meanwhile, this batch is rolled back and read again.
+short. It is safe because only the deriver that moves the tracking position writes these rows,
+and the position is compared-and-set in that transaction: if another process derived
+meanwhile, this batch is rolled back and read again.
 
 For the same reason the rows a committed batch held are the tables' content for as long as the
 tracking row still reads the position that batch committed: `Units` keeps them (`keep`, bounded
@@ -266,8 +266,8 @@ class UnitsBatch:
         store.insert_new("webhook_pools", ("pool_id",),
                          ("pool_id", "payment_reference", "owner_id"), self._new_pools)
         store.upsert("webhook_pool_units", ("pool_id", "bucket"), ("pool_id", "bucket", "free"),
-                     "free = excluded.free",
-                     [(p, b, n) for p in sorted(self._dirty_free) for b, n in self._free[p].items()])
+                     "free = excluded.free", [(p, b, n) for p in sorted(self._dirty_free)
+                                              for b, n in self._free[p].items()])
         added, removed = [], []
         for pool_id, read in self._links_read.items():
             links = self._links[pool_id]
