@@ -33,6 +33,11 @@ from projections.store import Store
 
 BATCH_EVENTS = 500
 NAME = "webhooks"
+MESSAGE_COLUMNS = ("message_id", "position", "ordinal", "event_type", "ordering_key", "body",
+                   "created_at")
+DELIVERY_COLUMNS = ("delivery_id", "message_id", "endpoint_id", "event_type", "ordering_key",
+                    "position", "ordinal", "status", "attempts", "created_at", "deadline_at",
+                    "next_attempt_at")
 
 
 def _event_classes(aggregate: type) -> tuple[type, ...]:
@@ -50,6 +55,11 @@ CONSULTATION_EVENTS = {"Booked": "consultation.booked", "Activated": "consultati
                        "Closed": "consultation.closed",
                        "EarningReleased": "consultation.earning_released",
                        "Refunded": "consultation.refunded"}
+
+
+def _owner(event: Any) -> str:
+    """The aggregate class name of a domain event ("Pool" for Pool.Held)."""
+    return type(event).__qualname__.split(".")[0]
 
 
 class _LostRace(Exception):
@@ -136,7 +146,8 @@ class Deriver:
         # Derived before the write transaction (reads only), so that it holds the database's
         # write lock briefly; the compare-and-set below discards it if another process won.
         with self.store.locked():
-            units = self.units.batch(self.store)
+            units = self.units.batch(self.store, position)
+            units.read_ahead(e for _, e in events if _owner(e) == "Pool")
             messages = self._derive(events, units)
         try:
             with self.store.locked(), self.store.transaction():
@@ -148,6 +159,8 @@ class Deriver:
         except _LostRace:
             self.races_lost += 1
             return 0
+        # Only now: a batch that raised or lost leaves nothing kept (Units.batch took it).
+        self.units.keep(units, new_position)
         return len(events)
 
     def _advance(self, old: int, new: int) -> bool:
@@ -160,7 +173,7 @@ class Deriver:
     def _derive(self, events: list[tuple[int, Any]], units: UnitsBatch) -> list[Message]:
         out: list[Message] = []
         for position, event in events:
-            owner = type(event).__qualname__.split(".")[0]
+            owner = _owner(event)
             if owner == "Session":
                 out += self._session(position, event)
             elif owner == "Pool":
@@ -284,12 +297,10 @@ class Deriver:
             return
         now = self.clock()
         store = self.store
-        store.executemany(
-            "INSERT INTO webhook_messages (message_id, position, ordinal, event_type, "
-            "ordering_key, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (message_id) DO NOTHING",
-            [(m.message_id, m.position, m.ordinal, m.event_type, m.ordering_key, m.body,
-              store.ts(now)) for m in messages])
+        created_at = store.ts(now)
+        store.insert_new("webhook_messages", ("message_id",), MESSAGE_COLUMNS,
+                         [(m.message_id, m.position, m.ordinal, m.event_type, m.ordering_key,
+                           m.body, created_at) for m in messages])
         endpoints = store.query("SELECT endpoint_id, event_types, start_position "
                                 "FROM webhook_endpoints WHERE enabled = ?", (True,))
         rows = []
@@ -311,9 +322,6 @@ class Deriver:
 
 
 def insert_deliveries(store: Store, rows: list[tuple]) -> None:
-    """Insert delivery rows (see Deriver.delivery_row); an existing one is left alone."""
-    store.executemany(
-        "INSERT INTO webhook_deliveries (delivery_id, message_id, endpoint_id, event_type, "
-        "ordering_key, position, ordinal, status, attempts, created_at, deadline_at, "
-        "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (message_id, endpoint_id) DO NOTHING", rows)
+    """Insert delivery rows (see Deriver.delivery_row), in one statement per call on
+    PostgreSQL; an existing one (same message and endpoint) is left alone."""
+    store.insert_new("webhook_deliveries", ("message_id", "endpoint_id"), DELIVERY_COLUMNS, rows)

@@ -22,6 +22,7 @@ from storage import connect_options, is_postgres, postgres_conninfo, postgres_pa
 BUSY_TIMEOUT_SECONDS = 30
 STORE_TIMEOUT_SECONDS = 3  # bound on (re)connecting to PostgreSQL: an outage answers fast
 COPY_MIN_ROWS = 1000  # PostgreSQL upserts of at least this many rows go through COPY
+QUERY_KEYS_CHUNK = 500  # keys per SQLite query_keys statement (below its 999-parameter floor)
 
 
 def utc(moment: datetime) -> datetime:
@@ -72,15 +73,39 @@ class Store:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
 
+    def query_keys(self, table: str, cols: Sequence[str], key: str,
+                   values: Sequence[Any]) -> list[tuple]:
+        """The rows (tuples in `cols` order, in no particular order) of `table` whose `key`
+        column is one of `values`: a query per QUERY_KEYS_CHUNK values (SQLite's bound on
+        parameters); one `= ANY(array)` query on PostgreSQL."""
+        out: list[tuple] = []
+        for i in range(0, len(values), QUERY_KEYS_CHUNK):
+            chunk = values[i:i + QUERY_KEYS_CHUNK]
+            out += self.query(f"SELECT {', '.join(cols)} FROM {table} "
+                              f"WHERE {key} IN ({', '.join('?' * len(chunk))})", chunk)
+        return out
+
     def upsert(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
                rows: list[Sequence[Any]]) -> None:
         """Insert `rows` (tuples in `cols` order, unique per `keys`); a row whose key exists
         runs `sets` (SQL, e.g. "n = t.n + excluded.n") instead. Inside the caller's
         transaction."""
+        self._insert_or(table, keys, cols, f"DO UPDATE SET {sets}", rows)
+
+    def insert_new(self, table: str, keys: Sequence[str], cols: Sequence[str],
+                   rows: list[Sequence[Any]]) -> None:
+        """Insert `rows` (tuples in `cols` order); a row whose `keys` already exist (in the
+        table or earlier in `rows`) is skipped and the stored row left untouched (ON CONFLICT
+        DO NOTHING). Inside the caller's transaction."""
+        self._insert_or(table, keys, cols, "DO NOTHING", rows)
+
+    def _insert_or(self, table: str, keys: Sequence[str], cols: Sequence[str], action: str,
+                   rows: list[Sequence[Any]]) -> None:
+        """INSERT … ON CONFLICT (`keys`) `action`, a statement per row."""
         if rows:
             self.executemany(
                 f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}", rows)
+                f"ON CONFLICT ({', '.join(keys)}) {action}", rows)
 
     def insert(self, table: str, cols: Sequence[str], rows: list[Sequence[Any]]) -> None:
         """Append `rows` (tuples in `cols` order) to `table`. Inside the caller's
@@ -231,14 +256,15 @@ class PostgresStore(Store):
         with self.conn.cursor(binary=True) as cur:
             return cur.execute(self._sql(sql), params).fetchall()
 
-    def upsert(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
-               rows: list[Sequence[Any]]) -> None:
-        """As Store.upsert; from COPY_MIN_ROWS rows on, COPY into a temporary staging table
-        then one INSERT … SELECT … ON CONFLICT (a round trip per row costs more)."""
+    def _insert_or(self, table: str, keys: Sequence[str], cols: Sequence[str], action: str,
+                   rows: list[Sequence[Any]]) -> None:
+        """As Store._insert_or (behind `upsert` and `insert_new`); from COPY_MIN_ROWS rows on,
+        COPY into a temporary staging table then one INSERT … SELECT … ON CONFLICT (a round
+        trip per row costs more)."""
         if not rows:
             return
         if len(rows) < COPY_MIN_ROWS:
-            self._upsert_columns(table, keys, cols, sets, rows)
+            self._insert_columns(table, keys, cols, action, rows)
             return
         stage, columns = f"stage_{table}", ", ".join(cols)
         with self.conn.cursor() as cur:
@@ -248,17 +274,18 @@ class PostgresStore(Store):
                 for row in rows:
                     copy.write_row(row)
             cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
-                        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}")
+                        f"ON CONFLICT ({', '.join(keys)}) {action}")
             cur.execute(f"TRUNCATE {stage}")
 
-    def _upsert_columns(self, table: str, keys: Sequence[str], cols: Sequence[str], sets: str,
+    def _insert_columns(self, table: str, keys: Sequence[str], cols: Sequence[str], action: str,
                         rows: list[Sequence[Any]]) -> None:
-        """The upsert as ONE statement taking a binary array per column (INSERT … SELECT FROM
-        unnest(…)): executemany sent a statement per row (about 4× the client CPU; the tick's
-        and batches' catch-ups flush tens to hundreds of rows per table), and a multi-row VALUES
-        text is re-parsed by psycopg on every call (it caches only short statements). The
-        arrays are cast to the columns' own types, read once per table from the catalog. A
-        value psycopg cannot put in a binary array falls back to executemany (nothing sent)."""
+        """The insert … ON CONFLICT as ONE statement taking a binary array per column (INSERT …
+        SELECT FROM unnest(…)): executemany sent a statement per row (about 4× the client CPU;
+        the tick's and batches' catch-ups flush tens to hundreds of rows per table), and a
+        multi-row VALUES text is re-parsed by psycopg on every call (it caches only short
+        statements). The arrays are cast to the columns' own types, read once per table from
+        the catalog. A value psycopg cannot put in a binary array falls back to executemany
+        (nothing sent)."""
         import psycopg
 
         types = self._column_types(table)
@@ -266,16 +293,16 @@ class PostgresStore(Store):
         try:
             self.conn.execute(
                 f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays}) "
-                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}",
+                f"ON CONFLICT ({', '.join(keys)}) {action}",
                 [list(column) for column in zip(*rows)])
         except psycopg.ProgrammingError as exc:
             if exc.sqlstate is not None:  # the server refused: not an adaptation problem
                 raise
-            super().upsert(table, keys, cols, sets, rows)
+            super()._insert_or(table, keys, cols, action, rows)
 
     def insert(self, table: str, cols: Sequence[str], rows: list[Sequence[Any]]) -> None:
         """As Store.insert, as ONE statement taking a binary array per column (as
-        `_upsert_columns`): a sixth of executemany's client CPU, two thirds of COPY's (whose
+        `_insert_columns`): a sixth of executemany's client CPU, two thirds of COPY's (whose
         rows psycopg formats one by one in Python). A value psycopg cannot put in a binary
         array falls back to executemany (nothing sent)."""
         import psycopg
@@ -302,6 +329,13 @@ class PostgresStore(Store):
                 "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
                 (table,)).fetchall())
         return types
+
+    def query_keys(self, table: str, cols: Sequence[str], key: str,
+                   values: Sequence[Any]) -> list[tuple]:
+        if not values:
+            return []
+        return self.query(f"SELECT {', '.join(cols)} FROM {table} WHERE {key} = ANY(?)",
+                          (list(values),))
 
     def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
         if values:
