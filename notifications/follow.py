@@ -1,8 +1,9 @@
 """Aggregate state at each event of the log, for notifications that need more than the event.
 
 `AggregateFollower.advance(event)` returns the aggregate just after `event`, having read what
-it needs just before (`before(aggregate)`). Aggregates are folded from the log with the events'
-own `mutate` (the same code a repository load runs), kept in a bounded LRU cache, and reloaded
+it needs just before (`before(aggregate)`). Aggregates are folded from the log with
+`ledger.recording.fold` (the events' own `mutate` without the library's per-call layers, the
+same code a load on the write path runs), kept in a bounded LRU cache, and reloaded
 from the event store up to the event's version whenever the cache does not hold the version
 just before it (a restart, an eviction, a batch rolled back and read again).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any, Callable, TypeVar
+
+from ledger.recording import fold
 
 T = TypeVar("T")
 CACHE_SIZE = 20_000  # aggregates kept in memory (sessions and wallets in flight)
@@ -31,7 +34,7 @@ class AggregateFollower:
         version = event.originator_version
         aggregate = self._at(event.originator_id, version - 1)
         seen = before(aggregate) if aggregate is not None else None
-        aggregate = event.mutate(aggregate)
+        aggregate = fold(aggregate, event)
         self._keep(event.originator_id, aggregate)
         return seen, aggregate
 
@@ -44,7 +47,7 @@ class AggregateFollower:
             return cached
         aggregate = None
         for event in self._events(aggregate_id, version):  # bounded by the aggregate's length
-            aggregate = event.mutate(aggregate)
+            aggregate = fold(aggregate, event)
         return aggregate
 
     def _keep(self, aggregate_id: Any, aggregate: Any) -> None:

@@ -17,6 +17,7 @@ from eventsourcing.utils import get_topic
 from ledger.billing import next_due_at
 from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
+from ledger.recording import fold
 from ledger.rules import BUCKETS, Policy
 from projections.store import Store
 
@@ -347,7 +348,8 @@ class Wallets(Projection):
 
 
 class SessionCache:
-    """Bounded LRU of Session aggregates, advanced with `event.mutate` (else loaded at version)."""
+    """Bounded LRU of Session aggregates, advanced with `ledger.recording.fold` (the event's
+    `mutate` without the library's per-call layers), else loaded at the version."""
 
     def __init__(self, ledger: Any, maxsize: int = SESSION_CACHE_SIZE) -> None:
         self.ledger, self.maxsize = ledger, maxsize
@@ -359,7 +361,7 @@ class SessionCache:
         if event.originator_version == 1:
             session = event.mutate(None)
         elif cached is not None and cached.version == event.originator_version - 1:
-            session = event.mutate(cached)
+            session = fold(cached, event)
         else:
             session = self.ledger.repository.get(event.originator_id,
                                                   version=event.originator_version)
