@@ -53,7 +53,7 @@ class AuditService:
 
     def __init__(self, ledger: Any, database_url: str,
                  legacy_log: Callable[[], Any | None] | None = None) -> None:
-        self.store = tune(open_store(database_url))
+        self.store = tune(open_store(database_url, derived=True))
         tracking.create_tables(self.store)
         self.ledger_log = Log("ledger", ledger)
         self._legacy_opener = legacy_log

@@ -56,7 +56,7 @@ class Notifier:
                  observe: Callable[[str, str], None] | None = None) -> None:
         self.ledger, self.config, self.clock = ledger, config, clock
         self.url_policy = UrlPolicy(frozenset(h.lower() for h in config.allow_http_hosts))
-        self._derive_store = open_store(database_url)
+        self._derive_store = open_store(database_url, derived=True)
         self.store = open_store(database_url)
         self.deriver = Deriver(ledger, self._derive_store, clock=clock,
                                threshold=config.balance_low_units,

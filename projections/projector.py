@@ -98,7 +98,7 @@ class Projector:
         self.ledger = ledger
         self.policy = policy
         self.database_url = database_url
-        self._store: Store = open_store(database_url)
+        self._store: Store = open_store(database_url, derived=True)
         self._projections: list[Projection] = build_projections(ledger, policy)
         self._catching_up = threading.Lock()  # one catch-up at a time per instance
         self.races_lost = 0  # batches rolled back because another process applied them first

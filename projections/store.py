@@ -188,14 +188,24 @@ class SQLiteStore(Store):
 
 
 class PostgresStore(Store):
-    """A psycopg 3 connection whose search_path is the ledger's schema; TimeZone UTC."""
+    """A psycopg 3 connection whose search_path is the ledger's schema; TimeZone UTC.
+
+    `derived=True`: the connection of a follower whose every write is derived from the event
+    log and committed together with its tracking position (projector, webhook deriver,
+    audit): it commits asynchronously (`synchronous_commit = off`), so it does not wait for
+    the WAL flush nor make the request path's durable commits queue behind its flushes. A
+    server crash can lose its last commits (at most about three `wal_writer_delay`s), and
+    with them their tracking position: they are derived again from the log, the same rows
+    and message ids. A durable commit that read them (the dispatcher's claim of a delivery)
+    flushes them first, since the WAL is flushed in order. docs/design.md."""
 
     kind = "postgres"
     ddl_types = {"TS": "timestamptz", "KEY": 'text COLLATE "C"', "BOOL": "boolean"}
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, derived: bool = False) -> None:
         super().__init__()
         self.url, self.schema = url, postgres_parts(url)["schema"]
+        self.derived = derived
         self._types: dict[str, dict[str, str]] = {}
         self._conn = self._connect()
 
@@ -209,6 +219,8 @@ class PostgresStore(Store):
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(sql.SQL("SET search_path TO {}").format(schema))
         conn.execute("SET TIME ZONE 'UTC'")
+        if self.derived:
+            conn.execute("SET synchronous_commit TO off")
         return conn
 
     @property
@@ -366,8 +378,9 @@ def advisory_key(schema: str, name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def open_store(database_url: str) -> Store:
-    """`sqlite:///path` or `postgresql://…?schema=name` → a Store."""
+def open_store(database_url: str, derived: bool = False) -> Store:
+    """`sqlite:///path` or `postgresql://…?schema=name` → a Store; `derived`: a follower's
+    store of rows derived from the log (PostgresStore; SQLite ignores it)."""
     if is_postgres(database_url):
-        return PostgresStore(database_url)
+        return PostgresStore(database_url, derived=derived)
     return SQLiteStore(sqlite_path(database_url))

@@ -178,3 +178,30 @@ def _plan(text=0, voice=0, video=0) -> dict:
     return {"name": "Life", "price_minor": 1_500_000, "currency": "MWK",
             "units": {"text": text, "voice": voice, "video": video}, "seats": 1,
             "duration_days": 30}
+
+
+def test_only_the_followers_commit_asynchronously(pg_url, clock):
+    """The followers' writes are derived from the log and committed with their tracking
+    position, so they may commit without waiting for the WAL flush (PostgresStore
+    `derived`); everything a request writes (the events, webhook endpoints, delivery claims)
+    stays a durable commit."""
+    from notifications.notifier import Notifier
+    from audit.service import AuditService
+    from conftest import make_ledger
+
+    def synchronous_commit(conn) -> str:
+        return conn.execute("SHOW synchronous_commit").fetchone()[0]
+
+    ledger = make_ledger(pg_url, clock)
+    projector, notifier = Projector(ledger, pg_url, Policy()), Notifier(ledger, pg_url)
+    audit = AuditService(ledger, pg_url)
+    try:
+        assert synchronous_commit(projector._store.conn) == "off"
+        assert synchronous_commit(notifier._derive_store.conn) == "off"
+        assert synchronous_commit(audit.store.conn) == "off"
+        assert synchronous_commit(notifier.store.conn) == "on"
+        with ledger.recorder.datastore.get_connection() as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+    finally:
+        for close in (audit.close, notifier.close, projector.close, ledger.close):
+            close()
