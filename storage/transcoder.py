@@ -1,4 +1,4 @@
-"""The stored events' JSON transcoder: eventsourcing's format, decoded with orjson.
+"""The stored events' JSON transcoder: eventsourcing's format, encoded and decoded with orjson.
 
 `FastJSONTranscoder` is selected by `TRANSCODER_TOPIC` (storage/environment.py). The stored
 format does not change: `encode` writes the bytes eventsourcing's `JSONTranscoder.encode`
