@@ -124,6 +124,8 @@ class History:
         self.accounts = Accounts(store)
         self.sessions: dict[UUID, str] = {}  # session aggregate id -> session_id (bounded)
         self.wallet_ids: dict[str, tuple[str, str]] = {}
+        # The history position this process last wrote: the caches hold the accounts as of it.
+        self._written: int | None = None
         self.handlers: dict[type, Callable[[Any, Any, int], None]] = {
             Pool.Granted: self._granted, Pool.MemberAdded: self._member_added,
             Pool.MemberRemoved: self._member_removed, Pool.Held: self._held,
@@ -175,8 +177,13 @@ class History:
         return folded
 
     def begin(self, row: Tracked) -> None:
-        """Before folding from `row`: from position 0 with nothing cached, every account
-        starts empty (Accounts.complete)."""
+        """Before folding from `row` (the tracking row as read now): the caches are kept only
+        if `row` is at the position this process last wrote; otherwise another process folded
+        since, or a commit of ours did not survive (the store commits asynchronously: a
+        server crash can undo the last ones), and they are dropped. From position 0 with
+        nothing cached, every account starts empty (Accounts.complete)."""
+        if row.position != self._written:
+            self.forget()
         if row.position == 0 and not self.accounts.values:
             self.accounts.complete = True
 
@@ -211,11 +218,13 @@ class History:
         `old` to `new` (LostRace if another process moved it) and append the folded rows."""
         tracking.advance(self.store, old, new)
         self._flush()
+        self._written = new.position  # a failed commit then calls `forget`
 
     def forget(self) -> None:
         """Drop what is folded but not written, and the caches it may have changed."""
         self.accounts.forget()
         self.sessions.clear()
+        self._written = None
 
     def trim(self) -> None:
         """Bound the caches after a batch (CACHE_LIMIT entries each)."""

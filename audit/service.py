@@ -53,10 +53,10 @@ class AuditService:
 
     def __init__(self, ledger: Any, database_url: str,
                  legacy_log: Callable[[], Any | None] | None = None) -> None:
-        # Durable commits (not `derived`): the history keeps account values between batches
-        # without checking its tracking position, so a commit a server crash undid would be
-        # folded twice (docs/design.md, Asynchronous commits for derived rows).
-        self.store = tune(open_store(database_url))
+        # Asynchronous commits (`derived`): the chain reads its position and link at every
+        # catch-up, the history keeps its cached accounts only while its tracking row is where
+        # it left it (History.begin); docs/design.md, Asynchronous commits for derived rows.
+        self.store = tune(open_store(database_url, derived=True))
         tracking.create_tables(self.store)
         self.ledger_log = Log("ledger", ledger)
         self._legacy_opener = legacy_log

@@ -192,7 +192,7 @@ class PostgresStore(Store):
 
     `derived=True`: the connection of a follower whose every write is derived from the event
     log and committed together with its tracking position, and whose in-memory state is
-    checked against that position (the projector, the webhook deriver): it commits asynchronously (`synchronous_commit = off`), so it does not wait for
+    checked against that position (the projector, the webhook deriver, the audit): it commits asynchronously (`synchronous_commit = off`), so it does not wait for
     the WAL flush nor make the request path's durable commits queue behind its flushes. A
     server crash can lose its last commits (at most about three `wal_writer_delay`s), and
     with them their tracking position: they are derived again from the log, the same rows

@@ -461,3 +461,34 @@ def test_as_of_property_on_postgres():
             pytest.fail(f"PostgreSQL is required here but unreachable: {exc}")
         pytest.skip(f"PostgreSQL unreachable: {exc}")
     AsOfMachinePostgres.TestCase().runTest()
+
+
+def test_two_audit_followers_taking_turns_keep_the_history_exact(pg_url):
+    """Two processes' audit followers fold the same log in turns. Each keeps account values
+    between its batches only while the history's tracking row is where it left it
+    (History.begin), so after the other one folded, or after a commit of its own was undone
+    (asynchronous commits), it reads them again: the as-of answers still equal what the live
+    views showed at every instant."""
+    clock = WatchedClock()
+    world = World(pg_url, clock)
+    projector = world.projector()
+    audit, other = AuditService(world.ledger, pg_url), AuditService(world.ledger, pg_url)
+    witness = Witness(world.ledger, projector, audit)
+    witness.patients |= {"p1", "p2", "p3", "p4"}
+    witness.doctors |= {"d1", "d2"}
+    turns = [0]
+
+    def observe_then_fold(now) -> None:
+        witness.observe(now)
+        (audit if turns[0] % 2 else other).catch_up()
+        turns[0] += 1
+
+    clock.before_moving = observe_then_fold
+    try:
+        rich_scenario(world, projector)
+        observe_then_fold(clock.now)
+        assert witness.check() > 20
+    finally:
+        other.close()
+        audit.close()
+        world.close()
