@@ -139,9 +139,7 @@ class UnitsBatch:
     def pool(self, pool_id: str) -> tuple[str, str] | None:
         """(payment_reference, owner_id) of a pool seen granted."""
         if pool_id not in self._pools:
-            rows = self.store.query("SELECT payment_reference, owner_id FROM webhook_pools "
-                                    "WHERE pool_id = ?", (pool_id,))
-            self._pools[pool_id] = (rows[0][0], rows[0][1]) if rows else None
+            self._read_pools([pool_id])
         return self._pools[pool_id]
 
     def _granted(self, pool_id: str, e: Any) -> list[Fall]:
@@ -234,27 +232,20 @@ class UnitsBatch:
 
     def _pool_free(self, pool_id: str) -> dict[str, int]:
         if pool_id not in self._free:
-            self._free[pool_id] = {b: int(n) for b, n in self.store.query(
-                "SELECT bucket, free FROM webhook_pool_units WHERE pool_id = ?", (pool_id,))}
+            self._read_pools([pool_id])
         return self._free[pool_id]
 
     def _pool_links(self, pool_id: str) -> set[str]:
-        if pool_id not in self._links_read:
-            if pool_id in self._links:  # kept from an earlier batch
-                self._links_read[pool_id] = frozenset(self._links[pool_id])
-            else:
-                found = frozenset(r[0] for r in self.store.query(
-                    "SELECT patient_id FROM webhook_pool_links WHERE pool_id = ?", (pool_id,)))
-                self._links_read[pool_id] = found
-                self._links[pool_id] = set(found)
+        if pool_id not in self._links_read:  # first use in this batch: what flush diffs against
+            if pool_id not in self._links:  # neither kept nor read ahead
+                self._read_pools([pool_id])
+            self._links_read[pool_id] = frozenset(self._links[pool_id])
         return self._links[pool_id]
 
     def _patient_available(self, patient: str, bucket: str) -> int:
         key = (patient, bucket)
         if key not in self._available:
-            rows = self.store.query("SELECT available FROM webhook_patient_units "
-                                    "WHERE patient_id = ? AND bucket = ?", key)
-            self._available[key] = int(rows[0][0]) if rows else 0
+            self._read_patients([patient])
         return self._available[key]
 
     # ----------------------------------------------------------------------------- write
