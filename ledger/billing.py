@@ -48,8 +48,9 @@ def copy_aggregate(aggregate: Aggregate) -> Aggregate:
     """A deep copy of an aggregate without its pending events (a few times cheaper than
     copy.deepcopy on the ledger's aggregates, which hold dicts and lists of scalars)."""
     clone = object.__new__(type(aggregate))
-    clone.__dict__ = {k: _clone(v) for k, v in aggregate.__dict__.items()
-                      if k != "_pending_events"}
+    # immutable values (most attributes: ids, versions, instants) shared without a call
+    clone.__dict__ = {k: v if type(v) in _IMMUTABLE else _clone(v)
+                      for k, v in aggregate.__dict__.items() if k != "_pending_events"}
     clone.__dict__["_pending_events"] = []
     return clone
 

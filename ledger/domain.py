@@ -15,7 +15,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import event
 
 from ledger.presence import Presence, Signal, derive
-from ledger.recording import LedgerAggregate, fast_commands
+from ledger.recording import LedgerAggregate, fast_commands, fast_creation
 from ledger.errors import (
     InvalidTransition,
     InsufficientFunds,
@@ -693,6 +693,7 @@ def check_transition(ok: bool, message: str) -> None:
 # The tick's and the write path's aggregates trigger their events without the library's
 # per-call layers (ledger/recording.py `fast_commands`: the same events, the same bytes).
 fast_commands(Pool, Session, Patient, Doctor, Wallet)
+fast_creation(Pool, Session, Patient, Doctor, Wallet, Receipt)
 
 __all__ = ["NS", "Pool", "Session", "Patient", "Doctor", "Wallet", "Receipt", "BLOCK_SECONDS",
            "check_transition", "SessionEnded"]

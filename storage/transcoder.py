@@ -36,6 +36,9 @@ TYPE_KEY, DATA_KEY = "_type_", "_data_"
 # value; the wrappers only add an isinstance assertion).
 STOCK_DECODERS: dict[type, Callable[[Any], Any]] = {
     UUIDAsHex: UUID, DecimalAsStr: Decimal, DatetimeAsISO: datetime.fromisoformat}
+# ... and encoded by what their `encode` returns, called directly (the same str).
+STOCK_ENCODERS: dict[type, Callable[[Any], str]] = {
+    UUIDAsHex: lambda value: value.hex, DecimalAsStr: str, DatetimeAsISO: datetime.isoformat}
 
 
 class _Inexact(Exception):
@@ -77,14 +80,25 @@ class FastJSONTranscoder(JSONTranscoder):
             for key, item in value.items():
                 if type(key) is not str:
                     raise _Inexact
-                plain[key] = self._plain(item)
+                kind = type(item)  # a JSON scalar inline: most values are (no call)
+                plain[key] = item if kind is str or kind is int or kind is bool \
+                    or item is None else self._plain(item)
             return plain
         if kind is list or kind is tuple:
             return [self._plain(item) for item in value]
-        transcoding = self.types.get(kind)
-        if transcoding is None:  # a float, a subclass, an unregistered type
+        return self._marker(kind, value)
+
+    def _marker(self, kind: type, value: Any) -> dict:
+        """`{"_type_": name, "_data_": data}` of a registered type's value; eventsourcing's own
+        transcodings (uuid, datetime, Decimal) without the call through them (STOCK_ENCODERS:
+        the same strings). Raises _Inexact for an unregistered type or a subclass."""
+        encoder = self.__dict__.get("_encoders", {}).get(kind)
+        if encoder is None:  # a float, a subclass, an unregistered type
             raise _Inexact
-        return {TYPE_KEY: transcoding.name, DATA_KEY: self._plain(transcoding.encode(value))}
+        name, direct = encoder
+        if direct is not None:
+            return {TYPE_KEY: name, DATA_KEY: direct(value)}
+        return {TYPE_KEY: name, DATA_KEY: self._plain(self.types[kind].encode(value))}
 
     def register(self, transcoding: Transcoding) -> None:
         """Registers `transcoding` as the inherited method does, and keeps its decoder by name
@@ -92,6 +106,8 @@ class FastJSONTranscoder(JSONTranscoder):
         super().register(transcoding)
         decoder = STOCK_DECODERS.get(type(transcoding), transcoding.decode)
         self.__dict__.setdefault("_decoders", {})[transcoding.name] = decoder
+        self.__dict__.setdefault("_encoders", {})[transcoding.type] = (
+            transcoding.name, STOCK_ENCODERS.get(type(transcoding)))
 
     def decode(self, data: bytes) -> Any:
         """The object `data` encodes, custom types revived (uuid, Decimal, datetime, …)."""

@@ -1,6 +1,7 @@
-"""The ledger's cheaper event path (ledger/recording.py `fast_commands`, `fold`; issue 10) is the
-library's, byte for byte: one scenario touching every command method of the tick's and the write
-path's aggregates is run twice, with the fast commands and with the library's decorators, and
+"""The ledger's cheaper event path (ledger/recording.py `fast_commands`, `fast_creation`, `fold`;
+issue 10) is the library's, byte for byte: one scenario touching every command method of the
+tick's and the write path's aggregates, and creating each of them, is run twice, with the fast
+path and with the library's decorators and constructors, and
 every stored event (id, version, topic, state bytes, recorded time included) must be the same;
 every aggregate folded by `fold` must equal the one the library's `mutate` builds.
 """
@@ -13,24 +14,31 @@ from typing import Iterator
 
 from conftest import T0, FakeClock
 from ledger.application import Ledger, project_events
-from ledger.domain import Doctor, Patient, Pool, Session, Wallet
-from ledger.recording import _FastCommand, fold
+import pytest
+
+from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
+from ledger.recording import _CREATIONS, _FastCommand, fast_creation, fold, recording_at
 
 CLASSES = (Pool, Session, Patient, Doctor, Wallet)
+CREATED = (Pool, Session, Patient, Doctor, Wallet, Receipt)
 
 
 @contextmanager
 def library_commands() -> Iterator[None]:
-    """The library's CommandMethodDecorators back in place of the fast commands, meanwhile."""
+    """The library's CommandMethodDecorators back in place of the fast commands, and its
+    constructor in place of the fast creation, meanwhile."""
     swapped = [(cls, name, command) for cls in CLASSES for name, command in vars(cls).items()
                if isinstance(command, _FastCommand)]
+    creations = dict(_CREATIONS)
     for cls, name, command in swapped:
         setattr(cls, name, command.decorator)
+    _CREATIONS.clear()
     try:
         yield
     finally:
         for cls, name, command in swapped:
             setattr(cls, name, command)
+        _CREATIONS.update(creations)
 
 
 def _scenario() -> Ledger:
@@ -139,3 +147,42 @@ def test_fold_refuses_what_mutate_refuses():
         assert type(exc).__name__ == "OriginatorVersionError"
     else:
         raise AssertionError("fold applied an event out of sequence")
+
+
+def test_every_hot_aggregate_is_created_the_fast_way():
+    assert set(CREATED) <= set(_CREATIONS)
+
+
+def test_fast_creation_builds_what_the_library_builds():
+    arguments = {
+        Receipt: {"event_id": "e1", "body_hash": "h", "event_type": "t", "result": {"a": [1]}},
+        Patient: {"patient_id": "p1"},
+        Doctor: {"doctor_id": "d1", "country": "MW", "at": T0},
+        Wallet: {"doctor_id": "d1", "currency": "MWK"},
+        Session: {"session_id": "s1", "kind": "text", "patient_id": "p1", "doctor_id": "d1",
+                  "requested_at": T0, "pool_id": None},
+    }
+    for cls, kwargs in arguments.items():
+        with recording_at(T0):
+            fast = cls(**kwargs)
+            with library_commands():
+                library = cls(**kwargs)
+        fast_event, library_event = fast.pending_events[0], library.pending_events[0]
+        assert type(fast_event) is type(library_event)
+        assert list(fast_event.__dict__.items()) == list(library_event.__dict__.items())
+        fast_state = {k: v for k, v in fast.__dict__.items() if k != "_pending_events"}
+        assert fast_state == {k: v for k, v in library.__dict__.items() if k != "_pending_events"}
+        assert list(fast.__dict__) == list(library.__dict__)
+
+
+def test_fast_creation_leaves_other_calls_to_the_library():
+    with pytest.raises(TypeError):  # a missing argument: the library's own error
+        Receipt(event_id="e1", body_hash="h", event_type="t")
+    with recording_at(T0):
+        positional = Patient("p1")  # positional: the library's path, the same aggregate
+    assert positional.id == Patient.create_id("p1") and positional.version == 1
+
+
+def test_fast_creation_refuses_a_class_it_cannot_mirror():
+    with pytest.raises(TypeError):
+        fast_creation(int)
