@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from uuid import UUID
 
+import orjson
 from eventsourcing.application import Application, LRUCache, ProcessingEvent
 from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError
@@ -231,10 +232,41 @@ def _last_position(recordings: Iterable[Any]) -> int | None:
 
 
 def body_hash(event_type: str, occurred_at: datetime, payload: dict) -> str:
-    """SHA-256 of the canonical JSON of the event body; identifies 'the same event'."""
-    canonical = json.dumps({"type": event_type, "occurred_at": occurred_at.isoformat(),
-                            "payload": payload}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of the event body; identifies 'the same event' (I8).
+    The canonical JSON is `json.dumps(body, sort_keys=True, separators=(",", ":"))`'s bytes,
+    stored in every receipt: it must never change. orjson writes them when it is known to
+    write the same (`_orjson_canonical`), the standard library otherwise."""
+    body = {"type": event_type, "occurred_at": occurred_at.isoformat(), "payload": payload}
+    canonical = _orjson_canonical(body)
+    if canonical is None:
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def _orjson_canonical(body: dict) -> bytes | None:
+    """orjson's sorted compact bytes of `body` when they are json.dumps's, else None: every
+    value a str, int, bool, None, list or str-keyed dict (no float, whose repr may differ; no
+    subclass), and the output plain ASCII without DEL (json.dumps escapes every other
+    character as \\uXXXX, orjson writes it as UTF-8); an int beyond 64 bits makes orjson
+    refuse. Control characters and quotes are escaped alike by both."""
+    if not _json_scalars_only(body):
+        return None
+    try:
+        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return None
+    return canonical if canonical.isascii() and b"\x7f" not in canonical else None
+
+
+def _json_scalars_only(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is dict:
+        return all(type(k) is str and _json_scalars_only(v) for k, v in value.items())
+    if kind is list:
+        return all(_json_scalars_only(v) for v in value)
+    return False
 
 
 def session_view(session: Session) -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from functools import lru_cache
-from uuid import NAMESPACE_URL, UUID, uuid5
+from hashlib import sha1
+from uuid import NAMESPACE_URL, UUID, SafeUUID, uuid5
 
 from eventsourcing.domain import event
 
@@ -38,12 +39,22 @@ from ledger.rules import (
 NS = uuid5(NAMESPACE_URL, "urn:telehealth-ledger")
 
 
+_NS_BYTES = NS.bytes
+_UUID5_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))  # the variant and version bits, as uuid.UUID
+_UUID5_SET = (0x8000 << 48) | (5 << 76)  # RFC 4122 variant, version 5
+
+
 @lru_cache(maxsize=65_536)
 def ledger_id(name: str) -> UUID:
     """The aggregate id of `name` ("session:<id>", "pool:<reference>", …): uuid5 in the
-    ledger's namespace. Memoised, bounded: a tick or a batch derives the same few ids many
-    times, and uuid5 (a SHA-1) was 3 % of a tick's CPU."""
-    return uuid5(NS, name)
+    ledger's namespace (`uuid.uuid5(NS, name)`, the same UUID). Memoised, bounded: a tick or a
+    batch derives the same few ids many times, and uuid5 (a SHA-1) was 3 % of a tick's CPU;
+    a miss (every new event id's receipt) builds the UUID without `UUID.__init__`'s checks."""
+    digest = sha1(_NS_BYTES + name.encode()).digest()
+    uid = object.__new__(UUID)
+    object.__setattr__(uid, "int", (int.from_bytes(digest[:16], "big") & _UUID5_CLEAR) | _UUID5_SET)
+    object.__setattr__(uid, "is_safe", SafeUUID.unknown)
+    return uid
 # Ends after which no billable start or activity is accepted any more (§8): the timeouts, the
 # exhaustion decided by the ledger, and a declined call.
 FINAL_REASONS = frozenset({"not_started", "doctor_no_response", "missed", "idle_timeout",

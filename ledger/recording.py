@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from types import MethodType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from uuid import UUID
 
 from eventsourcing.domain import (Aggregate, CanInitAggregate, CanMutateAggregate,
@@ -32,16 +31,24 @@ from eventsourcing.domain import (Aggregate, CanInitAggregate, CanMutateAggregat
 _recorded_at: ContextVar[datetime | None] = ContextVar("recorded_at", default=None)
 
 
-@contextmanager
-def recording_at(moment: datetime) -> Iterator[datetime]:
-    """Stamp every ledger event created inside the block with `moment` (aware UTC datetime)."""
-    if moment.tzinfo is None:
-        raise ValueError("recorded time must be timezone-aware")
-    token = _recorded_at.set(moment)
-    try:
-        yield moment
-    finally:
-        _recorded_at.reset(token)
+class recording_at:  # noqa: N801 - used as a function: `with recording_at(now):`
+    """Stamp every ledger event created inside the `with` block with `moment` (an aware UTC
+    datetime; a naive one raises ValueError). A class, not a @contextmanager generator: it
+    wraps every decision of the write path and the tick."""
+
+    __slots__ = ("moment", "token")
+
+    def __init__(self, moment: datetime) -> None:
+        if moment.tzinfo is None:
+            raise ValueError("recorded time must be timezone-aware")
+        self.moment = moment
+
+    def __enter__(self) -> datetime:
+        self.token = _recorded_at.set(self.moment)
+        return self.moment
+
+    def __exit__(self, *exc_info: object) -> None:
+        _recorded_at.reset(self.token)
 
 
 def recorded_now() -> datetime:

@@ -15,6 +15,8 @@ from typing import Iterator
 from conftest import T0, FakeClock
 from ledger.application import Ledger, project_events
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger.domain import Doctor, Patient, Pool, Receipt, Session, Wallet
 from ledger.recording import _CREATIONS, _FastCommand, fast_creation, fold, recording_at
@@ -186,3 +188,51 @@ def test_fast_creation_leaves_other_calls_to_the_library():
 def test_fast_creation_refuses_a_class_it_cannot_mirror():
     with pytest.raises(TypeError):
         fast_creation(int)
+
+
+@given(st.text())
+def test_ledger_ids_are_the_uuid5_of_their_names(name):
+    from uuid import uuid5
+
+    from ledger.domain import NS, ledger_id
+
+    made, expected = ledger_id(name), uuid5(NS, name)
+    assert made == expected and hash(made) == hash(expected) and str(made) == str(expected)
+    assert made.version == 5 and made.variant == expected.variant
+    assert made.is_safe == expected.is_safe
+
+
+def test_recording_at_refuses_a_naive_time_and_restores_the_outer_one():
+    from datetime import datetime
+
+    from ledger.recording import recorded_now
+
+    with pytest.raises(ValueError):
+        with recording_at(datetime(2026, 1, 1)):
+            pass
+    with recording_at(T0):
+        with recording_at(T0 + timedelta(hours=1)):
+            assert recorded_now() == T0 + timedelta(hours=1)
+        assert recorded_now() == T0
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text() | st.sampled_from(["\x7f", "\x00\x1f\n\t\"\\/", "é", "\u2028", "ok"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                               max_size=4),
+    max_leaves=12)
+
+
+@given(st.text(max_size=20), st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6))
+def test_body_hash_is_the_hash_of_the_standard_librarys_canonical_json(event_type, payload):
+    """The digest every receipt stores (I8) stays the standard library's, whatever the payload
+    (a changed digest would refuse every re-post of an event accepted before the change)."""
+    import hashlib
+    import json
+
+    from ledger.application import body_hash
+
+    canonical = json.dumps({"type": event_type, "occurred_at": T0.isoformat(), "payload": payload},
+                           sort_keys=True, separators=(",", ":"))
+    assert body_hash(event_type, T0, payload) == hashlib.sha256(canonical.encode()).hexdigest()
