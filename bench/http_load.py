@@ -248,10 +248,6 @@ class _Client:
         self.conn.close()
 
 
-def _client(base_url: str) -> _Client:
-    return _Client(base_url)
-
-
 def _post(client: _Client, events: list[dict]) -> list[int]:
     """POST one event (a list of one) or a batch; returns each event's status."""
     if len(events) == 1:
@@ -270,7 +266,7 @@ def closed_loop(base_url: str, clients: int, batch: int, seconds: float) -> tupl
 
     def client(index: int, ready: threading.Barrier) -> None:
         events = stream(f"{run}c{index}", base)
-        with _client(base_url) as http:
+        with _Client(base_url) as http:
             ready.wait()
             while time.perf_counter() < deadline[0]:
                 chunk = [next(events) for _ in range(batch)]
@@ -297,7 +293,7 @@ def open_loop(base_url: str, lanes: int, rate: float, seconds: float) -> tuple[f
 
     def lane(index: int, ready: threading.Barrier) -> None:
         events = stream(f"{run}l{index}", base)
-        with _client(base_url) as http:
+        with _Client(base_url) as http:
             ready.wait()
             for k in range(index, total_requests, lanes):
                 scheduled = start[0] + k / rate

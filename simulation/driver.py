@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -186,26 +186,23 @@ class Client:
         """One of the day's requests on its kept-alive connection (`day`), `body` as JSON;
         sent again (bounded), like `_send`, when the connection was dropped (after a 500, or
         kept-alive past the server's limit); a timeout raises. Counted like `_check` counts."""
-        payload = json.dumps(body).encode()
         self.last_retried = False
         started = time.monotonic()
-        for attempt in range(attempts):
-            try:
-                self.day.request(method, path, payload, self.day_headers)
-                response = self.day.getresponse()
-                reply = Reply(response.status, response.read(), response.headers)
-                break
-            except (http.client.HTTPException, ConnectionError):
-                self.day.close()  # http.client opens it again on the next request
-                if attempt == attempts - 1:
-                    raise
-                self.transport_retries += 1
-                self.last_retried = True
-                time.sleep(0.2 * (attempt + 1))
+        reply = kept_alive_request(self.day, method, path, json.dumps(body).encode(),
+                                   self.day_headers, attempts, on_retry=self._retried)
+        self.count(method, path, time.monotonic() - started)
+        return reply
+
+    def _retried(self) -> None:
+        self.transport_retries += 1
+        self.last_retried = True
+
+    def count(self, method: str, path: str, seconds: float) -> None:
+        """Count one request and its wall time under its kind ("POST events")."""
+        kind = path.split("/")[2] if path.startswith("/v1/") else "other"
         with self._lock:
             self.requests += 1
-            self.seconds[f"{method} {path.split('/')[2]}"] += time.monotonic() - started
-        return reply
+            self.seconds[f"{method} {kind}"] += seconds
 
     def _day_check(self, method: str, reply: "Reply", path: str) -> "Reply":
         if reply.status_code >= 500:
@@ -213,11 +210,8 @@ class Client:
         return reply
 
     def _check(self, response: httpx.Response, raise_5xx: bool = True) -> httpx.Response:
-        self.requests += 1
         request = response.request
-        kind = request.url.path.split("/")[2] if request.url.path.startswith("/v1/") else "other"
-        with self._lock:
-            self.seconds[f"{request.method} {kind}"] += response.elapsed.total_seconds()
+        self.count(request.method, request.url.path, response.elapsed.total_seconds())
         if raise_5xx and response.status_code >= 500:
             raise ServiceError(f"{response.request.method} {response.request.url.path}: "
                                f"{response.status_code} {response.text[:500]}")
@@ -291,6 +285,27 @@ class Client:
         self.day.close()
 
 
+def kept_alive_request(conn: http.client.HTTPConnection, method: str, path: str,
+                       body: bytes | None, headers: dict[str, str], attempts: int,
+                       on_retry: Callable[[], None] | None = None) -> "Reply":
+    """`method path` on a kept-alive connection; when the connection was dropped it is closed
+    (http.client opens it again on the next request) and the request sent again, at most
+    `attempts` times in all, `on_retry` told of each; a timeout raises."""
+    for attempt in range(attempts):
+        try:
+            conn.request(method, path, body, headers)
+            response = conn.getresponse()
+            return Reply(response.status, response.read(), response.headers)
+        except (http.client.HTTPException, ConnectionError):
+            conn.close()
+            if attempt == attempts - 1:
+                raise
+            if on_retry is not None:
+                on_retry()
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class Reply:
     """An answer as the driver reads it (the part of httpx.Response it uses)."""
 
@@ -330,22 +345,8 @@ class Reader:
 
     def get(self, path: str, attempts: int = 3) -> Reply:
         started = time.monotonic()
-        for attempt in range(attempts):
-            conn = self._connection()
-            try:
-                conn.request("GET", path, headers=self.headers)
-                response = conn.getresponse()
-                reply = Reply(response.status, response.read())
-                break
-            except (http.client.HTTPException, ConnectionError):
-                conn.close()  # http.client reconnects on the next request
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-        kind = path.split("/")[2] if path.startswith("/v1/") else "other"
-        with self.client._lock:
-            self.client.requests += 1
-            self.client.seconds[f"GET {kind}"] += time.monotonic() - started
+        reply = kept_alive_request(self._connection(), "GET", path, None, self.headers, attempts)
+        self.client.count("GET", path, time.monotonic() - started)
         return reply
 
     def map(self, paths: list[str], workers: int = COMPARE_WORKERS) -> list[Reply]:

@@ -60,6 +60,12 @@ class FastJSONTranscoder(JSONTranscoder):
     Raises `TranscodingNotRegisteredError` for an unknown `_type_`, like the inherited decoder.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._decoders: dict[str, Callable[[Any], Any]] = {}  # name -> decoder (`register`)
+        # type -> (name, direct encoder or None: through the transcoding's `encode`)
+        self._encoders: dict[type, tuple[str, Callable[[Any], str] | None]] = {}
+
     def encode(self, obj: Any) -> bytes:
         """The bytes `JSONTranscoder.encode(obj)` returns (module docstring); raises what it
         raises (TranscodingNotRegisteredError for an unregistered type)."""
@@ -92,7 +98,7 @@ class FastJSONTranscoder(JSONTranscoder):
         """`{"_type_": name, "_data_": data}` of a registered type's value; eventsourcing's own
         transcodings (uuid, datetime, Decimal) without the call through them (STOCK_ENCODERS:
         the same strings). Raises _Inexact for an unregistered type or a subclass."""
-        encoder = self.__dict__.get("_encoders", {}).get(kind)
+        encoder = self._encoders.get(kind)
         if encoder is None:  # a float, a subclass, an unregistered type
             raise _Inexact
         name, direct = encoder
@@ -105,9 +111,9 @@ class FastJSONTranscoder(JSONTranscoder):
         for the walk (`STOCK_DECODERS` for eventsourcing's own, else its bound `decode`)."""
         super().register(transcoding)
         decoder = STOCK_DECODERS.get(type(transcoding), transcoding.decode)
-        self.__dict__.setdefault("_decoders", {})[transcoding.name] = decoder
-        self.__dict__.setdefault("_encoders", {})[transcoding.type] = (
-            transcoding.name, STOCK_ENCODERS.get(type(transcoding)))
+        self._decoders[transcoding.name] = decoder
+        self._encoders[transcoding.type] = (transcoding.name,
+                                            STOCK_ENCODERS.get(type(transcoding)))
 
     def decode(self, data: bytes) -> Any:
         """The object `data` encodes, custom types revived (uuid, Decimal, datetime, …)."""
