@@ -50,6 +50,16 @@ def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def python_loop_seconds(steps: int = 10_000_000) -> float:
+    """Seconds a plain Python loop of `steps` additions takes here now: the machine's speed
+    for one core at the time of the run (this shared VM's varies about twofold from day to
+    day), so that absolute figures of different days can be read side by side."""
+    started, total = time.perf_counter(), 0
+    for i in range(steps):
+        total += i
+    return time.perf_counter() - started
+
+
 STARTED = time.monotonic()
 
 
@@ -425,7 +435,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every row's `finally` drops its
     # schema and stops its service (Python's default for SIGTERM skips them)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    say(f"bench.targets: load average at start {start_load}")
+    start_loop = python_loop_seconds()
+    say(f"bench.targets: load average at start {start_load}; a 10M-step Python loop "
+        f"{start_loop:.2f} s")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
@@ -435,7 +447,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         getattr(bench, path)(store)
         finally:
             print(f"\nbench.targets: load average at start {start_load}, at end {loadavg()}; "
-                  f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores")
+                  f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores; a 10M-step "
+                  f"Python loop {start_loop:.2f} s at the start, {python_loop_seconds():.2f} s "
+                  "at the end")
             print(render(bench.rows))
     return bench.rows
 

@@ -253,14 +253,17 @@ def simulate(seed: int = 7, patients: int = typer.Option(1000, min=1, max=100_00
              consultations: int = typer.Option(300, min=0, max=100_000,
                                                help="priced consultations booked (§10)"),
              workdir: Path = Path("var/sim"),
-             url: Optional[str] = typer.Option(None, help="drive an already running service")) -> None:
+             url: Optional[str] = typer.Option(None, help="drive an already running service"),
+             webhooks: bool = typer.Option(True, help="register a receiver and check every "
+                                                      "notification against the oracle")) -> None:
     """Simulate a day of both platforms (unit-billed sessions, priced consultations) against
     the service and check it against ground truth."""
     from simulation.driver import run_simulation
 
     report = run_simulation(seed=seed, patients=patients, doctors=doctors, sessions=sessions,
                             practitioners=practitioners, consultations=consultations,
-                            base_url=url, workdir=workdir, console=console)
+                            base_url=url, workdir=workdir, console=console,
+                            webhooks_checked=webhooks)
     if not report.ok:
         raise typer.Exit(1)
 

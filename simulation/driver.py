@@ -1034,8 +1034,13 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
                    sessions: int = 3000, practitioners: int = 30, consultations: int = 300,
                    base_url: str | None = None,
                    database_url: str | None = None, workdir: Path = Path("var/sim"),
-                   console=None, api_key: str | None = None) -> SimulationReport:
+                   console=None, api_key: str | None = None,
+                   webhooks_checked: bool = True) -> SimulationReport:
     """Simulate one day against the service (started here unless `base_url` is given).
+
+    `webhooks_checked=False`: no receiver is registered, so the service derives every
+    notification (the outbox) but sends none, and none is compared (the day as it was before
+    webhooks, for comparing times with older runs).
 
     A service given by `base_url` must run a manual clock with the in-process tick disabled
     (the driver ticks) and accept `api_key` (default `$LEDGER_SIM_API_KEY` or `sim-admin`) as
@@ -1056,7 +1061,8 @@ def run_simulation(*, seed: int = 7, patients: int = 1000, doctors: int = 100,
     try:
         if service is not None:
             service.wait_ready()
-        secret, webhook_note = client.register_webhook(receiver.url)
+        secret, webhook_note = (client.register_webhook(receiver.url) if webhooks_checked
+                                else (None, "no receiver registered (--no-webhooks)"))
         if secret is not None:
             receiver.secrets.append(secret)
         day_start = next_midnight(client.clock())

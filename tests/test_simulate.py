@@ -224,3 +224,17 @@ def test_market_oracle_follows_the_documents_numbers_and_refund_rules():
                                  "shares_minor": 50_000, "shares_reversed_minor": 0,
                                  "platform_minor": -50_000, "tax_payable_minor": 0}
     assert m.money[("p1", "INR")].available == 118_000 and o.available_minor("t1", "INR") == 50_000
+
+
+@pytest.mark.timeout(180)
+def test_a_day_without_webhooks_registers_no_receiver_and_still_matches(tmp_path):
+    """`ledger simulate --no-webhooks`: the day and the comparison as usual; the service has
+    no endpoint, so it sends nothing, and the report says the webhooks were not checked."""
+    out = io.StringIO()
+    report = run_simulation(seed=3, patients=20, doctors=4, sessions=40, practitioners=0,
+                            consultations=0, workdir=tmp_path, webhooks_checked=False,
+                            console=Console(file=out, width=140))
+    assert report.ok, out.getvalue()[-4000:]
+    assert report.summary["webhooks"] == {"skipped": "no receiver registered (--no-webhooks)"}
+    assert "Webhooks not checked: no receiver registered" in out.getvalue()
+    assert sum(report.summary["units_charged"].values()) > 0
