@@ -1143,11 +1143,13 @@ def main() -> int:  # pragma: no cover - `python -m simulation.driver`
     parser.add_argument("--base-url")
     parser.add_argument("--database-url")
     parser.add_argument("--workdir", type=Path, default=Path("var/sim"))
+    parser.add_argument("--no-webhooks", action="store_true")
     args = parser.parse_args()
     report = run_simulation(seed=args.seed, patients=args.patients, doctors=args.doctors,
                             sessions=args.sessions, practitioners=args.practitioners,
                             consultations=args.consultations, base_url=args.base_url,
-                            database_url=args.database_url, workdir=args.workdir)
+                            database_url=args.database_url, workdir=args.workdir,
+                            webhooks_checked=not args.no_webhooks)
     return 0 if report.ok else 1
 
 
