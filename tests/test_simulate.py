@@ -9,6 +9,8 @@ the oracle exists to check, so it cannot pass vacuously.
 from __future__ import annotations
 
 import io
+import sqlite3
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -238,3 +240,8 @@ def test_a_day_without_webhooks_registers_no_receiver_and_still_matches(tmp_path
     assert report.summary["webhooks"] == {"skipped": "no receiver registered (--no-webhooks)"}
     assert "Webhooks not checked: no receiver registered" in out.getvalue()
     assert sum(report.summary["units_charged"].values()) > 0
+    with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+        rows = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("webhook_messages", "webhook_endpoints", "webhook_deliveries")}
+    assert rows["webhook_messages"] > 0, rows  # the outbox is derived all the same
+    assert rows["webhook_endpoints"] == 0 and rows["webhook_deliveries"] == 0, rows
