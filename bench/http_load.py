@@ -42,6 +42,7 @@ import httpx
 import orjson
 
 from bench.together import run_together
+from simulation.driver import kept_alive_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "dev-backend"  # the default LEDGER_API_KEYS' backend key
@@ -233,13 +234,9 @@ class _Client:
 
     def post(self, path: str, body: object) -> tuple[int, bytes]:
         """(status, response body) of POST `path` with `body` as JSON."""
-        try:
-            self.conn.request("POST", path, orjson.dumps(body), self.HEADERS)
-            response = self.conn.getresponse()
-            return response.status, response.read()
-        except (http.client.HTTPException, OSError):
-            self.conn.close()
-            raise
+        reply = kept_alive_request(self.conn, "POST", path, orjson.dumps(body), self.HEADERS,
+                                   attempts=1)
+        return reply.status_code, reply.content
 
     def __enter__(self) -> "_Client":
         return self

@@ -182,15 +182,19 @@ class Client:
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _exchange(self, method: str, path: str, body: object, attempts: int = 3) -> "Reply":
+    def _exchange(self, method: str, path: str, body: object, attempts: int = 3,
+                  raise_5xx: bool = True) -> "Reply":
         """One of the day's requests on its kept-alive connection (`day`), `body` as JSON;
         sent again (bounded), like `_send`, when the connection was dropped (after a 500, or
-        kept-alive past the server's limit); a timeout raises. Counted like `_check` counts."""
+        kept-alive past the server's limit); a timeout raises. Counted and checked like
+        `_check` does (ServiceError on a 5xx unless `raise_5xx` is false)."""
         self.last_retried = False
         started = time.monotonic()
         reply = kept_alive_request(self.day, method, path, json.dumps(body).encode(),
                                    self.day_headers, attempts, on_retry=self._retried)
         self.count(method, path, time.monotonic() - started)
+        if raise_5xx and reply.status_code >= 500:
+            raise ServiceError(f"{method} {path}: {reply.status_code} {reply.text[:500]}")
         return reply
 
     def _retried(self) -> None:
@@ -203,11 +207,6 @@ class Client:
         with self._lock:
             self.requests += 1
             self.seconds[f"{method} {kind}"] += seconds
-
-    def _day_check(self, method: str, reply: "Reply", path: str) -> "Reply":
-        if reply.status_code >= 500:
-            raise ServiceError(f"{method} {path}: {reply.status_code} {reply.text[:500]}")
-        return reply
 
     def _check(self, response: httpx.Response, raise_5xx: bool = True) -> httpx.Response:
         request = response.request
@@ -229,14 +228,12 @@ class Client:
         return utc(body["now"])
 
     def set_clock(self, now: datetime) -> None:
-        r = self._day_check("PUT", self._exchange("PUT", "/v1/clock", {"now": iso(now)}),
-                            "/v1/clock")
+        r = self._exchange("PUT", "/v1/clock", {"now": iso(now)})
         if r.status_code != 200:
             raise RuntimeError(f"PUT /v1/clock: {r.status_code} {r.text[:300]}")
 
     def tick(self, as_of: datetime) -> dict:
-        r = self._day_check("POST", self._exchange("POST", "/v1/ticks", {"as_of": iso(as_of)}),
-                            "/v1/ticks")
+        r = self._exchange("POST", "/v1/ticks", {"as_of": iso(as_of)})
         if r.status_code != 200:
             raise ServiceError(f"POST /v1/ticks: {r.status_code} {r.text[:300]}")
         return r.json()
@@ -246,15 +243,14 @@ class Client:
             r = self._check(self._send("POST", "/v1/events", attempts=1,
                                        json={"events": bodies}, timeout=timeout))
         else:
-            r = self._day_check("POST", self._exchange("POST", "/v1/events",
-                                                       {"events": bodies}), "/v1/events")
+            r = self._exchange("POST", "/v1/events", {"events": bodies})
         if r.status_code != 200:
             raise RuntimeError(f"POST /v1/events (batch): {r.status_code} {r.text[:500]}")
         return r.json()["results"]
 
     def post_one(self, body: dict) -> "Reply":
         """One event posted alone; its answer whatever the status (a 5xx included)."""
-        return self._exchange("POST", "/v1/events", body)
+        return self._exchange("POST", "/v1/events", body, raise_5xx=False)
 
     def head(self) -> int:
         return int(self._check(self._send("GET", "/v1/projections")).json()["head"])
