@@ -51,9 +51,10 @@ def loadavg() -> str:
 
 
 def python_loop_seconds(steps: int = 10_000_000) -> float:
-    """Seconds a plain Python loop of `steps` additions takes here now: the machine's speed
-    for one core at the time of the run (this shared VM's varies about twofold from day to
-    day), so that absolute figures of different days can be read side by side."""
+    """Seconds a plain Python loop of `steps` additions takes here now: a rough sign of the
+    machine's speed for one core at the time of the run (this shared VM's varies from day to
+    day; the service's CPU follows it only loosely: docs/benchmarks.md), so that absolute
+    figures of different days can be read side by side."""
     started, total = time.perf_counter(), 0
     for i in range(steps):
         total += i
