@@ -97,11 +97,18 @@ def test_retry_resends_with_the_same_webhook_id_and_metrics_count_it(api):
     assert r.status_code == 202 and r.json()["status"] == "pending"
     assert wait(lambda: len(rx.snapshot()) == 3)
     assert rx.snapshot()[-1].webhook_id == first["webhook_id"]
-    metrics = client.get("/metrics", headers=ADMIN).text
-    assert 'ledger_webhook_deliveries_total{outcome="sent",type="session.paid_until_changed"} 3.0' \
-        in metrics
-    assert "ledger_webhook_undelivered 0.0" in metrics
-    assert "ledger_webhook_oldest_undelivered_seconds 0.0" in metrics
+    # The receiver has the request before the dispatcher has its answer and records the
+    # attempt (and counts it): wait, bounded, for the metrics to show all three.
+    expected = ['ledger_webhook_deliveries_total{outcome="sent",'
+                'type="session.paid_until_changed"} 3.0',
+                "ledger_webhook_undelivered 0.0", "ledger_webhook_oldest_undelivered_seconds 0.0"]
+    metrics = [""]
+
+    def scraped() -> bool:
+        metrics[0] = client.get("/metrics", headers=ADMIN).text
+        return all(line in metrics[0] for line in expected)
+
+    assert wait(scraped), [line for line in expected if line not in metrics[0]]
 
 
 def test_rotation_and_changes_over_http(api):
