@@ -112,7 +112,7 @@ class Endpoints:
         now, secret = self.clock(), new_secret()
         endpoint_id = "ep_" + uuid.uuid4().hex
         ts = self.store.ts
-        with self.store.locked(), self.store.transaction():
+        with self.store.locked(), self.store.transaction(durable=True):
             self.store.execute(
                 f"INSERT INTO webhook_endpoints ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, "
                 "?, ?, ?)", (endpoint_id, url, description, json.dumps(event_types), enabled,
@@ -144,7 +144,7 @@ class Endpoints:
                   if k in ("url", "description", "event_types", "enabled")}
         if values:
             sets = ", ".join(f"{k} = ?" for k in values)
-            with self.store.locked(), self.store.transaction():
+            with self.store.locked(), self.store.transaction(durable=True):
                 self.store.execute(f"UPDATE webhook_endpoints SET {sets}, updated_at = ? "
                                    "WHERE endpoint_id = ?",
                                    (*values.values(), self.store.ts(self.clock()), endpoint_id))
@@ -156,7 +156,7 @@ class Endpoints:
         current = self.get(endpoint_id)
         now, secret = self.clock(), new_secret()
         ts = self.store.ts
-        with self.store.locked(), self.store.transaction():
+        with self.store.locked(), self.store.transaction(durable=True):
             self.store.execute(
                 "UPDATE webhook_endpoints SET secret = ?, previous_secret = ?, "
                 "previous_secret_until = ?, updated_at = ? WHERE endpoint_id = ?",

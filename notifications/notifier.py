@@ -201,7 +201,7 @@ class Notifier:
         self.delivery(delivery_id)
         now = self.clock()
         ts = self.store.ts
-        with self.store.locked():
+        with self.store.locked(), self.store.transaction(durable=True):  # acknowledged
             self.store.execute(
                 "UPDATE webhook_deliveries SET status = CASE WHEN status IN (?, ?) THEN status "
                 f"ELSE ? END, next_attempt_at = ?, deadline_at = ?, delivered_at = NULL, {ASK_AGAIN} "
@@ -224,7 +224,7 @@ class Notifier:
                 "FROM webhook_messages WHERE position >= ? ORDER BY position, ordinal LIMIT ?",
                 (from_position, limit))
             wanted = [m for m in messages if subscribed(endpoint.event_types, m[3])]
-            with self.store.transaction():
+            with self.store.transaction(durable=True):
                 insert_deliveries(self.store, [self.deriver.delivery_row(m, endpoint_id, now)
                                                for m in wanted])
                 self.store.executemany(

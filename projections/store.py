@@ -118,8 +118,11 @@ class Store:
         """Delete the rows whose `key` column is one of `values`."""
         self.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(v,) for v in values])
 
-    def transaction(self):
-        """Context manager: one write transaction, rolled back on any exception."""
+    def transaction(self, durable: bool = False):
+        """Context manager: one write transaction, rolled back on any exception. `durable`:
+        its commit survives a power loss (what a request acknowledges: a webhook endpoint, a
+        resend), whatever the connection's default (a follower's derived rows may lose their
+        last commits and are derived again)."""
         raise NotImplementedError
 
     def snapshot(self):
@@ -134,7 +137,12 @@ class Store:
 
 
 class SQLiteStore(Store):
-    """A separate `sqlite3` connection to the ledger's file: WAL, busy timeout, BEGIN IMMEDIATE."""
+    """A separate `sqlite3` connection to the ledger's file: WAL, busy timeout, BEGIN IMMEDIATE.
+
+    Commits are `synchronous=NORMAL` (WAL: safe from a crash of the process, but the last
+    commits may roll back on a power loss until a later commit or checkpoint syncs the WAL),
+    except a `transaction(durable=True)`, which commits `FULL` (its WAL frames synced, as
+    the event store's commits are). sqlite.org/pragma.html#pragma_synchronous."""
 
     kind = "sqlite"
     ddl_types = {"TS": "TEXT", "KEY": "TEXT", "BOOL": "INTEGER"}
@@ -166,14 +174,20 @@ class SQLiteStore(Store):
         return self.conn.execute(sql, params).fetchall()
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
+    def transaction(self, durable: bool = False) -> Iterator[None]:
+        if durable:  # the level cannot change inside a transaction; the caller holds locked()
+            self.conn.execute("PRAGMA synchronous=FULL")
         try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        finally:
+            if durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -354,8 +368,10 @@ class PostgresStore(Store):
             self.conn.execute(f"DELETE FROM {table} WHERE {key} = ANY(%s)", (list(values),))
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, durable: bool = False) -> Iterator[None]:
         with self.conn.transaction():
+            if durable and self.derived:
+                self.conn.execute("SET LOCAL synchronous_commit TO on")
             yield
 
     @contextmanager

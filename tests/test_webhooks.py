@@ -640,3 +640,46 @@ def test_an_answer_whose_body_stalls_is_a_timeout_not_a_crash():
         server.close()
     assert attempt.status_code is None and not attempt.ok
     assert attempt.error.startswith("timed out")
+
+
+
+def test_acknowledged_webhook_writes_commit_durably_on_sqlite(world):
+    """What a request acknowledges (an endpoint created, changed or rotated; a delivery
+    retried; a replay) commits at `synchronous=FULL` on SQLite, as the events do; the
+    notifier's connection otherwise commits at `NORMAL` (the dispatcher's claims and outcomes
+    may roll back on a power loss and are sent again: at-least-once). Traced at the
+    connection: the level in force at each COMMIT of each call."""
+    url, desk, closing = world
+    n = notifier(desk.ledger, url)
+    closing.append(n)
+    rx = receiver(closing)
+    level, commits = ["NORMAL"], []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("PRAGMA synchronous="):
+            level[0] = sql.partition("=")[2]
+        elif sql == "COMMIT":
+            commits.append(level[0])
+
+    def levels(call) -> list[str]:
+        commits.clear()
+        call()
+        return list(commits)
+
+    n.store.conn.set_trace_callback(trace)
+    endpoint, _ = n.create_endpoint(rx.url, ["pool.expired"])
+    assert commits == ["FULL"]
+    assert levels(lambda: n.endpoints.update(endpoint.endpoint_id, {"description": "b"})) \
+        == ["FULL"]
+    assert levels(lambda: rx.secrets.append(
+        n.endpoints.rotate(endpoint.endpoint_id, timedelta(minutes=5))[1])) == ["FULL"]
+    desk.grant(days=1)
+    desk.ledger.tick(desk.at(T0 + timedelta(days=1, minutes=2)), [], desk.pools)
+    sent = levels(lambda: (n.drain(max_seconds=WAIT), rx.wait_for(1), n.drain(WAIT)))
+    assert sent and set(sent) == {"NORMAL"}  # claims and outcomes
+    delivery = n.deliveries()[0]
+    assert delivery["status"] == "delivered"
+    assert levels(lambda: n.retry(delivery["id"])) == ["FULL"]
+    assert levels(lambda: n.replay(endpoint.endpoint_id, from_position=0)) == ["FULL"]
+    n.store.conn.set_trace_callback(None)
+    assert n.store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again
