@@ -18,10 +18,11 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psycopg
 
+from bench.http_load import child_pids, process_cpu_seconds
 from bench.together import run_together
 from storage import postgres_conninfo
 
@@ -61,8 +62,9 @@ def row() -> tuple:
     return uuid.uuid4(), 1, TOPIC, os.urandom(STATE_BYTES)
 
 
-def insert_rate(base_url: str, clients: int, rows_per_transaction: int, seconds: float) -> float:
-    """Rows/s committed by `clients` threads (one connection each), each committing
+def insert_rate(base_url: str, clients: int, rows_per_transaction: int,
+                seconds: float) -> tuple[float, int]:
+    """(rows/s, rows) committed by `clients` threads (one connection each), each committing
     `rows_per_transaction` rows per transaction (executemany) for about `seconds` seconds."""
     with raw_schema(base_url) as schema:
         sql = INSERT.format(schema=schema)
@@ -83,7 +85,46 @@ def insert_rate(base_url: str, clients: int, rows_per_transaction: int, seconds:
             return time.perf_counter()
 
         elapsed = run_together(clients, client, arm)
-        return sum(counts) / elapsed
+        return sum(counts) / elapsed, sum(counts)
+
+
+def server_cpu(base_url: str) -> Callable[[], float] | None:
+    """A function giving the PostgreSQL server's CPU seconds so far (its postmaster, the
+    children it has reaped, and its live children: backends, WAL writer, checkpointer,
+    autovacuum; from /proc), or None when the server's processes are not visible here (another
+    host or PID namespace). The whole server counts, every database and client of it: the
+    bench's own connections, and on a shared machine anybody else's."""
+    with psycopg.connect(postgres_conninfo(base_url)) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    try:
+        postmaster = int(_stat(backend)[1])
+        if not all(_is_postgres(pid) for pid in (backend, postmaster)):
+            return None
+    except (OSError, ValueError, IndexError):
+        return None
+
+    def seconds() -> float:
+        fields = _stat(postmaster)  # utime, stime, then its reaped children's cutime, cstime
+        total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        for child in child_pids(postmaster):
+            try:
+                total += process_cpu_seconds(child)
+            except FileNotFoundError:  # ended meanwhile: counted in cutime once reaped
+                pass
+        return total
+
+    return seconds
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (state, ppid, …)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def _is_postgres(pid: int) -> bool:
+    with open(f"/proc/{pid}/comm") as comm:
+        return comm.read().strip() in ("postgres", "postmaster")
 
 
 def scan_rate(base_url: str, schema: str, table: str = TABLE) -> tuple[int, float]:

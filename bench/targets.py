@@ -19,6 +19,9 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
   `--events` events: events/s (start-up included) and its peak RSS (VmHWM), beside the peak
   RSS on a store a tenth the size (flat memory). Raw: a full scan of the same events table.
 Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row.
+Notes give the CPU per event (per block) of the service, its followers' process and the
+PostgreSQL server, and the server's CPU per raw row (docs/benchmarks.md, "Where each event's
+CPU goes").
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class Bench:
         self.rows: list[Row] = []
         self.tick_rates: dict[str, tuple[float, float]] = {}  # store -> without history:
         # (blocks/s, CPU ms per block)
+        # The PostgreSQL server's CPU so far (None: not on this host): beside the service's,
+        # so that a row's whole cost per event shows, and the raw rows' beside it.
+        self.server_cpu = raw_postgres.server_cpu(args.postgres_url)
 
     def add(self, row: Row) -> Row:
         row.load = os.getloadavg()[0]
@@ -122,12 +128,16 @@ class Bench:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
 
-    def raw_insert(self, clients: int, rows_per_transaction: int) -> float:
-        """Raw PostgreSQL rows/s for this shape, measured now (next to the row it goes with,
-        so both see the same load)."""
+    def raw_insert(self, clients: int, rows_per_transaction: int) -> tuple[float, str]:
+        """(raw PostgreSQL rows/s for this shape, a note of the server's CPU per row), measured
+        now (next to the row it goes with, so both see the same load)."""
         say(f"  raw PostgreSQL: {clients} client(s), {rows_per_transaction}-row transactions")
-        return raw_postgres.insert_rate(self.args.postgres_url, clients, rows_per_transaction,
-                                        self.args.raw_seconds)
+        (rate, rows), server = _with_server_cpu(
+            self.server_cpu, raw_postgres.insert_rate, self.args.postgres_url, clients,
+            rows_per_transaction, self.args.raw_seconds)
+        note = (f"; raw: PostgreSQL server CPU {server / rows * 1000:.3f} ms/row"
+                if server is not None and rows else "")
+        return rate, note
 
     # --------------------------------------------------------------------------- http
 
@@ -136,20 +146,26 @@ class Bench:
         for clients in (1, 4, 16):
             say(f"[{store}] HTTP batches of 100, {clients} client(s), {seconds:g} s")
             with self.fresh_store(store) as url, self.serving(url) as served:
-                (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, clients, 100,
-                                               seconds)
+                (rate, tally), cpu = _with_cpu(served, self._server_cpu(store), closed_loop,
+                                               served.base_url, clients, 100, seconds)
+            raw, raw_note = self.raw_insert(clients, 100)
             self.add(Row(store, f"HTTP batches of 100, {clients:2d} client(s)", rate, "events/s",
-                         self.raw_insert(clients, 100), _cpu_note(cpu, tally) + _refusals(tally)))
+                         raw, _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
         say(f"[{store}] HTTP single events, 16 clients, {seconds:g} s; then paced at half")
         with self.fresh_store(store) as url, self.serving(url) as served:
-            (rate, tally), cpu = _with_cpu(served, closed_loop, served.base_url, 16, 1, seconds)
-            self.add(Row(store, "HTTP single events, 16 clients", rate, "events/s",
-                         self.raw_insert(16, 1), _cpu_note(cpu, tally) + _refusals(tally)))
+            (rate, tally), cpu = _with_cpu(served, self._server_cpu(store), closed_loop,
+                                           served.base_url, 16, 1, seconds)
+            raw, raw_note = self.raw_insert(16, 1)
+            self.add(Row(store, "HTTP single events, 16 clients", rate, "events/s", raw,
+                         _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
             paced, tally = open_loop(served.base_url, 16, rate / 2, seconds)
         p50, p99 = percentile(tally.latencies, 0.5), percentile(tally.latencies, 0.99)
         self.add(Row(store, "  at half that rate: p99 latency", p99 * 1000, "ms", None,
                      f"p50 {p50 * 1000:.1f} ms; paced {rate / 2:,.0f}/s, achieved {paced:,.0f}/s"
                      f"{_refusals(tally)}"))
+
+    def _server_cpu(self, store: str) -> Callable[[], float] | None:
+        return self.server_cpu if store == "postgres" else None
 
     @contextmanager
     def serving(self, url: str) -> Iterator[Served]:
@@ -164,8 +180,9 @@ class Bench:
         with self.fresh_store(store) as url:
             rate, cpu, note = self.tick_on(url, generate(url, due, 0, True, say))
         self.tick_rates[store] = rate, cpu
-        self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s",
-                     self.raw_insert(1, 1), f"CPU {cpu:.1f} ms/block; {note}"))
+        raw, raw_note = self.raw_insert(1, 1)
+        self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s", raw,
+                     f"CPU {cpu:.1f} ms/block; {note}{raw_note}"))
 
     def history(self, store: str) -> None:
         due, settled = self.args.due, self.args.settled
@@ -179,10 +196,11 @@ class Bench:
             fresh_rate, fresh_cpu = self.tick_rates[store]
             change = (f"{rate / fresh_rate - 1:+.0%} vs without history "
                       f"(CPU {cpu / fresh_cpu - 1:+.0%}); ")
+        raw, raw_note = self.raw_insert(1, 1)
         self.add(Row(store, f"  with {due * settled:,} settled sessions ({settled}/patient)",
-                     rate, "blocks/s", self.raw_insert(1, 1),
+                     rate, "blocks/s", raw,
                      f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store; "
-                     f"{note}"))
+                     f"{note}{raw_note}"))
 
     def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float, str]:
         """(blocks charged per second, CPU ms of this process per block, a note) by one
@@ -207,7 +225,8 @@ class Bench:
             with _followers(url, projector, settings.projection_poll_seconds) as followers_cpu:
                 say(f"  ticking {info.due:,} due sessions")
                 started, cpu, followed = time.perf_counter(), time.process_time(), followers_cpu()
-                report = run_tick(ledger, projector, info.as_of)
+                report, server = _with_server_cpu(self._server_cpu("postgres" if is_postgres(url) else "sqlite"),
+                                                  run_tick, ledger, projector, info.as_of)
                 elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
                 projector.wait_for(int(ledger.recorder.max_notification_id() or 0), (), 600)
                 current, followed = time.perf_counter() - started, followers_cpu() - followed
@@ -219,8 +238,10 @@ class Bench:
             raise RuntimeError(f"the tick charged {blocks} of {info.due} due blocks "
                                f"(failed {report.failed[:3]}, more {report.more})")
         where = "followers' process" if is_postgres(url) else "projector thread, included"
-        note = (f"{where} CPU {followed / blocks * 1000:.1f} ms/block; views current "
-                f"{current:.1f} s after the start ({elapsed:.1f} s ticking)")
+        note = (f"{where} CPU {followed / blocks * 1000:.1f} ms/block; "
+                + (f"PostgreSQL server CPU {server / blocks * 1000:.1f} ms/block while ticking; "
+                   if server is not None else "")
+                + f"views current {current:.1f} s after the start ({elapsed:.1f} s ticking)")
         return blocks / elapsed, cpu / blocks * 1000, note
 
     # ------------------------------------------------------------------------- replay
@@ -353,22 +374,36 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _with_cpu(served: Served, measure: Callable, *args) -> tuple[object, tuple[float, float]]:
+def _with_cpu(served: Served, server_cpu: Callable[[], float] | None, measure: Callable,
+              *args) -> tuple[object, tuple[float, float, float | None]]:
     """(what `measure(*args)` returns, (the service process's CPU seconds meanwhile, its
-    child processes' — the followers')."""
+    child processes' — the followers' —, the PostgreSQL server's: None without `server_cpu`))."""
     before = served.cpu_seconds(), served.children_cpu_seconds()
-    result = measure(*args)
+    result, server = _with_server_cpu(server_cpu, measure, *args)
     return result, (served.cpu_seconds() - before[0],
-                    max(0.0, served.children_cpu_seconds() - before[1]))
+                    max(0.0, served.children_cpu_seconds() - before[1]), server)
 
 
-def _cpu_note(cpu_seconds: tuple[float, float], tally) -> str:
+def _with_server_cpu(server_cpu: Callable[[], float] | None, measure: Callable,
+                     *args) -> tuple[object, float | None]:
+    """(what `measure(*args)` returns, the PostgreSQL server's CPU seconds meanwhile, or None
+    without `server_cpu`)."""
+    before = server_cpu() if server_cpu else None
+    result = measure(*args)
+    return result, (server_cpu() - before if server_cpu and before is not None else None)
+
+
+def _cpu_note(cpu_seconds: tuple[float, float, float | None], tally) -> str:
     """The service's CPU per accepted event: steadier than the rate on a loaded machine; the
-    followers' process apart (it is not on the request path)."""
+    followers' process and the PostgreSQL server apart (the request path's CPU, then what
+    else each event costs the machine)."""
     events = max(1, tally.accepted)
-    note = f"service CPU {cpu_seconds[0] / events * 1000:.2f} ms/event"
-    if cpu_seconds[1]:
-        note += f" (+ followers' process {cpu_seconds[1] / events * 1000:.2f})"
+    service, followers, server = cpu_seconds
+    note = f"service CPU {service / events * 1000:.2f} ms/event"
+    others = ([f"followers' process {followers / events * 1000:.2f}"] if followers else []) + (
+        [f"PostgreSQL server {server / events * 1000:.2f}"] if server is not None else [])
+    if others:
+        note += f" (+ {', '.join(others)})"
     return note
 
 
