@@ -180,6 +180,23 @@ def _plan(text=0, voice=0, video=0) -> dict:
             "duration_days": 30}
 
 
+def test_a_durable_transaction_commits_synchronously_on_a_followers_connection(pg_url):
+    """`transaction(durable=True)` on a derived (asynchronous) PostgreSQL connection commits
+    synchronously, and only that transaction: what a request acknowledges is never left to
+    the WAL writer."""
+    from projections.store import open_store
+
+    store = open_store(pg_url, derived=True)
+    try:
+        levels = []
+        for durable in (True, False):
+            with store.transaction(durable=durable):
+                levels.append(store.query("SHOW synchronous_commit")[0][0])
+        assert levels == ["on", "off"]
+    finally:
+        store.close()
+
+
 def test_only_the_followers_commit_asynchronously(pg_url, clock):
     """The followers' writes (projector, webhook deriver, audit) are derived from the log and
     committed with their tracking position, so they may commit without waiting for the WAL
