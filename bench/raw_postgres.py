@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import psycopg
 
-from bench.http_load import child_pids, process_cpu_seconds
+from bench.http_load import child_pids, proc_stat, process_cpu_seconds
 from bench.together import run_together
 from storage import postgres_conninfo
 
@@ -97,14 +97,14 @@ def server_cpu(base_url: str) -> Callable[[], float] | None:
     with psycopg.connect(postgres_conninfo(base_url)) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        postmaster = int(_stat(backend)[1])
+        postmaster = int(proc_stat(backend)[1])
         if not all(_is_postgres(pid) for pid in (backend, postmaster)):
             return None
     except (OSError, ValueError, IndexError):
         return None
 
     def seconds() -> float:
-        fields = _stat(postmaster)  # utime, stime, then its reaped children's cutime, cstime
+        fields = proc_stat(postmaster)  # utime, stime, then its reaped children's cutime, cstime
         total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         for child in child_pids(postmaster):
             try:
@@ -114,12 +114,6 @@ def server_cpu(base_url: str) -> Callable[[], float] | None:
         return total
 
     return seconds
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name (state, ppid, …)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()
 
 
 def _is_postgres(pid: int) -> bool:

@@ -225,7 +225,7 @@ class Bench:
             with _followers(url, projector, settings.projection_poll_seconds) as followers_cpu:
                 say(f"  ticking {info.due:,} due sessions")
                 started, cpu, followed = time.perf_counter(), time.process_time(), followers_cpu()
-                report, server = _with_server_cpu(self._server_cpu("postgres" if is_postgres(url) else "sqlite"),
+                report, server = _with_server_cpu(self.server_cpu if is_postgres(url) else None,
                                                   run_tick, ledger, projector, info.as_of)
                 elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
                 projector.wait_for(int(ledger.recorder.max_notification_id() or 0), (), 600)
@@ -388,9 +388,11 @@ def _with_server_cpu(server_cpu: Callable[[], float] | None, measure: Callable,
                      *args) -> tuple[object, float | None]:
     """(what `measure(*args)` returns, the PostgreSQL server's CPU seconds meanwhile, or None
     without `server_cpu`)."""
-    before = server_cpu() if server_cpu else None
+    if server_cpu is None:
+        return measure(*args), None
+    before = server_cpu()
     result = measure(*args)
-    return result, (server_cpu() - before if server_cpu and before is not None else None)
+    return result, server_cpu() - before
 
 
 def _cpu_note(cpu_seconds: tuple[float, float, float | None], tally) -> str:
