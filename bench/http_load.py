@@ -66,13 +66,19 @@ class Served:
     def children_cpu_seconds(self) -> float:
         """The same for its live child processes (the followers' process, runtime/followers.py;
         uvicorn's workers when there are several)."""
-        total = 0.0
-        for child in child_pids(self.pid):
-            try:
-                total += process_cpu_seconds(child)
-            except FileNotFoundError:  # it ended meanwhile
-                pass
-        return total
+        return children_cpu_seconds(self.pid)
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the live children of `pid` (/proc); a child that ends
+    while being read counts 0 here (once reaped, its parent's cutime and cstime hold it)."""
+    total = 0.0
+    for child in child_pids(pid):
+        try:
+            total += process_cpu_seconds(child)
+        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or the read
+            pass
+    return total
 
 
 def child_pids(pid: int) -> list[int]:
@@ -82,7 +88,7 @@ def child_pids(pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as listing:
                 found += [int(child) for child in listing.read().split()]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             pass
     return found
 

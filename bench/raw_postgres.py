@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import psycopg
 
-from bench.http_load import child_pids, proc_stat, process_cpu_seconds
+from bench.http_load import children_cpu_seconds, proc_stat
 from bench.together import run_together
 from storage import postgres_conninfo
 
@@ -105,13 +105,8 @@ def server_cpu(base_url: str) -> Callable[[], float] | None:
 
     def seconds() -> float:
         fields = proc_stat(postmaster)  # utime, stime, then its reaped children's cutime, cstime
-        total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        for child in child_pids(postmaster):
-            try:
-                total += process_cpu_seconds(child)
-            except FileNotFoundError:  # ended meanwhile: counted in cutime once reaped
-                pass
-        return total
+        return (sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+                + children_cpu_seconds(postmaster))
 
     return seconds
 

@@ -49,3 +49,28 @@ def test_every_row_prints_a_number_beside_raw_postgres(pg_url, capsys):
                    if where == store), store
     with_raw = [row for row in rows if row.raw]
     assert with_raw and all(row.raw > 0 and "%" in row.ratio for row in with_raw)
+
+
+def test_a_child_that_ends_while_its_cpu_is_read_counts_zero(monkeypatch):
+    """A PostgreSQL backend or a service's child may exit between /proc's listing and the read
+    of its stat: reading then raises ProcessLookupError (or FileNotFoundError at the open). The
+    CPU total skips it instead of failing the run (it once failed this file's smoke run)."""
+    import os
+    from bench import http_load
+
+    alive, gone_at_open, gone_at_read = 101, 102, 103
+    ticks = os.sysconf("SC_CLK_TCK")
+    # /proc/<pid>/stat after the command name: utime and stime are fields 11 and 12
+    alive_stat = ["S"] + ["0"] * 10 + [str(3 * ticks), str(ticks)] + ["0"] * 10
+
+    def proc_stat(pid: int) -> list[str]:
+        if pid == gone_at_open:
+            raise FileNotFoundError(pid)
+        if pid == gone_at_read:
+            raise ProcessLookupError(3, "No such process")
+        assert pid == alive
+        return alive_stat
+
+    monkeypatch.setattr(http_load, "child_pids", lambda pid: [gone_at_open, alive, gone_at_read])
+    monkeypatch.setattr(http_load, "proc_stat", proc_stat)
+    assert http_load.children_cpu_seconds(1) == 4.0
