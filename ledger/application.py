@@ -1192,14 +1192,18 @@ class Ledger(Application):
     def _remember(self, unit: Unit) -> None:
         """Cache the aggregates a unit just saved, as saved (their versions are the stored
         ones), so the next load reads nothing but what others wrote since. Safe to share:
-        a unit never changes its aggregates in place (it copies on use). Snapshots the
-        long-lived ones due for it (`_write_snapshots`)."""
+        a unit never changes its aggregates in place (it copies on use). Receipts are not
+        cached. Snapshots the long-lived ones due for it (`_write_snapshots`)."""
         self._write_snapshots(unit.events, unit.current)
         if self._aggregates is None:
             return
         for aggregate_id in {event.originator_id for event in unit.events}:
             aggregate = unit.current.get(aggregate_id)
-            if aggregate is not None and not aggregate.pending_events:
+            # A receipt is written once and read again only for a duplicate, which reads the
+            # store anyway (the version check); cached, one per event, receipts would fill the
+            # cache meant for the long-lived aggregates (docs/design.md).
+            if aggregate is not None and not aggregate.pending_events \
+                    and type(aggregate) is not Receipt:
                 self._aggregates.put(aggregate_id, aggregate)
 
     def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime, report: TickReport,

@@ -319,6 +319,24 @@ def test_the_cache_sees_what_another_process_wrote(tmp_path) -> None:
         second.close()
 
 
+def test_the_cache_keeps_the_aggregates_and_not_the_receipts() -> None:
+    """After a batch, its aggregates are cached as saved and its receipts are not: one per
+    event, read again only for a duplicate, they would push the long-lived aggregates out."""
+    clock = FakeClock(T0 + timedelta(minutes=1))
+    ledger = make_ledger(None, clock)
+    items = [("e1", "doctor.registered", T0, {"doctor_id": "d1", "country": "MW"}),
+             grant("e2", "pay1", "p1"),
+             ("e3", "session.requested", T0, {"session_id": "s1", "kind": "text",
+                                               "patient_id": "p1", "doctor_id": "d1"})]
+    assert all(isinstance(o, Accepted) for o in ledger.ingest_batch(items))
+    for kept in (Doctor.create_id("d1"), Pool.create_id("pay1"), Patient.create_id("p1"),
+                 Session.create_id("s1")):
+        assert ledger._cached(kept) is not None, kept
+    assert [ledger._cached(Receipt.create_id(e)) for e, *_ in items] == [None, None, None]
+    assert ledger.get_receipt("e2").result["type"] == "subscription.granted"  # from the store
+    assert ledger.ingest_batch(items[1:2])[0].replayed  # a duplicate replays
+
+
 def test_a_decision_copies_only_the_pool_it_changes() -> None:
     """Copy-on-write (Work.look): the pools a hold only reads stay the unit's own objects,
     unchanged; the chosen one is changed on a copy, which the unit adopts."""
