@@ -12,7 +12,6 @@ them in reverse order on shutdown.
 
 from __future__ import annotations
 
-import gc
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from console import install as install_console
 from observability import configure_logging
 from ledger.group_commit import GroupCommit
 from runtime.clock import ManualClock, SystemClock
+from runtime.collector import collecting_less_often
 from runtime.settings import Settings
 from runtime.wiring import open_audit, open_ledger, open_notifier, wait_for_store
 from storage import is_unavailable, redacted_url
@@ -90,31 +90,15 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], datetime
                 state.scheduler = start_scheduler(state)
             log.info("ready", store=redacted_url(settings.database_url),
                      tick_enabled=settings.tick_enabled)
-            freeze_startup_objects()
-            yield
+            with collecting_less_often():  # runtime/collector.py
+                yield
         finally:
             _close(state)
             metrics.process_exited()
-            gc.unfreeze()  # an app stopped in a process that lives on (tests) leaves nothing
 
     app = build_app(settings, lifespan)
     install_console(app)  # /console: the auditor's read-only pages (docs/console.md)
     return app
-
-
-def freeze_startup_objects() -> None:
-    """Move what is alive once the service has started (modules, classes, schemas, routes:
-    about 127,000 objects) to the collector's permanent generation, after one full collection.
-
-    A full (generation 2) collection traverses every tracked object while it holds the GIL:
-    the request threads and the event loop all stop, and the requests in flight wait: the
-    p99 tail (docs/design.md, "Write path"). The startup heap alone costs 66-74 ms of CPU
-    per full collection; a service paced at 60 single events/s ran one every 30 s or so, of
-    88 ms CPU (428 ms wall at load average 13), and 12 ms CPU (73 ms wall) with this. Frozen
-    objects are freed by reference counting but not traversed: garbage cycles among them stay
-    until the lifespan ends, which unfreezes them (`gc.unfreeze`)."""
-    gc.collect()
-    gc.freeze()
 
 
 def _close(state) -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 
 import structlog
 
+from runtime.collector import collecting_less_often
 from runtime.settings import Settings
 
 log = structlog.get_logger("ledger.followers")
@@ -63,7 +64,8 @@ def run_followers(settings: Settings, stop: threading.Event) -> None:
         opened += [audit.close] + ([follower.close] if follower is not None else [])
         log.info("following", projections=True, webhooks=settings.webhook_delivery_enabled,
                  audit=follower is not None)
-        stop.wait()
+        with collecting_less_often():  # runtime/collector.py
+            stop.wait()
     finally:
         for close in reversed(opened):
             try:

@@ -19,7 +19,8 @@ from ledger.marketplace import ConsultationTick, tick_consultations
 PAGE = 1000  # due sessions fetched per round
 MAX_ROUNDS = 50  # bound on rounds per tick; a longer backlog continues at the next tick
 MAX_EVENTS = 50_000  # events one projector catch_up call applies at most
-TICK_GC_GEN0 = 10_000  # the collector's first threshold while a tick runs (Python's: 700)
+TICK_GC_GEN0 = 10_000  # the collector's first threshold while a tick runs, and for a worker's
+# or the followers' process's life (runtime/collector.py); Python's is 700
 
 
 def run_tick(ledger: Ledger, projector, as_of: datetime) -> TickReport:
