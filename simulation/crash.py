@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -408,6 +409,18 @@ def drop_schema(url: str, schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def emptied(workdir: Path) -> Path:
+    """`workdir`, created if missing, with whatever an earlier run left in it removed: its
+    store, logs and the workers' metrics directory (so `make crash-test` can run again)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in workdir.iterdir():
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    return workdir
+
+
 def run_crash_test(kills: int = 20, store: str = "sqlite", workers: int = 2, clients: int = 4,
                    seed: int = 1, workdir: Path = Path("var/crash"),
                    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test",
@@ -416,10 +429,7 @@ def run_crash_test(kills: int = 20, store: str = "sqlite", workers: int = 2, cli
     """Run the crash test on `store` ("sqlite" or "postgres"); returns the report (`.ok`).
     Bounded: `kills` cycles of at most max_up_seconds + a restart each, then the checks."""
     started = time.monotonic()
-    workdir = Path(workdir).resolve() / store
-    workdir.mkdir(parents=True, exist_ok=True)
-    for stale in workdir.glob("*"):
-        stale.unlink()
+    workdir = emptied(Path(workdir).resolve() / store)
     schema = None
     if store == "postgres":
         url, schema = postgres_store(postgres_url)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import PG_URL
-from simulation.crash import run_crash_test
+from simulation.crash import emptied, run_crash_test
 
 KILLS = 5
 
@@ -30,3 +30,15 @@ def test_crash_sqlite(tmp_path):
 @pytest.mark.postgres
 def test_crash_postgres(pg_url, tmp_path):  # pg_url: fails in CI if PostgreSQL is unreachable
     _run("postgres", tmp_path)
+
+
+def test_a_second_run_starts_from_an_emptied_workdir(tmp_path):
+    """What a run leaves (the SQLite files, the service log, the workers' metrics directory
+    with its files) is removed before the next one, which used to stop on the directory."""
+    workdir = tmp_path / "sqlite"
+    (workdir / "metrics").mkdir(parents=True)
+    (workdir / "metrics" / "counter_1.db").write_bytes(b"x")
+    (workdir / "ledger.db").write_bytes(b"x")
+    (workdir / "service.log").write_text("x")
+    assert emptied(workdir) == workdir and list(workdir.iterdir()) == []
+    assert list(emptied(tmp_path / "new").iterdir()) == []
