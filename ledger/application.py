@@ -226,6 +226,14 @@ def _prefetch_parties(unit: Unit, sessions: list[Session],
     unit.prefetch(UUID(p) for patient in patients for p in patient.pool_ids)
 
 
+def _worth_caching(aggregate: Any) -> bool:
+    """Whether the aggregate cache keeps `aggregate` (loaded or just saved): not a receipt.
+    A receipt is written once and read again only for a duplicate, which reads the store
+    anyway (the version check); cached, one per event, receipts would fill the cache meant
+    for the long-lived aggregates (docs/design.md, "Loading in O(1) of the history")."""
+    return type(aggregate) is not Receipt
+
+
 def _last_position(recordings: Iterable[Any]) -> int | None:
     """The highest notification id among eventsourcing Recordings (None if there are none)."""
     return max((r.notification.id for r in recordings), default=None)
@@ -418,7 +426,7 @@ class Ledger(Application):
             if records:
                 start = copy_aggregate(aggregate) if aggregate is not None else None
                 aggregate = project_events(start, map(self.mapper.to_domain_event, records))
-                if self._aggregates is None:
+                if self._aggregates is None or not _worth_caching(aggregate):
                     loaded[aggregate_id] = aggregate  # built for this call: no copy needed
                     continue
                 self._aggregates.put(aggregate_id, aggregate)
@@ -1199,11 +1207,8 @@ class Ledger(Application):
             return
         for aggregate_id in {event.originator_id for event in unit.events}:
             aggregate = unit.current.get(aggregate_id)
-            # A receipt is written once and read again only for a duplicate, which reads the
-            # store anyway (the version check); cached, one per event, receipts would fill the
-            # cache meant for the long-lived aggregates (docs/design.md).
             if aggregate is not None and not aggregate.pending_events \
-                    and type(aggregate) is not Receipt:
+                    and _worth_caching(aggregate):
                 self._aggregates.put(aggregate_id, aggregate)
 
     def _step_in_unit(self, unit: Unit, session_id: str, as_of: datetime, report: TickReport,

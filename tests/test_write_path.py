@@ -335,6 +335,7 @@ def test_the_cache_keeps_the_aggregates_and_not_the_receipts() -> None:
     assert [ledger._cached(Receipt.create_id(e)) for e, *_ in items] == [None, None, None]
     assert ledger.get_receipt("e2").result["type"] == "subscription.granted"  # from the store
     assert ledger.ingest_batch(items[1:2])[0].replayed  # a duplicate replays
+    assert ledger._cached(Receipt.create_id("e2")) is None  # its receipt, read, is not kept
 
 
 def test_a_decision_copies_only_the_pool_it_changes() -> None:
