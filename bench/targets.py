@@ -3,8 +3,8 @@ the same run, their ratio, and the machine's load average. docs/benchmarks.md ex
 
 Usage: python -m bench.targets [--quick] [--stores postgres,sqlite]
        [--paths http,tick,history,replay] [--sqlite-paths http,tick]
-       [--seconds 20] [--raw-seconds 10] [--due 10000] [--settled 10] [--events 1000000]
-       [--postgres-url URL]
+       [--seconds 20] [--raw-seconds 10] [--due 10000] [--settled 10] [--tick-rounds 3]
+       [--events 1000000] [--postgres-url URL]
 
 Rows (per store; raw PostgreSQL always on the PostgreSQL server):
 - http: the real service loaded over HTTP (bench/http_load.py) — batches of 100 with 1, 4
@@ -12,13 +12,16 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
   (p50/p99 latency). Raw: INSERTs of event-shaped rows with as many clients, in 100-row and
   1-row transactions (bench/raw_postgres.py).
 - tick: `run_tick` in process on a generated store (bench/stores.py) with `--due` text sessions
-  whose block 1 is due: blocks charged per second. history: the same on a store whose patients
-  also have `--settled` settled sessions each in their history, and the slowdown. Raw: 1-row
-  transactions from 1 thread.
+  whose block 1 is due: blocks charged per second, the mean of `--tick-rounds` ticks, each on a
+  fresh copy of one generated store (bench/copies.py). history: the same on a store whose
+  patients also have `--settled` settled sessions each in their history, each round after one
+  on the store without history, and the slowdown against those. Raw: 1-row transactions from
+  1 thread.
 - replay: `ledger replay --verify` as its own process on a generated store of about
   `--events` events: events/s (start-up included) and its peak RSS (VmHWM), beside the peak
   RSS on a store a tenth the size (flat memory). Raw: a full scan of the same events table.
-Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row.
+Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row; the
+tick rows' generated stores are databases (files) kept as templates until the run ends.
 Notes give the CPU per event (per block) of the service, its followers' process and the
 PostgreSQL server, and the server's CPU per raw row (docs/benchmarks.md, "Where each event's
 CPU goes").
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bench import raw_postgres
+from bench.copies import Templates
 from bench.http_load import (REPO_ROOT, Served, closed_loop, ledger_env, open_loop,
                               percentile, process_cpu_seconds, service)
 from bench.stores import StoreInfo, generate, patients_for
@@ -97,11 +101,16 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args, self.workdir = args, workdir
         self.rows: list[Row] = []
-        self.tick_rates: dict[str, tuple[float, float]] = {}  # store -> without history:
-        # (blocks/s, CPU ms per block)
+        self.templates = Templates(args.postgres_url, workdir)
+        self.stores: dict[tuple[str, int], StoreInfo] = {}  # (store, settled) -> template
+        self.tick_rates: dict[str, float] = {}  # store -> the tick row's mean blocks/s
         # The PostgreSQL server's CPU so far (None: not on this host): beside the service's,
         # so that a row's whole cost per event shows, and the raw rows' beside it.
         self.server_cpu = raw_postgres.server_cpu(args.postgres_url)
+
+    def close(self) -> None:
+        """Drop the generated stores kept as templates."""
+        self.templates.close()
 
     def add(self, row: Row) -> Row:
         row.load = os.getloadavg()[0]
@@ -177,30 +186,56 @@ class Bench:
     def tick(self, store: str) -> None:
         due = self.args.due
         say(f"[{store}] tick: generating {due:,} due text sessions")
-        with self.fresh_store(store) as url:
-            rate, cpu, note = self.tick_on(url, generate(url, due, 0, True, say))
-        self.tick_rates[store] = rate, cpu
+        fresh = self.generated(store, 0)
+        runs = [self.tick_round(fresh) for _ in range(self.args.tick_rounds)]
+        rate, cpu = _means(runs)
+        self.tick_rates[store] = rate
         raw, raw_note = self.raw_insert(1, 1)
         self.add(Row(store, f"tick, {due:,} due text sessions", rate, "blocks/s", raw,
-                     f"CPU {cpu:.1f} ms/block; {note}{raw_note}"))
+                     f"CPU {cpu:.1f} ms/block; {_rounds(runs)}; last: {runs[-1][2]}{raw_note}"))
 
     def history(self, store: str) -> None:
+        """The tick on the store with history, `--tick-rounds` times; when the tick row has
+        run (its store is kept), each round follows one on the store without history, so the
+        slowdown compares ticks run side by side (the machine's speed drifts within minutes)."""
         due, settled = self.args.due, self.args.settled
         say(f"[{store}] tick: generating {due:,} due text sessions with {due * settled:,} "
             "settled ones in history")
-        with self.fresh_store(store) as url:
-            info = generate(url, due, settled, True, say)
-            rate, cpu, note = self.tick_on(url, info)
+        history, fresh = self.generated(store, settled), self.stores.get((store, 0))
+        runs: list[tuple[float, float, str]] = []
+        fresh_runs: list[tuple[float, float, str]] = []
+        for _ in range(self.args.tick_rounds):
+            if fresh is not None:
+                fresh_runs.append(self.tick_round(fresh))
+            runs.append(self.tick_round(history))
+        rate, cpu = _means(runs)
         change = ""
-        if store in self.tick_rates:
-            fresh_rate, fresh_cpu = self.tick_rates[store]
-            change = (f"{rate / fresh_rate - 1:+.0%} vs without history "
-                      f"(CPU {cpu / fresh_cpu - 1:+.0%}); ")
+        if fresh_runs:
+            fresh_rate, fresh_cpu = _means(fresh_runs)
+            change = (f"{rate / fresh_rate - 1:+.0%} vs without history in alternate rounds "
+                      f"({fresh_rate:,.1f} blocks/s, {_rounds(fresh_runs)}; CPU "
+                      f"{cpu / fresh_cpu - 1:+.0%}); {rate / self.tick_rates[store] - 1:+.0%} "
+                      "vs the tick row's rounds; ")
         raw, raw_note = self.raw_insert(1, 1)
         self.add(Row(store, f"  with {due * settled:,} settled sessions ({settled}/patient)",
                      rate, "blocks/s", raw,
-                     f"{change}CPU {cpu:.1f} ms/block; {info.events:,} events in the store; "
-                     f"{note}{raw_note}"))
+                     f"{change}CPU {cpu:.1f} ms/block; {_rounds(runs)}; {history.events:,} events "
+                     f"in the store; last: {runs[-1][2]}{raw_note}"))
+
+    def generated(self, store: str, settled: int) -> StoreInfo:
+        """The generated tick store (`--due` due sessions, `settled` settled ones per patient
+        in history) of this store kind, generated on first use and kept as a template
+        (bench/copies.py) until the run ends."""
+        if (store, settled) not in self.stores:
+            info = generate(self.templates.new(store), self.args.due, settled, True, say)
+            say(f"  generated {info.events:,} events in {info.seconds:.0f} s")
+            self.stores[(store, settled)] = info
+        return self.stores[(store, settled)]
+
+    def tick_round(self, template: StoreInfo) -> tuple[float, float, str]:
+        """`tick_on` a fresh copy of a generated store (so every round starts from it)."""
+        with self.templates.copy(template) as info:
+            return self.tick_on(info.url, info)
 
     def tick_on(self, url: str, info: StoreInfo) -> tuple[float, float, str]:
         """(blocks charged per second, CPU ms of this process per block, a note) by one
@@ -215,7 +250,7 @@ class Bench:
         from scheduler.tick import run_tick
         from bench.stores import Clock
 
-        say(f"  generated {info.events:,} events in {info.seconds:.0f} s; catching up projections")
+        say("  catching up projections")
         settings, clock = Settings(database_url=url), Clock()
         clock.at(info.as_of)
         ledger = build_ledger(settings, clock)
@@ -367,6 +402,17 @@ def replay_verify_process(url: str) -> tuple[float, float, float]:
     return elapsed, cpu, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
+def _means(runs: list[tuple[float, float, str]]) -> tuple[float, float]:
+    """(mean blocks/s, mean CPU ms per block) of `tick_on` rounds."""
+    return (sum(rate for rate, _, _ in runs) / len(runs),
+            sum(cpu for _, cpu, _ in runs) / len(runs))
+
+
+def _rounds(runs: list[tuple[float, float, str]]) -> str:
+    """The rounds' rates, in order: "rounds 2,747 / 3,041 / 2,869 blocks/s"."""
+    return "rounds " + " / ".join(f"{rate:,.0f}" for rate, _, _ in runs) + " blocks/s"
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -433,7 +479,8 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-QUICK = {"seconds": 2.0, "raw_seconds": 1.0, "due": 200, "settled": 2, "events": 5_000}
+QUICK = {"seconds": 2.0, "raw_seconds": 1.0, "due": 200, "settled": 2, "events": 5_000,
+         "tick_rounds": 1}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -448,6 +495,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="per HTTP row")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw insert figure")
     parser.add_argument("--due", type=int, default=10_000, help="due text sessions of the tick")
+    parser.add_argument("--tick-rounds", type=int, default=3,
+                        help="ticks timed per tick row, each on a copy of one generated store "
+                             "(the history row alternates them with the store without history)")
     parser.add_argument("--settled", type=int, default=10,
                         help="settled sessions per patient in the history stores")
     parser.add_argument("--events", type=int, default=1_000_000, help="events of the replay store")
@@ -484,6 +534,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     if store == "postgres" or path in args.sqlite_paths.split(","):
                         getattr(bench, path)(store)
         finally:
+            bench.close()
             print(f"\nbench.targets: load average at start {start_load}, at end {loadavg()}; "
                   f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores; a 10M-step "
                   f"Python loop {start_loop:.2f} s at the start, {python_loop_seconds():.2f} s "

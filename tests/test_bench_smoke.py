@@ -74,3 +74,57 @@ def test_a_child_that_ends_while_its_cpu_is_read_counts_zero(monkeypatch):
     monkeypatch.setattr(http_load, "child_pids", lambda pid: [gone_at_open, alive, gone_at_read])
     monkeypatch.setattr(http_load, "proc_stat", proc_stat)
     assert http_load.children_cpu_seconds(1) == 4.0
+
+
+def _events_in(url: str) -> int:
+    from bench.stores import Clock
+    from runtime.settings import Settings
+    from runtime.wiring import build_ledger
+
+    ledger = build_ledger(Settings(database_url=url), Clock())
+    try:
+        return int(ledger.recorder.max_notification_id() or 0)
+    finally:
+        ledger.close()
+
+
+def test_each_tick_round_starts_from_the_generated_store_and_leaves_it_unchanged(pg_url, tmp_path):
+    """The tick rows time several rounds on copies of one generated store (bench/copies.py):
+    a round's writes stay in its copy, the next copy starts from the store as generated, and
+    closing drops every template (and no copy outlives its round), on both stores."""
+    from bench.copies import Templates
+    from bench.stores import generate
+
+    templates = Templates(pg_url.split("?")[0], tmp_path)
+    made = []
+    try:
+        for store in ("postgres", "sqlite"):
+            info = generate(templates.new(store), 3, 1, True)
+            for _ in range(2):
+                with templates.copy(info) as copy:
+                    made.append(copy.url)
+                    assert copy.url != info.url and copy.events == info.events
+                    assert _events_in(copy.url) == info.events
+                    rate, _, _ = targets.Bench.tick_on(_NoServerCpu(), copy.url, copy)
+                    assert rate > 0 and _events_in(copy.url) > info.events  # the tick wrote
+            assert _events_in(info.url) == info.events
+            made.append(info.url)
+    finally:
+        templates.close()
+    assert not list(tmp_path.glob("*.db*"))
+    assert not [url for url in made
+                if url.startswith("postgresql") and _database_exists(pg_url, url)]
+
+
+class _NoServerCpu:
+    server_cpu = None
+
+
+def _database_exists(server_url: str, url: str) -> bool:
+    """Whether the database of `url` exists on the server of `server_url`."""
+    import psycopg
+
+    from storage import postgres_conninfo, postgres_parts
+    with psycopg.connect(postgres_conninfo(server_url), autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (postgres_parts(url)["dbname"],)).fetchone() is not None
