@@ -503,6 +503,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=1_000_000, help="events of the replay store")
     parser.add_argument("--postgres-url", default=PG_URL)
     args = parser.parse_args(argv)
+    if args.tick_rounds < 1:
+        parser.error("--tick-rounds must be at least 1")
     if args.quick or os.environ.get("BENCH_QUICK") == "1":
         for name, value in QUICK.items():
             if parser.get_default(name) == getattr(args, name):
