@@ -35,11 +35,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
+import psutil
 
 from bench.together import run_together
 from simulation.driver import kept_alive_request
@@ -60,7 +61,7 @@ class Served:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds the service process has used so far (/proc)."""
+        """User + system CPU seconds the service process has used so far."""
         return process_cpu_seconds(self.pid)
 
     def children_cpu_seconds(self) -> float:
@@ -70,40 +71,25 @@ class Served:
 
 
 def children_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the live children of `pid` (/proc); a child that ends
-    while being read counts 0 here (once reaped, its parent's cutime and cstime hold it)."""
+    """User + system CPU seconds of the live children of `pid` (psutil); a child that ends
+    while being read counts 0 here (once reaped, its parent's children times hold it)."""
     total = 0.0
-    for child in child_pids(pid):
+    for child in psutil.Process(pid).children():
         try:
-            total += process_cpu_seconds(child)
-        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or the read
+            total += _cpu(child.cpu_times())
+        except psutil.NoSuchProcess:  # ended between the listing and the read
             pass
     return total
 
 
-def child_pids(pid: int) -> list[int]:
-    """Process ids of the live children of `pid` (/proc/<pid>/task/*/children)."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as listing:
-                found += [int(child) for child in listing.read().split()]
-        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
-            pass
-    return found
-
-
-def proc_stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name: state, ppid, … (utime and stime at
-    11 and 12, the reaped children's cutime and cstime at 13 and 14, in clock ticks)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()
-
-
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` and its threads, from /proc/<pid>/stat."""
-    fields = proc_stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of process `pid` and its threads so far (psutil); raises
+    psutil.NoSuchProcess once it is gone."""
+    return _cpu(psutil.Process(pid).cpu_times())
+
+
+def _cpu(times: Any) -> float:
+    return times.user + times.system
 
 
 def ledger_env(database_url: str, **settings: str) -> dict[str, str]:

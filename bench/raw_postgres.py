@@ -20,9 +20,10 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import psutil
 import psycopg
 
-from bench.http_load import children_cpu_seconds, proc_stat
+from bench.http_load import children_cpu_seconds
 from bench.together import run_together
 from storage import postgres_conninfo
 
@@ -91,29 +92,25 @@ def insert_rate(base_url: str, clients: int, rows_per_transaction: int,
 def server_cpu(base_url: str) -> Callable[[], float] | None:
     """A function giving the PostgreSQL server's CPU seconds so far (its postmaster, the
     children it has reaped, and its live children: backends, WAL writer, checkpointer,
-    autovacuum; from /proc), or None when the server's processes are not visible here (another
+    autovacuum; psutil), or None when the server's processes are not visible here (another
     host or PID namespace). The whole server counts, every database and client of it: the
     bench's own connections, and on a shared machine anybody else's."""
     with psycopg.connect(postgres_conninfo(base_url)) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        postmaster = int(proc_stat(backend)[1])
-        if not all(_is_postgres(pid) for pid in (backend, postmaster)):
+        postmaster = psutil.Process(psutil.Process(backend).ppid())
+        if not all(p.name() in ("postgres", "postmaster")
+                   for p in (psutil.Process(backend), postmaster)):
             return None
-    except (OSError, ValueError, IndexError):
+    except psutil.Error:
         return None
 
     def seconds() -> float:
-        fields = proc_stat(postmaster)  # utime, stime, then its reaped children's cutime, cstime
-        return (sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-                + children_cpu_seconds(postmaster))
+        times = postmaster.cpu_times()  # its own, then its reaped children's
+        return (times.user + times.system + times.children_user + times.children_system
+                + children_cpu_seconds(postmaster.pid))
 
     return seconds
-
-
-def _is_postgres(pid: int) -> bool:
-    with open(f"/proc/{pid}/comm") as comm:
-        return comm.read().strip() in ("postgres", "postmaster")
 
 
 def scan_rate(base_url: str, schema: str, table: str = TABLE) -> tuple[int, float]:

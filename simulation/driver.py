@@ -34,6 +34,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from simulation.expectation import ExpectingMarket, ExpectingOracle, WebhookComparison, compare
 from simulation.marketplace import compare_marketplace, market_summary
@@ -114,14 +115,13 @@ class ServiceProcess:
         raise RuntimeError(f"the service did not become healthy; see {self.log_path}")
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds the service process has used so far (Linux /proc; None
-        elsewhere or once it has exited)."""
+        """User + system CPU seconds the service process has used so far (psutil; None once
+        it has exited or where it cannot be read)."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-        except OSError:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return times.user + times.system
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -52,27 +52,32 @@ def test_every_row_prints_a_number_beside_raw_postgres(pg_url, capsys):
 
 
 def test_a_child_that_ends_while_its_cpu_is_read_counts_zero(monkeypatch):
-    """A PostgreSQL backend or a service's child may exit between /proc's listing and the read
-    of its stat: reading then raises ProcessLookupError (or FileNotFoundError at the open). The
-    CPU total skips it instead of failing the run (it once failed this file's smoke run)."""
-    import os
+    """A PostgreSQL backend or a service's child may exit between the listing of the children
+    and the read of its CPU times: the total skips it instead of failing the run (reading it
+    from /proc by hand once failed this file's smoke run with ProcessLookupError)."""
+    from types import SimpleNamespace
+
+    import psutil
+
     from bench import http_load
 
-    alive, gone_at_open, gone_at_read = 101, 102, 103
-    ticks = os.sysconf("SC_CLK_TCK")
-    # /proc/<pid>/stat after the command name: utime and stime are fields 11 and 12
-    alive_stat = ["S"] + ["0"] * 10 + [str(3 * ticks), str(ticks)] + ["0"] * 10
+    class Child:
+        def __init__(self, pid: int, user: float, system: float, gone: bool = False) -> None:
+            self.pid, self.times, self.gone = pid, (user, system), gone
 
-    def proc_stat(pid: int) -> list[str]:
-        if pid == gone_at_open:
-            raise FileNotFoundError(pid)
-        if pid == gone_at_read:
-            raise ProcessLookupError(3, "No such process")
-        assert pid == alive
-        return alive_stat
+        def cpu_times(self):
+            if self.gone:
+                raise psutil.NoSuchProcess(self.pid)
+            return SimpleNamespace(user=self.times[0], system=self.times[1])
 
-    monkeypatch.setattr(http_load, "child_pids", lambda pid: [gone_at_open, alive, gone_at_read])
-    monkeypatch.setattr(http_load, "proc_stat", proc_stat)
+    class Parent:
+        def __init__(self, pid: int) -> None:
+            assert pid == 1
+
+        def children(self):
+            return [Child(102, 9.0, 9.0, gone=True), Child(101, 3.0, 1.0)]
+
+    monkeypatch.setattr(http_load.psutil, "Process", Parent)
     assert http_load.children_cpu_seconds(1) == 4.0
 
 

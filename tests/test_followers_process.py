@@ -7,11 +7,11 @@ fails and leaves one that exits cleanly. No timing is asserted: waits are bounde
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from runtime.followers import FollowerProcess
@@ -22,18 +22,14 @@ HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as listing:
-            found += [int(child) for child in listing.read().split()]
-    return found
+    return [child.pid for child in psutil.Process(pid).children()]
 
 
 def alive(pid: int) -> bool:
+    """Running (not ended, nor a zombie waiting to be reaped)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
