@@ -22,7 +22,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from bench.stores import StoreInfo
-from storage import postgres_conninfo, sqlite_path
+from storage import postgres_conninfo, postgres_parts, sqlite_path
 
 SCHEMA = "bench"  # the generated store's schema inside a template database
 
@@ -54,7 +54,7 @@ class Templates:
                 if source.exists():
                     shutil.copyfile(source, sqlite_path(url) + suffix)
         else:
-            url = self._create_database(template=_database(template.url))
+            url = self._create_database(template=postgres_parts(template.url)["dbname"])
         try:
             yield replace(template, url=url)
         finally:
@@ -80,7 +80,7 @@ class Templates:
             for suffix in ("", "-wal", "-shm"):
                 Path(sqlite_path(url) + suffix).unlink(missing_ok=True)
         else:
-            self._admin(f'DROP DATABASE IF EXISTS "{_database(url)}" WITH (FORCE)')
+            self._admin(f'DROP DATABASE IF EXISTS "{postgres_parts(url)["dbname"]}" WITH (FORCE)')
 
     def _admin(self, statement: str) -> None:
         import psycopg
@@ -88,7 +88,3 @@ class Templates:
         # CREATE/DROP DATABASE cannot run in a transaction block: autocommit.
         with psycopg.connect(postgres_conninfo(self.postgres_url), autocommit=True) as conn:
             conn.execute(statement)  # type: ignore[arg-type] - names made here, not input
-
-
-def _database(url: str) -> str:
-    return urlparse(url).path.lstrip("/")

@@ -98,9 +98,10 @@ def server_cpu(base_url: str) -> Callable[[], float] | None:
     with psycopg.connect(postgres_conninfo(base_url)) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        postmaster = psutil.Process(psutil.Process(backend).ppid())
-        if not all(p.name() in ("postgres", "postmaster")
-                   for p in (psutil.Process(backend), postmaster)):
+        server = psutil.Process(backend)
+        postmaster = server.parent()
+        if postmaster is None or not all(p.name() in ("postgres", "postmaster")
+                                         for p in (server, postmaster)):
             return None
     except psutil.Error:
         return None
