@@ -77,7 +77,7 @@ class Store:
                    values: Sequence[Any]) -> list[tuple]:
         """The rows (tuples in `cols` order, in no particular order) of `table` whose `key`
         column is one of `values`: a query per QUERY_KEYS_CHUNK values (SQLite's bound on
-        parameters); one `= ANY(array)` query on PostgreSQL."""
+        parameters); one query on PostgreSQL, an index probe per key (PostgresStore)."""
         out: list[tuple] = []
         for i in range(0, len(values), QUERY_KEYS_CHUNK):
             chunk = values[i:i + QUERY_KEYS_CHUNK]
@@ -263,19 +263,22 @@ class PostgresStore(Store):
             with self.conn.cursor() as cur:
                 cur.executemany(self._sql(sql), rows)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def query(self, sql: str, params: Sequence[Any] = (), prepare: bool | None = None
+              ) -> list[tuple]:
         """As Store.query; outside a transaction a connection found broken (the server
-        restarted, the network dropped it) is re-opened and the read tried once more."""
+        restarted, the network dropped it) is re-opened and the read tried once more.
+        `prepare`: psycopg's (None: a server-side prepared statement from the fifth use on;
+        False: never, so PostgreSQL plans each execution for its parameters)."""
         from psycopg import OperationalError, pq
 
         conn = self.conn
         idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
         try:
-            return conn.execute(self._sql(sql), params).fetchall()
+            return conn.execute(self._sql(sql), params, prepare=prepare).fetchall()
         except OperationalError:
             if not (idle and conn.broken):
                 raise
-        return self.conn.execute(self._sql(sql), params).fetchall()
+        return self.conn.execute(self._sql(sql), params, prepare=prepare).fetchall()
 
     def query_binary(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """As `query`, the results in PostgreSQL's binary format (bytea without hex)."""
@@ -356,12 +359,25 @@ class PostgresStore(Store):
                 (table,)).fetchall())
         return types
 
+    # A lookup by keys probes the key's index once per key, whatever the table's statistics
+    # say. As `key = ANY(array)` it was planned once: psycopg prepares a statement from its
+    # fifth execution on, and PostgreSQL then keeps a generic plan made with the table's
+    # statistics of that time until it analyses the table again. The followers' tables start
+    # empty and grow fast, so that plan was a scan of every row, kept while they grew: in a
+    # 15-s run of batches the webhook deriver's four lookups (notifications/units.py) took
+    # 4–6 ms a call and a fifth of the server's time (pg_stat_statements; docs/benchmarks.md,
+    # the tenth stop). Planned for each call instead (never prepared), `= ANY` of a few
+    # hundred keys on a table without fresh statistics is still a scan; a probe per key
+    # (a lateral subquery the planner cannot flatten: OFFSET 0) is not.
+
     def query_keys(self, table: str, cols: Sequence[str], key: str,
                    values: Sequence[Any]) -> list[tuple]:
         if not values:
             return []
-        return self.query(f"SELECT {', '.join(cols)} FROM {table} WHERE {key} = ANY(?)",
-                          (list(values),))
+        return self.query(
+            f"SELECT {', '.join('found.' + c for c in cols)} FROM unnest(?::text[]) AS wanted(k) "
+            f"CROSS JOIN LATERAL (SELECT {', '.join(cols)} FROM {table} "
+            f"WHERE {table}.{key} = wanted.k OFFSET 0) AS found", (list(values),), prepare=False)
 
     def delete_keys(self, table: str, key: str, values: list[Any]) -> None:
         if values:

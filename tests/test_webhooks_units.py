@@ -183,3 +183,32 @@ def test_insert_new_leaves_existing_rows_and_query_keys_reads_them(store_url, co
         assert store.query_keys("kv", ("k", "v"), "k", []) == []
     finally:
         store.close()
+
+
+def test_key_lookups_on_postgresql_use_the_index_after_the_table_grew(pg_url):
+    """Store.query_keys on PostgreSQL reads through the key's index whatever the table's
+    statistics say: used while its table held 300 rows (analysed then, as autovacuum does),
+    then again once it holds 30,000, not analysed since (a follower's table grows faster
+    than autovacuum analyses it), it probes the index. A prepared `key = ANY(array)` kept
+    the plan made for the small table: a scan of every row (the webhook deriver's lookups,
+    docs/benchmarks.md, the tenth stop). The plans are the server's own, reported by
+    auto_explain for each statement the store runs."""
+    store = open_store(pg_url)
+    try:
+        store.execute('CREATE TABLE kv (k TEXT COLLATE "C" PRIMARY KEY, v TEXT NOT NULL)')
+        store.execute("INSERT INTO kv SELECT 'k' || i, 'v' FROM generate_series(1, 300) i")
+        store.execute("ANALYZE kv")
+        absent = [f"x{i}" for i in range(200)]  # a deriver's batch names hundreds of pools
+        for _ in range(20):  # past psycopg's prepare threshold (5), then the server's (5)
+            assert store.query_keys("kv", ("k", "v"), "k", ["k1", *absent]) == [("k1", "v")]
+        store.execute("INSERT INTO kv SELECT 'k' || i, 'v' FROM generate_series(301, 30000) i")
+        plans: list[str] = []
+        store.conn.add_notice_handler(lambda notice: plans.append(notice.message_primary))
+        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                        "SET auto_explain.log_level = 'notice'"):
+            store.execute(setting)
+        assert sorted(store.query_keys("kv", ("k", "v"), "k", ["k1", "k29999", *absent])) == [
+            ("k1", "v"), ("k29999", "v")]
+        assert len(plans) == 1 and "Seq Scan" not in plans[0] and "kv_pkey" in plans[0], plans
+    finally:
+        store.close()
