@@ -546,3 +546,43 @@ def test_postgres_notification_gaps_are_skipped(pg_url, clock):
         assert replay_verify(w.ledger, pg_url, POLICY).ok
     finally:
         w.close()
+
+
+def live_rows(projector: Projector) -> list[tuple]:
+    return sorted(projector._store.query(
+        "SELECT session_id, patient_id, doctor_id, kind, state, next_due_at FROM live_sessions"))
+
+
+def test_a_projector_starting_mid_log_reads_the_sessions_it_missed_together(world, monkeypatch):
+    """A projector that starts where sessions are mid-stream (the followers' process after a
+    restart, or beside a tick) advances them from one read of their streams
+    (SessionCache.prefetch), never a load per session, and its live view is a rebuild's from
+    zero."""
+    w = world
+    for i in range(6):
+        w.post("doctor.registered", w.at(), doctor_id=f"d{i}", country="MW")
+        w.grant(f"pay-{i}", f"p{i}", w.at())
+        w.post("session.requested", w.at(minutes=1), session_id=f"s{i}", kind="text",
+               patient_id=f"p{i}", doctor_id=f"d{i}")
+    w.projector().catch_up()  # followed up to here, then that process is gone
+    for i in range(6):
+        w.post("text.activated", w.at(minutes=2), session_id=f"s{i}")
+        if i % 2:
+            w.post("session.activity", w.at(minutes=9), session_id=f"s{i}")
+    w.tick(w.projector(), w.at(minutes=12))  # another process charges the next blocks
+    for i in range(0, 6, 2):
+        w.post("session.ended", w.at(minutes=13), session_id=f"s{i}", ended_by="patient")
+    for i in range(1, 6, 2):
+        w.post("session.activity", w.at(minutes=13), session_id=f"s{i}")
+    restarted = w.projector()
+    loads: list = []
+    monkeypatch.setattr(w.ledger.repository, "get", lambda *a, **k: loads.append(a))
+    restarted.catch_up()
+    monkeypatch.undo()
+    assert loads == []
+    seen = live_rows(restarted)
+    assert [row[4] for row in seen] == ["ended", "active"] * 3, seen
+    wipe_views(w)
+    rebuilt = w.projector()
+    rebuilt.catch_up()
+    assert live_rows(rebuilt) == seen
