@@ -61,7 +61,8 @@ class Rotation(Strict):
 
 
 class Replay(Strict):
-    from_position: StrictInt = Field(ge=0, description="log position (`position` of a notification) "
+    from_position: StrictInt = Field(ge=0, le=2**63 - 1,
+                                     description="log position (`position` of a notification) "
                                                  "to send from, inclusive")
     limit: StrictInt = Field(10_000, ge=1, le=100_000, description="notifications per call; "
                                                              "`next_position` continues")
@@ -185,7 +186,9 @@ def list_deliveries(
     endpoint_id: Annotated[str | None, Query(max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)] = None,
     status: Annotated[Literal["pending", "retrying", "delivered", "dead"] | None, Query()] = None,
     event_type: Annotated[Literal[EVENT_TYPES] | None, Query()] = None,  # type: ignore[valid-type]
-    cursor: Annotated[str | None, Query(max_length=300, pattern=r"^\d+:\d+:[A-Za-z0-9_]+$")] = None,
+    # position and ordinal: at most 18 digits, so both fit the stores' 64-bit integers
+    cursor: Annotated[str | None, Query(max_length=300,
+                                        pattern=r"^\d{1,18}:\d{1,18}:[A-Za-z0-9_]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> dict:
     """Deliveries in log order, filtered by endpoint, status and notification type."""

@@ -145,6 +145,11 @@ def test_rotation_and_changes_over_http(api):
     ("get", "/v1/webhook-deliveries/dlv_missing", None, 404, "unknown_webhook_delivery"),
     ("post", "/v1/webhook-deliveries/dlv_missing/retry", None, 404, "unknown_webhook_delivery"),
     ("get", "/v1/webhook-deliveries?status=lost", None, 422, "validation_error"),
+    # beyond a 64-bit integer (found by schemathesis: it was a 500 on SQLite)
+    ("get", "/v1/webhook-deliveries?cursor=85003303%3A09084454515381407458965%3As", None, 422,
+     "validation_error"),
+    ("post", "/v1/webhook-endpoints/ep_missing/replay", {"from_position": 2**70}, 422,
+     "validation_error"),
 ])
 def test_refusals_are_problem_details_with_registered_codes(api, method, path, body, status, code):
     client, _, _ = api
