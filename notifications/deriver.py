@@ -92,7 +92,7 @@ class Deriver:
         self.ledger, self.store, self.clock = ledger, store, clock
         self.base_url, self.retry_for = base_url, retry_for
         self.units = Units(threshold)
-        self.sessions = AggregateFollower(self._stored_events)
+        self.sessions = AggregateFollower(self._stored_events, streams=self._streams)
         self.wallets = AggregateFollower(self._stored_events)
         self.consultations = AggregateFollower(self._stored_events)
         self._catching_up = threading.Lock()
@@ -109,6 +109,16 @@ class Deriver:
 
     def _stored_events(self, aggregate_id: Any, lte: int):
         return self.ledger.events.get(aggregate_id, lte=lte)
+
+    def _streams(self, aggregate_ids: list[Any]) -> dict[Any, list[Any]]:
+        """{id: its domain events} of (short, never snapshotted) session streams, one read;
+        {} without the recorder's `select_streams` (the in-memory store)."""
+        select_streams = getattr(self.ledger.recorder, "select_streams", None)
+        if select_streams is None:
+            return {}
+        to_event = self.ledger.mapper.to_domain_event
+        return {i: [to_event(r) for r in records]
+                for i, records in select_streams(dict.fromkeys(aggregate_ids, 0)).items()}
 
     # ------------------------------------------------------------------------ following
 
@@ -145,6 +155,7 @@ class Deriver:
         events = [(n.id, self.ledger.mapper.to_domain_event(n)) for n in notifications]
         # Derived before the write transaction (reads only), so that it holds the database's
         # write lock briefly; the compare-and-set below discards it if another process won.
+        self.sessions.prefetch(e for _, e in events if _owner(e) == "Session")
         with self.store.locked():
             units = self.units.batch(self.store, position)
             units.read_ahead(e for _, e in events if _owner(e) == "Pool")

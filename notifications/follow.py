@@ -11,7 +11,7 @@ just before it (a restart, an eviction, a batch rolled back and read again).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from ledger.recording import fold
 
@@ -21,12 +21,41 @@ CACHE_SIZE = 20_000  # aggregates kept in memory (sessions and wallets in flight
 
 class AggregateFollower:
     """Folds events of the aggregates they belong to. `events(aggregate_id, lte)` yields the
-    stored domain events of one aggregate up to version `lte` (the ledger's event store)."""
+    stored domain events of one aggregate up to version `lte` (the ledger's event store);
+    `streams(ids)`, if given, {id: its stored domain events in version order} for many ids
+    in one read (`prefetch`)."""
 
-    def __init__(self, events: Callable[[Any, int], Any], cache_size: int = CACHE_SIZE) -> None:
-        self._events = events
+    def __init__(self, events: Callable[[Any, int], Any], cache_size: int = CACHE_SIZE,
+                 streams: Callable[[list[Any]], dict[Any, list[Any]]] | None = None) -> None:
+        self._events, self._streams = events, streams
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._size = cache_size
+
+    def prefetch(self, events: Iterable[Any]) -> None:
+        """Read together (`streams`) the aggregates of `events` (in log order) that `advance`
+        could not fold from the cache: those whose first event here is not their first and
+        whose cached version is not the one just before it; fold each up to that version and
+        keep it. A follower that starts mid-log (after a restart) otherwise reads each on its
+        own, a query per aggregate (projections/views.py `SessionCache.prefetch`, the same
+        for the live view)."""
+        if self._streams is None:
+            return
+        first: dict[Any, int] = {}
+        for event in events:
+            first.setdefault(event.originator_id, event.originator_version)
+        wanted = {i: v - 1 for i, v in first.items()
+                  if v > 1 and getattr(self._cache.get(i), "version", None) != v - 1}
+        if not wanted:
+            return
+        streams = self._streams(list(wanted))
+        for aggregate_id, version in wanted.items():
+            aggregate = None
+            for event in streams.get(aggregate_id, ()):
+                if event.originator_version > version:
+                    break
+                aggregate = fold(aggregate, event)
+            if aggregate is not None and aggregate.version == version:
+                self._keep(aggregate_id, aggregate)
 
     def advance(self, event: Any, before: Callable[[Any], T]) -> tuple[T | None, Any]:
         """(`before(aggregate)` just before `event`, or None for a created event; the

@@ -212,3 +212,21 @@ def test_key_lookups_on_postgresql_use_the_index_after_the_table_grew(pg_url):
         assert len(plans) == 1 and "Seq Scan" not in plans[0] and "kv_pkey" in plans[0], plans
     finally:
         store.close()
+
+
+def test_a_deriver_starting_mid_log_reads_the_sessions_it_missed_together(two, tmp_path,
+                                                                           monkeypatch):
+    """A deriver that starts where sessions are mid-stream (the followers' process after a
+    restart) folds them from one read of their streams (AggregateFollower.prefetch), never a
+    read per session, and derives what a fresh deriver derives from zero."""
+    desk, a, b = two
+    steps = phases(desk)
+    next(steps)
+    next(steps)  # calls requested and connected
+    a.catch_up()  # then that process is gone; b starts at its position
+    loads: list = []
+    monkeypatch.setattr(b.sessions, "_events", lambda *args: loads.append(args) or [])
+    for _ in steps:
+        b.catch_up()
+    assert loads == []
+    assert outcome(b.store) == fresh(desk.ledger, tmp_path)
