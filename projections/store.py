@@ -368,7 +368,8 @@ class PostgresStore(Store):
     # 4–6 ms a call and a fifth of the server's time (pg_stat_statements; docs/benchmarks.md,
     # the tenth stop). Planned for each call instead (never prepared), `= ANY` of a few
     # hundred keys on a table without fresh statistics is still a scan; a probe per key
-    # (a lateral subquery the planner cannot flatten: OFFSET 0) is not.
+    # (a lateral subquery the planner cannot flatten: OFFSET 0) is not. Keys are text (every
+    # caller's: the units tables' ids).
 
     def query_keys(self, table: str, cols: Sequence[str], key: str,
                    values: Sequence[Any]) -> list[tuple]:
