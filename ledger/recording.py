@@ -18,7 +18,7 @@ import inspect
 from contextvars import ContextVar
 from datetime import datetime
 from types import MethodType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from uuid import UUID
 
 from eventsourcing.domain import (Aggregate, CanInitAggregate, CanMutateAggregate,
@@ -251,3 +251,28 @@ def fold(aggregate: Any, domain_event: Any) -> Any:
     aggregate.version = domain_event.originator_version
     aggregate.modified_on = domain_event.timestamp
     return aggregate
+
+
+def versions_missed(events: Iterable[Any],
+                    cached_version: Callable[[Any], int | None]) -> dict[Any, int]:
+    """{aggregate id: the version just before its first event in `events`} for each aggregate
+    a follower cannot fold `events` onto from its cache: its first event here is not its
+    first (version 1), and `cached_version(id)` (None if not cached) is not the one before
+    it. What such a follower reads together before folding (projections/views.py
+    `SessionCache.prefetch`, notifications/follow.py `AggregateFollower.prefetch`)."""
+    first: dict[Any, int] = {}
+    for event in events:
+        first.setdefault(event.originator_id, event.originator_version)
+    return {i: v - 1 for i, v in first.items() if v > 1 and cached_version(i) != v - 1}
+
+
+def fold_up_to(events: Iterable[Any], version: int) -> Any:
+    """The aggregate `fold`ed from `events` (its domain events from version 1, in order) up
+    to `version`; None unless they reach exactly that version. Events after it are not
+    read (`events` may decode lazily)."""
+    aggregate = None
+    for event in events:
+        if event.originator_version > version:
+            break
+        aggregate = fold(aggregate, event)
+    return aggregate if aggregate is not None and aggregate.version == version else None

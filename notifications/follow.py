@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, TypeVar
 
-from ledger.recording import fold
+from ledger.recording import fold, fold_up_to, versions_missed
 
 T = TypeVar("T")
 CACHE_SIZE = 20_000  # aggregates kept in memory (sessions and wallets in flight)
@@ -40,21 +40,13 @@ class AggregateFollower:
         for the live view)."""
         if self._streams is None:
             return
-        first: dict[Any, int] = {}
-        for event in events:
-            first.setdefault(event.originator_id, event.originator_version)
-        wanted = {i: v - 1 for i, v in first.items()
-                  if v > 1 and getattr(self._cache.get(i), "version", None) != v - 1}
+        wanted = versions_missed(events, lambda i: getattr(self._cache.get(i), "version", None))
         if not wanted:
             return
         streams = self._streams(list(wanted))
         for aggregate_id, version in wanted.items():
-            aggregate = None
-            for event in streams.get(aggregate_id, ()):
-                if event.originator_version > version:
-                    break
-                aggregate = fold(aggregate, event)
-            if aggregate is not None and aggregate.version == version:
+            aggregate = fold_up_to(streams.get(aggregate_id, ()), version)
+            if aggregate is not None:
                 self._keep(aggregate_id, aggregate)
 
     def advance(self, event: Any, before: Callable[[Any], T]) -> tuple[T | None, Any]:

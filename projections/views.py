@@ -17,7 +17,7 @@ from eventsourcing.utils import get_topic
 from ledger.billing import next_due_at
 from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
-from ledger.recording import fold
+from ledger.recording import fold, fold_up_to, versions_missed
 from ledger.rules import BUCKETS, Policy
 from projections.store import Store
 
@@ -371,22 +371,15 @@ class SessionCache:
         select_streams = getattr(self.ledger.recorder, "select_streams", None)
         if select_streams is None:
             return
-        first: dict[UUID, int] = {}
-        for event in events:
-            first.setdefault(event.originator_id, event.originator_version)
-        wanted = {i: v - 1 for i, v in first.items()
-                  if v > 1 and getattr(self.items.get(i), "version", None) != v - 1}
+        wanted = versions_missed(events, lambda i: getattr(self.items.get(i), "version", None))
         if not wanted:
             return
         # sessions are not snapshotted and their streams are short: read each whole
         streams = select_streams(dict.fromkeys(wanted, 0))
+        to_event = self.ledger.mapper.to_domain_event
         for session_id, version in wanted.items():
-            session = None
-            for record in streams.get(session_id, ()):
-                if record.originator_version > version:
-                    break
-                session = fold(session, self.ledger.mapper.to_domain_event(record))
-            if session is not None and session.version == version:
+            session = fold_up_to(map(to_event, streams.get(session_id, ())), version)
+            if session is not None:
                 self._keep(session_id, session)
 
     def state_after(self, event: Any) -> Session:
