@@ -434,6 +434,16 @@ class Ledger(Application):
             loaded[aggregate_id] = copy_aggregate(aggregate) if private else aggregate
         return loaded
 
+    def read_streams(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list]:
+        """{id: its domain events in version order} for these ids, read together (one query
+        where the recorder can, `_read_streams`): from its latest snapshot if it has one,
+        else from version 1; ids with nothing stored are left out. For followers that fold
+        aggregates to a version of their own (projections/views.py `SessionCache`,
+        notifications/follow.py `AggregateFollower`); the aggregate cache is not used."""
+        streams = self._read_streams(dict.fromkeys(aggregate_ids, 0))
+        return {i: list(map(self.mapper.to_domain_event, records))
+                for i, records in streams.items() if records}
+
     def _cached(self, aggregate_id: UUID) -> Any:
         if self._aggregates is None:
             return None

@@ -267,9 +267,9 @@ def versions_missed(events: Iterable[Any],
 
 
 def fold_up_to(events: Iterable[Any], version: int) -> Any:
-    """The aggregate `fold`ed from `events` (its domain events from version 1, in order) up
-    to `version`; None unless they reach exactly that version. Events after it are not
-    read (`events` may decode lazily)."""
+    """The aggregate `fold`ed from `events` (its domain events in version order, from version
+    1 or from a snapshot) up to `version`; None unless they reach exactly that version (a
+    snapshot past it included). Events after it are not read."""
     aggregate = None
     for event in events:
         if event.originator_version > version:

@@ -92,7 +92,7 @@ class Deriver:
         self.ledger, self.store, self.clock = ledger, store, clock
         self.base_url, self.retry_for = base_url, retry_for
         self.units = Units(threshold)
-        self.sessions = AggregateFollower(self._stored_events, streams=self._streams)
+        self.sessions = AggregateFollower(self._stored_events, streams=ledger.read_streams)
         self.wallets = AggregateFollower(self._stored_events)
         self.consultations = AggregateFollower(self._stored_events)
         self._catching_up = threading.Lock()
@@ -109,16 +109,6 @@ class Deriver:
 
     def _stored_events(self, aggregate_id: Any, lte: int):
         return self.ledger.events.get(aggregate_id, lte=lte)
-
-    def _streams(self, aggregate_ids: list[Any]) -> dict[Any, list[Any]]:
-        """{id: its domain events} of (short, never snapshotted) session streams, one read;
-        {} without the recorder's `select_streams` (the in-memory store)."""
-        select_streams = getattr(self.ledger.recorder, "select_streams", None)
-        if select_streams is None:
-            return {}
-        to_event = self.ledger.mapper.to_domain_event
-        return {i: [to_event(r) for r in records]
-                for i, records in select_streams(dict.fromkeys(aggregate_ids, 0)).items()}
 
     # ------------------------------------------------------------------------ following
 

@@ -26,7 +26,8 @@ class AggregateFollower:
     in one read (`prefetch`)."""
 
     def __init__(self, events: Callable[[Any, int], Any], cache_size: int = CACHE_SIZE,
-                 streams: Callable[[list[Any]], dict[Any, list[Any]]] | None = None) -> None:
+                 streams: Callable[[Iterable[Any]], dict[Any, list[Any]]] | None = None
+                 ) -> None:
         self._events, self._streams = events, streams
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._size = cache_size
@@ -43,7 +44,7 @@ class AggregateFollower:
         wanted = versions_missed(events, lambda i: getattr(self._cache.get(i), "version", None))
         if not wanted:
             return
-        streams = self._streams(list(wanted))
+        streams = self._streams(wanted)
         for aggregate_id, version in wanted.items():
             aggregate = fold_up_to(streams.get(aggregate_id, ()), version)
             if aggregate is not None:

@@ -366,19 +366,13 @@ class SessionCache:
         Why: a process that starts following mid-log (the followers' process after a
         restart, or beside a tick) has none of them cached, and `state_after` loaded each
         with a query of its own: 68 % of the followers' process during a tick of 10,000
-        charges, 0.4–0.6 ms of its CPU per block (docs/benchmarks.md, the tenth stop).
-        Without the recorder's `select_streams` (the in-memory store) nothing is read here."""
-        select_streams = getattr(self.ledger.recorder, "select_streams", None)
-        if select_streams is None:
-            return
+        charges, 0.4–0.6 ms of its CPU per block (docs/benchmarks.md, the tenth stop)."""
         wanted = versions_missed(events, lambda i: getattr(self.items.get(i), "version", None))
         if not wanted:
             return
-        # sessions are not snapshotted and their streams are short: read each whole
-        streams = select_streams(dict.fromkeys(wanted, 0))
-        to_event = self.ledger.mapper.to_domain_event
+        streams = self.ledger.read_streams(wanted)  # sessions: short, never snapshotted
         for session_id, version in wanted.items():
-            session = fold_up_to(map(to_event, streams.get(session_id, ())), version)
+            session = fold_up_to(streams.get(session_id, ()), version)
             if session is not None:
                 self._keep(session_id, session)
 
