@@ -18,7 +18,8 @@ import inspect
 from contextvars import ContextVar
 from datetime import datetime
 from types import MethodType
-from typing import Any, Callable, Iterable
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import (Aggregate, CanInitAggregate, CanMutateAggregate,
@@ -29,6 +30,7 @@ from eventsourcing.domain import (Aggregate, CanInitAggregate, CanMutateAggregat
                                   decorated_funcs, get_topic, resolve_topic)
 
 _recorded_at: ContextVar[datetime | None] = ContextVar("recorded_at", default=None)
+T = TypeVar("T")
 
 
 class recording_at:  # noqa: N801 - used as a function: `with recording_at(now):`
@@ -258,8 +260,7 @@ def versions_missed(events: Iterable[Any],
     """{aggregate id: the version just before its first event in `events`} for each aggregate
     a follower cannot fold `events` onto from its cache: its first event here is not its
     first (version 1), and `cached_version(id)` (None if not cached) is not the one before
-    it. What such a follower reads together before folding (projections/views.py
-    `SessionCache.prefetch`, notifications/follow.py `AggregateFollower.prefetch`)."""
+    it. What such a follower reads together before folding (`AggregateFollower.prefetch`)."""
     first: dict[Any, int] = {}
     for event in events:
         first.setdefault(event.originator_id, event.originator_version)
@@ -276,3 +277,79 @@ def fold_up_to(events: Iterable[Any], version: int) -> Any:
             break
         aggregate = fold(aggregate, event)
     return aggregate if aggregate is not None and aggregate.version == version else None
+
+
+class AggregateFollower:
+    """Aggregates folded event by event along the log, for followers that need the state at
+    each event (the live and marketplace views, the webhook deriver), in a bounded LRU of
+    `cache_size` aggregates.
+
+    `events(aggregate_id, lte)`: one aggregate's stored domain events up to version `lte`, in
+    version order (the ledger's event store), read on a miss. `streams(ids)`, if given: {id:
+    its stored domain events in version order, from its latest snapshot if any} for many ids
+    in one read (`Ledger.read_streams`), used by `prefetch`. A miss is a restart, an
+    eviction, or a batch rolled back and read again; the aggregate is then read up to the
+    version just before the event, so a fold always starts from the aggregate at exactly that
+    version.
+    """
+
+    def __init__(self, events: Callable[[Any, int], Iterable[Any]], cache_size: int,
+                 streams: Callable[[Iterable[Any]], dict[Any, list[Any]]] | None = None
+                 ) -> None:
+        self._events, self._streams = events, streams
+        self._cache: OrderedDict[Any, Any] = OrderedDict()
+        self._size = cache_size
+
+    def prefetch(self, events: Iterable[Any]) -> None:
+        """Read together (`streams`) the aggregates of `events` (in log order) that `advance`
+        could not fold from the cache (`versions_missed`); fold each up to the version just
+        before its first event here and keep it.
+
+        Why: a follower that starts mid-log (after a restart, or beside a tick) has none of
+        them cached and read each with a query of its own: 68 % of the followers' process
+        during a tick of 10,000 charges (docs/benchmarks.md, the tenth stop)."""
+        if self._streams is None:
+            return
+        wanted = versions_missed(events, lambda i: getattr(self._cache.get(i), "version", None))
+        if not wanted:
+            return
+        streams = self._streams(wanted)
+        for aggregate_id, version in wanted.items():
+            aggregate = fold_up_to(streams.get(aggregate_id, ()), version)
+            if aggregate is not None:
+                self._keep(aggregate_id, aggregate)
+
+    def advance(self, event: Any, before: Callable[[Any], T] | None = None
+                ) -> tuple[T | None, Any]:
+        """(`before(aggregate)` just before `event`, or None for a created event or without
+        `before`; the aggregate just after it). The aggregate is folded in place: a caller
+        that keeps it sees it change with its later events."""
+        aggregate = self._at(event.originator_id, event.originator_version - 1)
+        seen = before(aggregate) if before is not None and aggregate is not None else None
+        aggregate = fold(aggregate, event)
+        self._keep(event.originator_id, aggregate)
+        return seen, aggregate
+
+    def _at(self, aggregate_id: Any, version: int) -> Any:
+        if version < 1:
+            return None
+        cached = self._cache.get(aggregate_id)
+        if cached is not None and cached.version == version:
+            return cached
+        aggregate = None
+        for event in self._events(aggregate_id, version):  # bounded by the aggregate's length
+            aggregate = fold(aggregate, event)
+        return aggregate
+
+    def _keep(self, aggregate_id: Any, aggregate: Any) -> None:
+        self._cache[aggregate_id] = aggregate
+        self._cache.move_to_end(aggregate_id)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+
+    def forget(self, aggregate_id: Any) -> None:
+        """Drop one aggregate from the cache (a settled session: no event follows)."""
+        self._cache.pop(aggregate_id, None)
+
+    def clear(self) -> None:
+        self._cache.clear()

@@ -24,14 +24,15 @@ from eventsourcing.utils import get_topic
 
 from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
+from ledger.recording import AggregateFollower
 from ledger.rules import block_end
 from notifications import catalogue, schema
 from notifications.catalogue import LEDGER_END_REASONS, Message, build, iso, resource
-from notifications.follow import AggregateFollower
 from notifications.units import Fall, Units, UnitsBatch
 from projections.store import Store
 
 BATCH_EVENTS = 500
+FOLLOWED_AGGREGATES = 20_000  # per kind (sessions, wallets, consultations) in flight
 NAME = "webhooks"
 MESSAGE_COLUMNS = ("message_id", "position", "ordinal", "event_type", "ordering_key", "body",
                    "created_at")
@@ -92,9 +93,9 @@ class Deriver:
         self.ledger, self.store, self.clock = ledger, store, clock
         self.base_url, self.retry_for = base_url, retry_for
         self.units = Units(threshold)
-        self.sessions = AggregateFollower(self._stored_events, streams=ledger.read_streams)
-        self.wallets = AggregateFollower(self._stored_events)
-        self.consultations = AggregateFollower(self._stored_events)
+        self.sessions, self.wallets, self.consultations = (
+            AggregateFollower(self._stored_events, FOLLOWED_AGGREGATES, streams=ledger.read_streams)
+            for _ in range(3))
         self._catching_up = threading.Lock()
         self.races_lost = 0
 
@@ -145,7 +146,9 @@ class Deriver:
         events = [(n.id, self.ledger.mapper.to_domain_event(n)) for n in notifications]
         # Derived before the write transaction (reads only), so that it holds the database's
         # write lock briefly; the compare-and-set below discards it if another process won.
-        self.sessions.prefetch(e for _, e in events if _owner(e) == "Session")
+        for owner, follower in (("Session", self.sessions), ("Wallet", self.wallets),
+                                ("Consultation", self.consultations)):
+            follower.prefetch(e for _, e in events if _owner(e) == owner)
         with self.store.locked():
             units = self.units.batch(self.store, position)
             units.read_ahead(e for _, e in events if _owner(e) == "Pool")

@@ -17,7 +17,7 @@ from eventsourcing.utils import get_topic
 from ledger.billing import next_due_at
 from ledger.consultations import Consultation
 from ledger.domain import Pool, Session, Wallet
-from ledger.recording import fold, fold_up_to, versions_missed
+from ledger.recording import AggregateFollower
 from ledger.rules import BUCKETS, Policy
 from projections.store import Store
 
@@ -25,7 +25,7 @@ POOL_FIELDS = ("granted", "free", "held", "charged", "reversed", "forfeited", "r
 PATIENT_FIELDS = ("held", "charged")
 WALLET_FIELDS = ("credited", "reversed", "pending", "available", "held", "withdrawn")
 SESSION_CACHE_SIZE = 20_000
-PREFETCH_EVENTS = 5_000  # events per prefetch (SessionCache): fewer than the cache holds
+PREFETCH_EVENTS = 5_000  # events per prefetch (AggregateFollower): fewer than the cache holds
 WALLET_CACHE_SIZE = 100_000
 POOL_COLUMNS = ("pool_id", "payment_reference", "owner_id", "starts_at", "effective_end",
                 "expired", "refunded")
@@ -348,58 +348,12 @@ class Wallets(Projection):
 # ------------------------------------------------------------------------------------ live
 
 
-class SessionCache:
-    """Bounded LRU of Session aggregates, advanced with `ledger.recording.fold` (the event's
-    `mutate` without the library's per-call layers), else loaded at the version: together
-    for a page of events (`prefetch`), one by one otherwise."""
-
-    def __init__(self, ledger: Any, maxsize: int = SESSION_CACHE_SIZE) -> None:
-        self.ledger, self.maxsize = ledger, maxsize
-        self.items: OrderedDict[UUID, Session] = OrderedDict()
-
-    def prefetch(self, events: Iterable[Any]) -> None:
-        """Load in one query the sessions of `events` (session events, in log order) that
-        this cache cannot advance: those whose first event here is not their first and
-        whose cached version is not the one just before it. Each is folded up to that
-        version and cached, so `state_after` finds it.
-
-        Why: a process that starts following mid-log (the followers' process after a
-        restart, or beside a tick) has none of them cached, and `state_after` loaded each
-        with a query of its own: 68 % of the followers' process during a tick of 10,000
-        charges, 0.4–0.6 ms of its CPU per block (docs/benchmarks.md, the tenth stop)."""
-        wanted = versions_missed(events, lambda i: getattr(self.items.get(i), "version", None))
-        if not wanted:
-            return
-        streams = self.ledger.read_streams(wanted)  # sessions: short, never snapshotted
-        for session_id, version in wanted.items():
-            session = fold_up_to(streams.get(session_id, ()), version)
-            if session is not None:
-                self._keep(session_id, session)
-
-    def state_after(self, event: Any) -> Session:
-        """The session as of `event.originator_version`."""
-        cached = self.items.pop(event.originator_id, None)
-        if event.originator_version == 1:
-            session = event.mutate(None)
-        elif cached is not None and cached.version == event.originator_version - 1:
-            session = fold(cached, event)
-        else:
-            session = self.ledger.repository.get(event.originator_id,
-                                                  version=event.originator_version)
-        self._keep(event.originator_id, session)
-        return session
-
-    def _keep(self, session_id: UUID, session: Session) -> None:
-        self.items[session_id] = session
-        self.items.move_to_end(session_id)
-        if len(self.items) > self.maxsize:
-            self.items.popitem(last=False)
-
-    def forget(self, session_id: UUID) -> None:
-        self.items.pop(session_id, None)
-
-    def clear(self) -> None:
-        self.items.clear()
+def session_follower(ledger: Any, cache_size: int = SESSION_CACHE_SIZE) -> AggregateFollower:
+    """The sessions (or consultations) a view folds event by event: an AggregateFollower that
+    reads a miss from the ledger's event store and a page's misses together
+    (`Ledger.read_streams`)."""
+    return AggregateFollower(lambda aggregate_id, lte: ledger.events.get(aggregate_id, lte=lte),
+                             cache_size, streams=ledger.read_streams)
 
 
 class Live(Projection):
@@ -410,7 +364,7 @@ class Live(Projection):
 
     def __init__(self, ledger: Any, policy: Policy) -> None:
         super().__init__(ledger, policy)
-        self.sessions = SessionCache(ledger)
+        self.sessions = session_follower(ledger)
         # session_id -> its state after the pending events, None once settled (row deleted)
         self.states: dict[str, Session | None] = {}
         self.writes = Writes()
@@ -427,7 +381,7 @@ class Live(Projection):
         self.sessions.prefetch(e for e in events if isinstance(e, Session.Event))
         for e in events:
             if isinstance(e, Session.Event):
-                session = self.sessions.state_after(e)
+                _, session = self.sessions.advance(e)
                 self.states[session.session_id] = None if session.settled else session
                 if session.settled:
                     self.sessions.forget(e.originator_id)

@@ -10,6 +10,7 @@ import io
 import json
 import threading
 from datetime import datetime, timedelta
+from typing import Callable
 from uuid import UUID
 
 import pytest
@@ -553,11 +554,29 @@ def live_rows(projector: Projector) -> list[tuple]:
         "SELECT session_id, patient_id, doctor_id, kind, state, next_due_at FROM live_sessions"))
 
 
-def test_a_projector_starting_mid_log_reads_the_sessions_it_missed_together(world, monkeypatch):
+def restarted_reads_together(w: World, rows: Callable[[Projector], list[tuple]]) -> list[tuple]:
+    """`rows` of a new projector caught up from the stored tracking position; asserts it read
+    no aggregate on its own (`ledger.events.get`, a follower's miss) and that its rows are a
+    rebuild's from zero."""
+    restarted = w.projector()
+    loads: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(w.ledger.events, "get", lambda *a, **k: loads.append(a) or [])
+        restarted.catch_up()
+    assert loads == []
+    seen = rows(restarted)
+    wipe_views(w)
+    rebuilt = w.projector()
+    rebuilt.catch_up()
+    assert rows(rebuilt) == seen
+    return seen
+
+
+def test_a_projector_starting_mid_log_reads_the_sessions_it_missed_together(world):
     """A projector that starts where sessions are mid-stream (the followers' process after a
     restart, or beside a tick) advances them from one read of their streams
-    (SessionCache.prefetch), never a load per session, and its live view is a rebuild's from
-    zero."""
+    (AggregateFollower.prefetch), never a read per session, and its live view is a rebuild's
+    from zero."""
     w = world
     for i in range(6):
         w.post("doctor.registered", w.at(), doctor_id=f"d{i}", country="MW")
@@ -574,15 +593,37 @@ def test_a_projector_starting_mid_log_reads_the_sessions_it_missed_together(worl
         w.post("session.ended", w.at(minutes=13), session_id=f"s{i}", ended_by="patient")
     for i in range(1, 6, 2):
         w.post("session.activity", w.at(minutes=13), session_id=f"s{i}")
-    restarted = w.projector()
-    loads: list = []
-    monkeypatch.setattr(w.ledger.repository, "get", lambda *a, **k: loads.append(a))
-    restarted.catch_up()
-    monkeypatch.undo()
-    assert loads == []
-    seen = live_rows(restarted)
+    seen = restarted_reads_together(w, live_rows)
     assert [row[4] for row in seen] == ["ended", "active"] * 3, seen
-    wipe_views(w)
-    rebuilt = w.projector()
-    rebuilt.catch_up()
-    assert live_rows(rebuilt) == seen
+
+
+def marketplace_rows(projector: Projector) -> list[tuple]:
+    return sorted(projector._store.query(
+        "SELECT consultation_id, patient_id, practitioner_id, status, next_due_at "
+        "FROM live_consultations"))
+
+
+def test_a_projector_starting_mid_log_reads_the_consultations_it_missed_together(world):
+    """The marketplace view does the same for priced consultations (§10): a projector that
+    starts where they are mid-stream reads them together, never one by one, and its rows
+    are a rebuild's from zero."""
+    w = world
+    w.post("doctor.registered", w.at(), doctor_id="t1", country="IN")
+    w.post("price_list.published", w.at(), practitioner_id="t1", version="v1",
+           currency="INR", tax_bps=1800, share_bps=5000, fees=[
+               {"consultation_type": "individual", "duration_minutes": 50,
+                "fee_minor": 100_000}])
+    start = w.at(hours=3)
+    for i in range(4):
+        w.post("wallet.topped_up", w.at(minutes=1), patient_id=f"p{i}", currency="INR",
+               amount_minor=118_000, payment_reference=f"pay-{i}", provider="razorpay")
+        w.post("consultation.booked", w.at(minutes=2), consultation_id=f"c{i}",
+               patient_id=f"p{i}", practitioner_id="t1", consultation_type="individual",
+               mode="video", start=(start + timedelta(hours=i)).isoformat(),
+               duration_minutes=50)
+    w.projector().catch_up()  # followed up to here, then that process is gone
+    for i in range(4):
+        w.post("consultation.activated", w.at(minutes=3), consultation_id=f"c{i}",
+               admin_id="admin-7")
+    seen = restarted_reads_together(w, marketplace_rows)
+    assert [row[3] for row in seen] == ["activated"] * 4, seen

@@ -217,16 +217,38 @@ def test_key_lookups_on_postgresql_use_the_index_after_the_table_grew(pg_url):
 def test_a_deriver_starting_mid_log_reads_the_sessions_it_missed_together(two, tmp_path,
                                                                            monkeypatch):
     """A deriver that starts where sessions are mid-stream (the followers' process after a
-    restart) folds them from one read of their streams (AggregateFollower.prefetch), never a
-    read per session, and derives what a fresh deriver derives from zero."""
+    restart) folds them, and the doctors' wallets, from one read of their streams
+    (AggregateFollower.prefetch), never a read per aggregate, and derives what a fresh deriver
+    derives from zero."""
     desk, a, b = two
     steps = phases(desk)
     next(steps)
     next(steps)  # calls requested and connected
     a.catch_up()  # then that process is gone; b starts at its position
     loads: list = []
-    monkeypatch.setattr(b.sessions, "_events", lambda *args: loads.append(args) or [])
+    for follower in (b.sessions, b.wallets, b.consultations):
+        monkeypatch.setattr(follower, "_events", lambda *args: loads.append(args) or [])
     for _ in steps:
         b.catch_up()
+    assert loads == []
+    assert outcome(b.store) == fresh(desk.ledger, tmp_path)
+
+
+def test_a_deriver_starting_mid_log_reads_the_wallets_it_missed_together(two, tmp_path,
+                                                                          monkeypatch):
+    """The same for the doctors' wallets: a settlement that credits a wallet another process
+    followed is folded from one read of its stream (with the session's), not a read of its
+    own, and the deriver derives what a fresh one derives from zero."""
+    desk, a, b = two
+    for _ in phases(desk):
+        pass
+    a.catch_up()  # d2's wallet (s2's settlement) and s4 were followed by that process
+    desk.end("s3", desk.at(T0 + 62 * MIN))
+    desk.end("s4", desk.at(T0 + 62 * MIN))
+    desk.tick(T0 + 120 * MIN)  # settles s4: d2's wallet is credited a second time
+    loads: list = []
+    for follower in (b.sessions, b.wallets, b.consultations):
+        monkeypatch.setattr(follower, "_events", lambda *args: loads.append(args) or [])
+    b.catch_up()
     assert loads == []
     assert outcome(b.store) == fresh(desk.ledger, tmp_path)
