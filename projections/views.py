@@ -8,7 +8,6 @@ rows) are written in event order. Units are whole units; money is integer minor 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable, Iterable
 from uuid import UUID
 
