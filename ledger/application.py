@@ -438,8 +438,8 @@ class Ledger(Application):
         """{id: its domain events in version order} for these ids, read together (one query
         where the recorder can, `_read_streams`): from its latest snapshot if it has one,
         else from version 1; ids with nothing stored are left out. For followers that fold
-        aggregates to a version of their own (projections/views.py `SessionCache`,
-        notifications/follow.py `AggregateFollower`); the aggregate cache is not used."""
+        aggregates to a version of their own (`ledger.recording.AggregateFollower`); the
+        aggregate cache is not used."""
         streams = self._read_streams(dict.fromkeys(aggregate_ids, 0))
         return {i: list(map(self.mapper.to_domain_event, records))
                 for i, records in streams.items() if records}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections import OrderedDict
 from contextvars import ContextVar
 from datetime import datetime
 from types import MethodType
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, TypeVar
 from uuid import UUID
 
@@ -299,6 +299,13 @@ class AggregateFollower:
         self._events, self._streams = events, streams
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._size = cache_size
+
+    @classmethod
+    def reading(cls, ledger: Any, cache_size: int) -> "AggregateFollower":
+        """A follower reading from `ledger` (the Ledger application): a miss from its event
+        store, a prefetch with `Ledger.read_streams`."""
+        return cls(lambda aggregate_id, lte: ledger.events.get(aggregate_id, lte=lte),
+                   cache_size, streams=ledger.read_streams)
 
     def prefetch(self, events: Iterable[Any]) -> None:
         """Read together (`streams`) the aggregates of `events` (in log order) that `advance`

@@ -94,8 +94,7 @@ class Deriver:
         self.base_url, self.retry_for = base_url, retry_for
         self.units = Units(threshold)
         self.sessions, self.wallets, self.consultations = (
-            AggregateFollower(self._stored_events, FOLLOWED_AGGREGATES, streams=ledger.read_streams)
-            for _ in range(3))
+            AggregateFollower.reading(ledger, FOLLOWED_AGGREGATES) for _ in range(3))
         self._catching_up = threading.Lock()
         self.races_lost = 0
 
@@ -107,9 +106,6 @@ class Deriver:
                 self.store.execute(statement.format(**self.store.ddl_types))
             self.store.execute("INSERT INTO webhook_tracking (name, notification_id) VALUES (?, 0) "
                                "ON CONFLICT (name) DO NOTHING", (NAME,))
-
-    def _stored_events(self, aggregate_id: Any, lte: int):
-        return self.ledger.events.get(aggregate_id, lte=lte)
 
     # ------------------------------------------------------------------------ following
 

@@ -16,9 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from ledger.consultations import Consultation, MoneyWallet, next_due_at
+from ledger.recording import AggregateFollower
 from ledger.rules import Policy
 from projections.store import Store
-from projections.views import Deltas, Projection, event_classes, session_follower, topics_of
+from projections.views import Deltas, Projection, event_classes, pages, topics_of
 
 # Columns; `refunds` is read as `refunded_minor` (a column named `refunded` is a pool flag
 # elsewhere, and replay verification compares columns by name).
@@ -36,7 +37,7 @@ class MarketplaceView(Projection):
 
     def __init__(self, ledger: Any, policy: Policy) -> None:
         super().__init__(ledger, policy)
-        self.consultations = session_follower(ledger, CONSULTATION_CACHE_SIZE)
+        self.consultations = AggregateFollower.reading(ledger, CONSULTATION_CACHE_SIZE)
         self.handlers = {
             MoneyWallet.Opened: self._opened, MoneyWallet.ToppedUp: self._topped_up,
             MoneyWallet.RefundedToSource: self._refunded_to_source,
@@ -54,6 +55,10 @@ class MarketplaceView(Projection):
         self.states: dict[str, Consultation] = {}  # consultation_id -> its last state
 
     def fold(self, store: Store, events: list) -> None:
+        for page in pages(events):
+            self._fold(page)
+
+    def _fold(self, events: list) -> None:
         self.consultations.prefetch(e for e in events if isinstance(e, Consultation.Event))
         for e in events:
             handler = self.handlers.get(type(e))

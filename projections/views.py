@@ -347,12 +347,11 @@ class Wallets(Projection):
 # ------------------------------------------------------------------------------------ live
 
 
-def session_follower(ledger: Any, cache_size: int = SESSION_CACHE_SIZE) -> AggregateFollower:
-    """The sessions (or consultations) a view folds event by event: an AggregateFollower that
-    reads a miss from the ledger's event store and a page's misses together
-    (`Ledger.read_streams`)."""
-    return AggregateFollower(lambda aggregate_id, lte: ledger.events.get(aggregate_id, lte=lte),
-                             cache_size, streams=ledger.read_streams)
+def pages(events: list) -> Iterable[list]:
+    """`events` in pages of PREFETCH_EVENTS: a view prefetches a page's aggregates
+    (`AggregateFollower.prefetch`), then folds it, so what it read is still cached when used."""
+    for start in range(0, len(events), PREFETCH_EVENTS):
+        yield events[start:start + PREFETCH_EVENTS]
 
 
 class Live(Projection):
@@ -363,7 +362,7 @@ class Live(Projection):
 
     def __init__(self, ledger: Any, policy: Policy) -> None:
         super().__init__(ledger, policy)
-        self.sessions = session_follower(ledger)
+        self.sessions = AggregateFollower.reading(ledger, SESSION_CACHE_SIZE)
         # session_id -> its state after the pending events, None once settled (row deleted)
         self.states: dict[str, Session | None] = {}
         self.writes = Writes()
@@ -373,8 +372,8 @@ class Live(Projection):
         self.states, self.writes = {}, Writes()
 
     def fold(self, store: Store, events: list) -> None:
-        for start in range(0, len(events), PREFETCH_EVENTS):
-            self._fold(store, events[start:start + PREFETCH_EVENTS])
+        for page in pages(events):
+            self._fold(store, page)
 
     def _fold(self, store: Store, events: list) -> None:
         self.sessions.prefetch(e for e in events if isinstance(e, Session.Event))
