@@ -4,7 +4,7 @@ the same run, their ratio, and the machine's load average. docs/benchmarks.md ex
 Usage: python -m bench.targets [--quick] [--stores postgres,sqlite]
        [--paths http,tick,history,replay] [--sqlite-paths http,tick]
        [--seconds 20] [--raw-seconds 10] [--due 10000] [--settled 10] [--tick-rounds 3]
-       [--events 1000000] [--postgres-url URL]
+       [--events 1000000] [--postgres-url URL] [--service-env LEDGER_NAME=VALUE …]
 
 Rows (per store; raw PostgreSQL always on the PostgreSQL server):
 - http: the real service loaded over HTTP (bench/http_load.py) — batches of 100 with 1, 4
@@ -20,6 +20,9 @@ Rows (per store; raw PostgreSQL always on the PostgreSQL server):
 - replay: `ledger replay --verify` as its own process on a generated store of about
   `--events` events: events/s (start-up included) and its peak RSS (VmHWM), beside the peak
   RSS on a store a tenth the size (flat memory). Raw: a full scan of the same events table.
+`--service-env` runs the http rows' service with other settings (runtime/settings.py), e.g.
+`LEDGER_AUDIT_ENABLED=false`: what an optional follower costs on this machine, beside the same
+run's raw figures (docs/benchmarks.md, "The twelfth stop"). The row names say so.
 Every store is a fresh PostgreSQL schema or SQLite file, dropped at the end of its row; the
 tick rows' generated stores are databases (files) kept as templates until the run ends.
 Notes give the CPU per event (per block) of the service, its followers' process and the
@@ -158,15 +161,15 @@ class Bench:
                 (rate, tally), cpu = _with_cpu(served, self._server_cpu(store), closed_loop,
                                                served.base_url, clients, 100, seconds)
             raw, raw_note = self.raw_insert(clients, 100)
-            self.add(Row(store, f"HTTP batches of 100, {clients:2d} client(s)", rate, "events/s",
-                         raw, _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
+            self.add(Row(store, self._http_label(f"HTTP batches of 100, {clients:2d} client(s)"),
+                         rate, "events/s", raw, _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
         say(f"[{store}] HTTP single events, 16 clients, {seconds:g} s; then paced at half")
         with self.fresh_store(store) as url, self.serving(url) as served:
             (rate, tally), cpu = _with_cpu(served, self._server_cpu(store), closed_loop,
                                            served.base_url, 16, 1, seconds)
             raw, raw_note = self.raw_insert(16, 1)
-            self.add(Row(store, "HTTP single events, 16 clients", rate, "events/s", raw,
-                         _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
+            self.add(Row(store, self._http_label("HTTP single events, 16 clients"), rate,
+                         "events/s", raw, _cpu_note(cpu, tally) + raw_note + _refusals(tally)))
             paced, tally = open_loop(served.base_url, 16, rate / 2, seconds)
         p50, p99 = percentile(tally.latencies, 0.5), percentile(tally.latencies, 0.99)
         self.add(Row(store, "  at half that rate: p99 latency", p99 * 1000, "ms", None,
@@ -178,8 +181,14 @@ class Bench:
 
     @contextmanager
     def serving(self, url: str) -> Iterator[Served]:
-        with service(url, self.workdir / "service.log") as served:
+        """The service on `url` with the run's `--service-env` settings, while in use."""
+        with service(url, self.workdir / "service.log", self.args.service_env) as served:
             yield served
+
+    def _http_label(self, label: str) -> str:
+        """A http row's name, with the `--service-env` settings it ran with, if any."""
+        settings = " ".join(f"{k}={v}" for k, v in self.args.service_env.items())
+        return f"{label} [{settings}]" if settings else label
 
     # --------------------------------------------------------------------------- tick
 
@@ -502,9 +511,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="settled sessions per patient in the history stores")
     parser.add_argument("--events", type=int, default=1_000_000, help="events of the replay store")
     parser.add_argument("--postgres-url", default=PG_URL)
+    parser.add_argument("--service-env", action="append", default=[], metavar="LEDGER_NAME=VALUE",
+                        help="a setting of the http rows' service (repeatable)")
     args = parser.parse_args(argv)
     if args.tick_rounds < 1:
         parser.error("--tick-rounds must be at least 1")
+    try:
+        args.service_env = service_env(args.service_env)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.quick or os.environ.get("BENCH_QUICK") == "1":
         for name, value in QUICK.items():
             if parser.get_default(name) == getattr(args, name):
@@ -513,6 +528,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 PATHS = ("http", "tick", "history", "replay")
+
+
+_BENCH_OWNS = ("LEDGER_DATABASE_URL", "LEDGER_PORT")  # set per row by the bench
+
+
+def service_env(pairs: list[str]) -> dict[str, str]:
+    """{name: value} of `--service-env` pairs; raises ValueError for one that is not
+    `LEDGER_NAME=VALUE` (only the service's own settings are passed on) or names a setting
+    the bench sets per row (the store, the port)."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("LEDGER_") or not name[7:]:
+            raise ValueError(f"--service-env {pair!r}: expected LEDGER_NAME=VALUE")
+        if name in _BENCH_OWNS:
+            raise ValueError(f"--service-env {name}: the bench sets it for each row")
+        env[name] = value
+    return env
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

@@ -133,3 +133,37 @@ def _database_exists(server_url: str, url: str) -> bool:
     with psycopg.connect(postgres_conninfo(server_url), autocommit=True) as conn:
         return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
                             (postgres_parts(url)["dbname"],)).fetchone() is not None
+
+
+def test_service_settings_reach_the_http_rows_service_and_name_its_rows(monkeypatch, tmp_path):
+    """`--service-env LEDGER_AUDIT_ENABLED=false` (what an optional follower costs) is passed
+    to the service the http rows start, and their row names say which settings they ran with;
+    a pair that is not a LEDGER_ setting, or names one the bench sets per row, is refused."""
+    from contextlib import contextmanager
+
+    import pytest
+
+    seen = []
+
+    @contextmanager
+    def fake_service(url, log_path, extra_env=None):
+        seen.append(extra_env)
+        yield None
+
+    monkeypatch.setattr(targets, "service", fake_service)
+    args = targets.parse(["--service-env", "LEDGER_AUDIT_ENABLED=false",
+                          "--service-env", "LEDGER_WEBHOOK_DELIVERY_ENABLED=false"])
+    bench = targets.Bench.__new__(targets.Bench)
+    bench.args, bench.workdir = args, tmp_path
+    with bench.serving("sqlite:///x.db"):
+        pass
+    assert seen == [{"LEDGER_AUDIT_ENABLED": "false", "LEDGER_WEBHOOK_DELIVERY_ENABLED": "false"}]
+    assert bench._http_label("HTTP single events, 16 clients") == (
+        "HTTP single events, 16 clients "
+        "[LEDGER_AUDIT_ENABLED=false LEDGER_WEBHOOK_DELIVERY_ENABLED=false]")
+    bench.args = targets.parse([])
+    assert bench._http_label("HTTP single events, 16 clients") == "HTTP single events, 16 clients"
+    for bad in ("AUDIT_ENABLED=false", "LEDGER_AUDIT_ENABLED", "LEDGER_=1",
+                "LEDGER_PORT=9000", "LEDGER_DATABASE_URL=sqlite:///y.db"):
+        with pytest.raises(SystemExit):
+            targets.parse(["--service-env", bad])
