@@ -205,23 +205,27 @@ def _named_ids(payload: dict) -> list[UUID]:
     return ids
 
 
+def _party_ids(session: Session, charging: bool = False) -> list[UUID]:
+    """The patient, pools, doctor, appointment and wallet `session` may need; when `charging`
+    (its next step charges a block) its patient and pools only: its doctor and wallet are not
+    needed (a later step that needs them loads them on demand)."""
+    ids = [Patient.create_id(session.patient_id)]
+    ids += [UUID(p) for p in (*session.holds.values(), *session.charges.values())]
+    if charging:
+        return ids
+    ids.append(Doctor.create_id(session.doctor_id))
+    if session.appointment_id:
+        ids.append(Appointment.create_id(session.appointment_id))
+    if session.rate:
+        ids.append(Wallet.create_id(session.doctor_id, session.rate["currency"]))
+    return ids
+
+
 def _prefetch_parties(unit: Unit, sessions: list[Session],
                       charging: frozenset[str] = frozenset()) -> None:
-    """Read the patients, doctors, appointments, wallets and pools these sessions may need.
-    A session in `charging` (its next step charges a block) needs its patient and pools only:
-    its doctor and wallet are not read (a later step that needs them loads them on demand)."""
-    ids = []
-    for session in sessions:
-        ids.append(Patient.create_id(session.patient_id))
-        ids += [UUID(p) for p in (*session.holds.values(), *session.charges.values())]
-        if session.session_id in charging:
-            continue
-        ids.append(Doctor.create_id(session.doctor_id))
-        if session.appointment_id:
-            ids.append(Appointment.create_id(session.appointment_id))
-        if session.rate:
-            ids.append(Wallet.create_id(session.doctor_id, session.rate["currency"]))
-    unit.prefetch(ids)
+    """Read the parties of these sessions (`_party_ids`; those in `charging` charge a block),
+    then their patients' pools: two queries, each only for what the unit does not hold."""
+    unit.prefetch(i for s in sessions for i in _party_ids(s, s.session_id in charging))
     patients = [a for a in unit.current.values() if isinstance(a, Patient)]
     unit.prefetch(UUID(p) for patient in patients for p in patient.pool_ids)
 
@@ -706,13 +710,27 @@ class Ledger(Application):
         work.add(receipt)
         return Accepted(result), unit.adopt(work)
 
-    @staticmethod
-    def _prefetch_items(unit: Unit, items: Sequence[Item]) -> None:
+    def _prefetch_items(self, unit: Unit, items: Sequence[Item]) -> None:
         """Read together what a batch's decisions will likely read: the receipts, the
-        aggregates its payloads name, then the sessions' parties and the patients' pools."""
-        unit.prefetch([Receipt.create_id(item[0]) for item in items]
-                      + [i for item in items for i in _named_ids(item[3])])
+        aggregates its payloads name and, as far as this process's cache knows them, their
+        parties and pools (`_cached_parties`); then whatever parties and pools of the sessions
+        and patients read are still missing (none when the cache knew them: one query in all,
+        not three in a row)."""
+        named = [i for item in items for i in _named_ids(item[3])]
+        unit.prefetch([Receipt.create_id(item[0]) for item in items] + named
+                      + self._cached_parties(named))
         _prefetch_parties(unit, [a for a in unit.current.values() if isinstance(a, Session)])
+
+    def _cached_parties(self, ids: list[UUID]) -> list[UUID]:
+        """The parties (`_party_ids`) of the sessions among `ids`, and the pools of the patients
+        among `ids` and those parties, as the aggregate cache last saw them: only a guess of
+        what to read in the same query (what is read is still read from the store, versions
+        checked; a party the guess missed is read afterwards)."""
+        parties = [i for s in map(self._cached, ids) if isinstance(s, Session)
+                   for i in _party_ids(s)]
+        pools = [UUID(p) for patient in map(self._cached, [*ids, *parties])
+                 if isinstance(patient, Patient) for p in patient.pool_ids]
+        return parties + pools
 
     def _plan_page(self, unit: Unit, as_of: datetime, session_ids: list[str],
                    pool_ids: list[str]) -> dict[str, tuple[int, Step]]:

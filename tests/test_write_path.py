@@ -429,3 +429,46 @@ def test_concurrent_batches_charge_nothing_twice_and_lose_nothing(pg_url) -> Non
     finally:
         for ledger in (main, *workers):
             ledger.close()
+
+
+def test_a_batch_about_sessions_the_cache_knows_reads_the_store_once(tmp_path) -> None:
+    """The parties of the sessions a batch names (patient, pools, doctor) are read in the same
+    query as the sessions when this process's cache knows them, not in two more queries after
+    them; a guess the cache got wrong (another process linked a new pool) costs the second
+    read, never a wrong decision."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    clock = FakeClock(T0 + timedelta(minutes=1))
+    first, second = make_ledger(url, clock), make_ledger(url, clock)
+    reads = []
+    real = first._read_streams
+    first._read_streams = lambda after: reads.append(set(after)) or real(after)
+
+    def request(event_id: str, sid: str, kind: str) -> tuple:
+        return (event_id, "session.requested", T0, {"session_id": sid, "kind": kind,
+                                                     "patient_id": "p1", "doctor_id": "d1"})
+
+    def only(ref: str, bucket: str) -> tuple:
+        event_id, kind, at, payload = grant("g-" + ref, ref, "p1", units=0)
+        payload["plan"]["units"][bucket] = 1
+        return event_id, kind, at, payload
+
+    try:
+        assert all(isinstance(o, Accepted) for o in first.ingest_batch(
+            [("e1", "doctor.registered", T0, {"doctor_id": "d1", "country": "MW"}),
+             only("pay1", "text"), request("e2", "s1", "text")]))
+        reads.clear()
+        out = first.ingest_batch([("e3", "text.activated", T0 + timedelta(seconds=5),
+                                   {"session_id": "s1"})])
+        assert isinstance(out[0], Accepted) and len(reads) == 1
+        assert {Patient.create_id("p1"), Pool.create_id("pay1"), Doctor.create_id("d1"),
+                Session.create_id("s1")} <= reads[0]
+
+        second.ingest(*only("pay2", "voice"))  # p1's cached copy in `first` lacks pay2
+        reads.clear()
+        out = first.ingest_batch([request("e4", "s2", "voice")])
+        assert isinstance(out[0], Accepted) and len(reads) == 2
+        assert Pool.create_id("pay2") not in reads[0] and Pool.create_id("pay2") in reads[1]
+        assert first.load(Session.create_id("s2")).holds[1] == str(Pool.create_id("pay2"))
+    finally:
+        first.close()
+        second.close()
