@@ -726,11 +726,13 @@ class Ledger(Application):
         among `ids` and those parties, as the aggregate cache last saw them: only a guess of
         what to read in the same query (what is read is still read from the store, versions
         checked; a party the guess missed is read afterwards)."""
-        parties = [i for s in map(self._cached, ids) if isinstance(s, Session)
-                   for i in _party_ids(s)]
-        pools = [UUID(p) for patient in map(self._cached, [*ids, *parties])
-                 if isinstance(patient, Patient) for p in patient.pool_ids]
-        return parties + pools
+        known = [a for a in map(self._cached, ids) if a is not None]
+        sessions = [a for a in known if isinstance(a, Session)]
+        patients = [a for a in known if isinstance(a, Patient)] + [
+            a for a in map(self._cached, (Patient.create_id(s.patient_id) for s in sessions))
+            if a is not None]
+        return ([i for s in sessions for i in _party_ids(s)]
+                + [UUID(p) for patient in patients for p in patient.pool_ids])
 
     def _plan_page(self, unit: Unit, as_of: datetime, session_ids: list[str],
                    pool_ids: list[str]) -> dict[str, tuple[int, Step]]:
